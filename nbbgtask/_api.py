@@ -1,0 +1,274 @@
+"""The public functions: start tasks (`BackgroundTask`, `run`), report from them, and find them."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import secrets as _secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
+
+from . import _config, _runner, _supervisor
+from ._errors import TaskNotFound
+from ._states import State
+from ._status import TaskStatus, log_path, result_path
+from ._store import store_for
+
+__all__ = [
+    "BackgroundTask",
+    "run",
+    "progress",
+    "track",
+    "current",
+    "get",
+    "tasks",
+    "find_last",
+    "prune",
+]
+
+T = TypeVar("T")
+_OWNER_STARTED: dict[int, float | None] = {}
+
+
+def _checked_settings(settings: Any) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
+    try:
+        text = json.dumps(dict(settings), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"settings must be JSON-serialisable, since they are stored with the task: {exc}. "
+            f"Hand other objects to the task as secrets=, or start it with bg.run(fn, *args), "
+            f"whose arguments need not be JSON"
+        ) from None
+    return json.loads(text)  # what the task and every later lookup will see
+
+
+def _checked_secrets(secrets: Any) -> dict[str, Any]:
+    if secrets is None:
+        return {}
+    if not isinstance(secrets, Mapping):
+        raise TypeError(f"secrets must be a dict, got {type(secrets).__name__}")
+    return dict(secrets)
+
+
+def _checked_name(name: Any, default: str) -> str:
+    if name is None:
+        return default
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _owner_started() -> float | None:
+    pid = os.getpid()
+    if pid not in _OWNER_STARTED:
+        _OWNER_STARTED[pid] = _supervisor.process_start_time(pid)
+    return _OWNER_STARTED[pid]
+
+
+def _launch(
+    name: str,
+    target: Any,
+    *,
+    settings: dict[str, Any] | None,
+    secrets: dict[str, Any],
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    is_task_class: bool = False,
+    cooperative_cancel: bool = False,
+) -> TaskStatus:
+    config = _config.settings()
+    home = _config.home()
+    record: dict[str, Any] = {
+        "id": _secrets.token_hex(16),
+        "name": name,
+        "settings": settings,
+        "state": State.QUEUED.value,
+        "percent": 0.0,
+        "message": "",
+        "created": time.time(),
+        "started": None,
+        "finished": None,
+        "pid": None,
+        "pid_started": None,
+        "host": _supervisor.HOST,
+        "owner_pid": os.getpid(),
+        "owner_started": _owner_started(),
+        "backend": "local",
+        "start_method": config.start_method,
+        "cancel_requested": False,
+        "error": None,
+        "traceback": None,
+        "has_result": False,
+    }
+    job = _runner.Job(
+        record=record,
+        home=home,
+        target=target,
+        args=args,
+        kwargs=kwargs or {},
+        secrets=secrets,
+        is_task_class=is_task_class,
+        cooperative_cancel=cooperative_cancel,
+        progress_interval=config.progress_interval,
+    )
+    _supervisor.submit(job)
+    return TaskStatus(dict(job.record), home)
+
+
+class BackgroundTask:
+    """Subclass and define ``execute(self, status)``; start with ``MyTask.initiate(settings=...)``.
+
+    The instance is made in the caller (so a failing ``__init__`` fails there) and its
+    ``execute`` runs in the task's own process; what it returns becomes ``status.result()``.
+    """
+
+    #: True: a cancel only sets ``status.cancel_requested`` and the task stops itself (it is
+    #: killed if it has not within the grace period).  False: a cancel interrupts it at once.
+    cooperative_cancel: ClassVar[bool] = False
+
+    def execute(self, status: TaskStatus) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def initiate(
+        cls,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        secrets: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> TaskStatus:
+        """Start this task in its own process and return its status at once."""
+        if cls is BackgroundTask or cls.execute is BackgroundTask.execute:
+            raise TypeError(
+                f"{cls.__name__} has no execute(self, status) method: subclass bg.BackgroundTask "
+                f"and define execute, which runs in the task's process"
+            )
+        return _launch(
+            _checked_name(name, cls.__name__),
+            cls(),
+            settings=_checked_settings(settings),
+            secrets=_checked_secrets(secrets),
+            is_task_class=True,
+            cooperative_cancel=bool(cls.cooperative_cancel),
+        )
+
+
+def run(
+    fn: Callable[..., Any],
+    *args: Any,
+    name: str | None = None,
+    secrets: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> TaskStatus:
+    """Run ``fn(*args, **kwargs)`` as a background task; its return value is the result."""
+    if not callable(fn):
+        raise TypeError(f"bg.run needs a function or other callable to run, got {type(fn).__name__}")
+    default = getattr(fn, "__name__", None) or type(fn).__name__
+    return _launch(
+        _checked_name(name, default), fn, settings=None, secrets=_checked_secrets(secrets), args=args, kwargs=kwargs
+    )
+
+
+def current() -> TaskStatus | None:
+    """The running task's status, inside a task; ``None`` elsewhere."""
+    return _runner.current()
+
+
+def progress(percent: float | None = None, message: str | None = None) -> None:
+    """Report on the current task; outside a task a harmless no-op (the input is still checked)."""
+    reporter = _runner.current_reporter()
+    if reporter is not None:
+        reporter.update(percent, message)
+    elif percent is not None:
+        _runner.check_percent(percent)
+
+
+def track(iterable: Iterable[T], total: int | None = None, message: str | None = None) -> Iterator[T]:
+    """Yield the items of ``iterable`` and report the percentage done (like tqdm)."""
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
+        raise ValueError(f"total must be a whole number of items, got {total!r}")
+    reporter = _runner.current_reporter()
+    if reporter is None:
+        return iter(iterable)
+    return reporter.track(iterable, total, message)
+
+
+# -- finding tasks -----------------------------------------------------------------------------
+
+
+def get(task_id: str) -> TaskStatus:
+    """The task with this id; `TaskNotFound` if there is none."""
+    if not isinstance(task_id, str):
+        raise TypeError(f"a task id is a string, got {type(task_id).__name__}")
+    home = _config.home()
+    record = _supervisor.read_record(home, task_id)
+    if record is None:
+        raise TaskNotFound(f"no task {task_id!r} in the store at {home}")
+    return TaskStatus(record, home)
+
+
+def _states(state: Any) -> set[str] | None:
+    if state is None:
+        return None
+    if isinstance(state, (str, State)):
+        return {State.parse(state).value}
+    return {State.parse(s).value for s in state}
+
+
+def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
+    """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
+    wanted = _states(state)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a whole number, 0 or more, got {limit!r}")
+    home = _config.home()
+    store = store_for(home)
+    records = [_supervisor.reconcile(store, r) for r in store.all()]
+    records.sort(key=lambda r: r["created"], reverse=True)
+    chosen = [
+        r for r in records if (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+    ]
+    return [TaskStatus(r, home) for r in chosen[:limit]]
+
+
+def find_last(state: Any = None, name: str | None = None) -> TaskStatus | None:
+    """The newest task in ``state`` with ``name`` (either may be omitted), or ``None``."""
+    found = tasks(state=state, name=name, limit=1)
+    return found[0] if found else None
+
+
+def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int:
+    """Forget finished tasks, with their logs and results; returns how many.
+
+    ``keep``: the newest this many finished tasks stay.  ``older_than``: only tasks that finished
+    more than this long ago (seconds or a timedelta) go.  ``prune()`` forgets every finished task.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be a whole number of tasks, 0 or more, got {keep!r}")
+    if isinstance(older_than, _dt.timedelta):
+        older_than = older_than.total_seconds()
+    if older_than is not None and (
+        isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than >= 0
+        or math.isinf(older_than)
+    ):
+        raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {older_than!r}")
+    home = _config.home()
+    store = store_for(home)
+    finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
+    cutoff = None if older_than is None else time.time() - older_than
+    doomed = [
+        r["id"]
+        for r in finished[keep:]
+        if cutoff is None or (r.get("finished") or r["created"]) < cutoff
+    ]
+    gone = store.remove(doomed)
+    for task_id in gone:
+        log_path(home, task_id).unlink(missing_ok=True)
+        result_path(home, task_id).unlink(missing_ok=True)
+    return len(gone)

@@ -1,0 +1,187 @@
+"""Starts task processes, by fork or by spawn; every fork-safety rule lives here, each with its reason."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+from . import _store, _supervisor
+from ._runner import Job, run_job
+from ._status import log_path
+
+__all__ = ["start"]
+
+#: exit code of a task process whose own bookkeeping failed (the supervisor records it)
+EXIT_INTERNAL = 70
+
+
+def _open_log(job: Job) -> int:
+    return os.open(log_path(job.home, job.task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def start(job: Job) -> None:
+    """Start ``job``'s process now (its record already says "running") and note its pid."""
+    if job.record.get("start_method") == "spawn":
+        pid, popen = _spawn(job)
+    else:
+        pid, popen = _fork(job), None
+    _supervisor.supervisor().watch(pid, job.home, job.task_id, popen)
+    store = _store.store_for(job.home)
+    record = store.patch(job.task_id, {"pid": pid, "pid_started": _supervisor.process_start_time(pid)})
+    if record is None or record.get("cancel_requested"):
+        # Cancelled between the record's creation and now: the canceller had no pid to signal.
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+# -- fork --------------------------------------------------------------------------------------
+
+
+def _fork(job: Job) -> int:
+    # Unflushed output would be printed twice: once by the kernel, once by the child's copy.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    # Frozen objects are skipped by the child's garbage collector, so it does not write to (and
+    # so copy) every page of the kernel's heap; see the note on gc.freeze in Python's docs.
+    gc.freeze()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a process with threads forks (a kernel has about nine), since
+        # a lock held by another thread stays locked in the child.  The child runs only the
+        # runner and the task: the runner takes none of the kernel's locks (see _in_child), and
+        # our own locks are renewed after the fork; code in the task that needs a lock another
+        # kernel thread may hold should use start_method="spawn".
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
+        pid = os.fork()
+    if pid == 0:
+        _in_child(job)  # never returns
+    gc.unfreeze()
+    return pid
+
+
+def _in_child(job: Job) -> None:
+    code = EXIT_INTERNAL
+    try:
+        # Jupyter interrupts, restarts and shuts a kernel down by signalling its whole process
+        # group: a session of its own keeps the task out of that.
+        os.setsid()
+        _redirect_output(job)
+        _silence_kernel()
+        # The kernel's asyncio loop is "running" in the thread we were forked from; without this
+        # asyncio.run() in the task fails with "cannot be called from a running event loop".
+        asyncio.events._set_running_loop(None)
+        asyncio.set_event_loop(None)
+        # The kernel may have pointed signal wake-ups at its event loop's socket.
+        signal.set_wakeup_fd(-1)
+        code = run_job(job)
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        # Returning, raising or sys.exit() would run on as a copy of the kernel: atexit handlers
+        # would end IPython's shared history session and delete the kernel's connection file.
+        os._exit(code)
+
+
+def _redirect_output(job: Job) -> None:
+    """fd 1 and 2 to the task's log (so C extensions and subprocesses are captured), stdin from /dev/null.
+
+    The kernel's sys.stdout/sys.stderr send to its zmq sockets from a thread the child does not
+    have; plain files on the new fds replace them.
+    """
+    log = _open_log(job)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
+
+
+def _silence_kernel() -> None:
+    """The child must never write to the kernel's zmq sockets: display(), widgets and comms
+    would send through the parent's session ("attempted to send message from fork")."""
+    if "ipykernel" not in sys.modules:
+        return
+    from ipykernel.kernelbase import Kernel
+
+    if not Kernel.initialized():
+        return
+    session = Kernel.instance().session
+    noted: list[bool] = []
+
+    def dropped(*args: Any, **kwargs: Any) -> None:
+        if not noted:
+            noted.append(True)
+            print(
+                "nbbgtask: this task tried to send output to the notebook (display() or a widget); "
+                "only printed output is kept, in status.log()",
+                file=sys.stderr,
+            )
+
+    session.send = dropped
+
+
+def _after_fork_in_child() -> None:
+    # Locks held by another thread at the moment of the fork would stay locked forever, and the
+    # parent's file locks and children are not ours: start from new ones.
+    _store.forget_instances()
+    _supervisor.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child) if hasattr(os, "register_at_fork") else None
+
+
+# -- spawn -------------------------------------------------------------------------------------
+
+
+def _spawn(job: Job) -> tuple[int, subprocess.Popen[bytes]]:
+    """A fresh interpreter; the job travels by cloudpickle through its stdin, never argv or env."""
+    import cloudpickle
+
+    frames = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
+    log = _open_log(job)
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "nbbgtask._spawn"],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            cwd=os.getcwd(),
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(log)
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+        popen.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at once; the supervisor records how
+    return popen.pid, popen

@@ -1,0 +1,281 @@
+"""What runs inside the task's process: the progress reporter and the wrapper that records how the task ended."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import math
+import numbers
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._states import State
+from ._status import TaskStatus, result_path
+from ._store import store_for
+
+__all__ = ["Job", "Reporter", "run_job", "current", "current_reporter", "check_percent"]
+
+T = TypeVar("T")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a task process needs; in memory (fork) or pickled through a pipe (spawn)."""
+
+    record: dict[str, Any]
+    home: Path
+    #: a `BackgroundTask` instance (calls ``execute(status)``) or any callable
+    target: Any
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    secrets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    is_task_class: bool = False
+    #: the task stops itself when it sees ``cancel_requested`` (else SIGTERM interrupts it)
+    cooperative_cancel: bool = False
+    progress_interval: float = 0.1
+
+    @property
+    def task_id(self) -> str:
+        return self.record["id"]
+
+
+def check_percent(percent: Any) -> float:
+    """``percent`` as a float clamped to 0–100; NaN and non-numbers are refused."""
+    if type(percent) is not float and type(percent) is not int:
+        if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
+            raise TypeError(f"percent must be a number from 0 to 100, got {percent!r}")
+        percent = float(percent)
+    if percent != percent:
+        raise ValueError("percent must be a number from 0 to 100, got NaN")
+    return 0.0 if percent < 0 else 100.0 if percent > 100 else float(percent)
+
+
+class _Tracker:
+    __slots__ = ("n", "total", "label")
+
+    def __init__(self, total: int | None, label: str | None) -> None:
+        self.n = 0
+        self.total = total
+        self.label = label
+
+
+class _Terminated(BaseException):
+    """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
+
+
+class Reporter:
+    """Holds a task's progress in memory; a thread writes it to the store at most every interval.
+
+    ``update`` only sets attributes, so calling it on every item of a loop costs next to nothing;
+    the writer thread also brings ``cancel_requested`` back from the store.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.task_id = job.task_id
+        self.secrets = job.secrets
+        self.percent = 0.0
+        self.message = ""
+        self.cancel_requested = False
+        self._job = job
+        self._store = store_for(job.home)
+        self._version = 0
+        self._written = 0
+        self._tracker: _Tracker | None = None
+        self._tracked = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nbbgtask-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def update(self, percent: Any = None, message: Any = None) -> None:
+        if percent is not None:
+            self.percent = check_percent(percent)
+        if message is not None:
+            self.message = message if type(message) is str else str(message)
+        self._version += 1
+
+    def track(self, iterable: Iterable[T], total: int | None, message: str | None) -> Iterator[T]:
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        if message is not None:
+            self.update(message=message)
+        tracker = _Tracker(total, message)
+        self._tracker = tracker
+        n = 0
+        try:
+            for item in iterable:
+                yield item
+                n += 1
+                tracker.n = n  # read by the writer thread, which turns it into a percentage
+        finally:
+            self._apply_tracker()
+            if self._tracker is tracker:
+                self._tracker = None
+
+    def _apply_tracker(self) -> None:
+        tracker = self._tracker
+        if tracker is None or tracker.n == self._tracked:
+            return
+        self._tracked = tracker.n
+        if tracker.total:
+            self.update(percent=100.0 * tracker.n / tracker.total)
+        else:
+            self.update(message=f"{tracker.label or 'items'}: {tracker.n}")
+
+    def fields(self) -> dict[str, Any]:
+        return {"percent": self.percent, "message": self.message}
+
+    def flush(self) -> None:
+        self._apply_tracker()
+        version = self._version
+        if version == self._written:
+            record = self._store.get(self.task_id)
+        else:
+            record = self._store.patch(self.task_id, self.fields(), recreate=self._job.record)
+            self._written = version
+        if record is not None and record.get("cancel_requested"):
+            self.cancel_requested = True
+
+    def _loop(self) -> None:
+        interval = self._job.progress_interval
+        while not self._stop.wait(interval):
+            try:
+                self.flush()
+            except Exception as exc:  # a full disk must not kill the task; the final write says more
+                print(f"nbbgtask: could not record progress: {exc}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._apply_tracker()
+
+
+_current: TaskStatus | None = None
+
+
+def current() -> TaskStatus | None:
+    """The running task's status in its own process, else ``None``."""
+    return _current
+
+
+def current_reporter() -> Reporter | None:
+    return _current._reporter if _current is not None else None
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without nbbgtask's own frames at its top."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _PACKAGE_DIR:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _call(job: Job, status: TaskStatus) -> Any:
+    if job.is_task_class:
+        value = job.target.execute(status)
+    else:
+        value = job.target(*job.args, **job.kwargs)
+    if inspect.isawaitable(value):
+        async def _await() -> Any:
+            return await value
+        value = asyncio.run(_await())
+    return value
+
+
+def _save_result(job: Job, value: Any) -> dict[str, Any]:
+    """Pickle the return value next to the store; the fields that say where it is."""
+    if value is None:
+        return {"has_result": False}
+    import cloudpickle
+
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    try:
+        data = cloudpickle.dumps(value)
+    except Exception as exc:
+        raise TypeError(f"the task's return value (a {kind}) cannot be pickled: {exc}") from exc
+    path = result_path(job.home, job.task_id)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"has_result": True, "result_type": kind}
+
+
+def run_job(job: Job) -> int:
+    """Run the task here and record how it ended; the process's exit code."""
+    global _current
+    reporter = Reporter(job)
+    status = TaskStatus(dict(job.record), job.home)
+    status._reporter = reporter
+    _current = status
+    finishing = cancelled = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        reporter.cancel_requested = True
+        if not finishing and not job.cooperative_cancel:
+            raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    reporter.start()
+    fields: dict[str, Any]
+    value: Any = None
+    try:
+        try:
+            value = _call(job, status)
+        finally:
+            finishing = True
+            # A cancel asked for before the task ended wins over however it then ended.
+            cancelled = reporter.cancel_requested
+        fields = {"state": State.COMPLETE.value}
+        if not cancelled:
+            fields.update(_save_result(job, value))
+    except _Terminated:
+        fields = {"state": State.CANCELLED.value}
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            fields = {"state": State.COMPLETE.value}
+        else:
+            fields = {"state": State.FAILED.value, "error": f"SystemExit: {exc.code}", "traceback": _user_traceback(exc)}
+    except BaseException as exc:
+        text = _user_traceback(exc)
+        print(text, file=sys.stderr, end="")
+        fields = {"state": State.FAILED.value, "error": _one_line(exc), "traceback": text}
+    if cancelled:
+        fields = {"state": State.CANCELLED.value}
+    reporter.stop()
+    fields.update(reporter.fields())
+    if fields["state"] == State.COMPLETE.value:
+        fields["percent"] = 100.0
+    fields["finished"] = time.time()
+    fields["cancel_requested"] = cancelled or reporter.cancel_requested
+    store_for(job.home).finalize(job.task_id, fields, fallback=job.record)
+    return 0
+

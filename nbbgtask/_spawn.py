@@ -1,0 +1,37 @@
+"""The entry point of a task process started by spawn: read the job from stdin and run it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+
+def _read_frame() -> bytes:
+    size = int.from_bytes(sys.stdin.buffer.read(8), "big")
+    return sys.stdin.buffer.read(size)
+
+
+def main() -> int:
+    # The job's pickle names the parent's modules by reference, so the parent's sys.path must be
+    # in place before it is loaded.
+    sys.path[:] = pickle.loads(_read_frame())
+    job = pickle.loads(_read_frame())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    from nbbgtask import _config
+    from nbbgtask._runner import run_job
+
+    _config.settings().home = job.home
+    return run_job(job)
+
+
+if __name__ == "__main__":
+    code = 70
+    try:
+        code = main()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

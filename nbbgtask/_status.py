@@ -1,0 +1,292 @@
+"""`TaskStatus`: the one handle through which a task reports and a notebook watches it."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as _dt
+import os
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _config
+from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
+from ._states import State
+
+if TYPE_CHECKING:
+    from ._runner import Reporter
+
+__all__ = ["TaskStatus", "log_path", "result_path"]
+
+_MISSING = object()
+
+
+def log_path(home: Path, task_id: str) -> Path:
+    return home / "logs" / f"{task_id}.log"
+
+
+def result_path(home: Path, task_id: str) -> Path:
+    return home / "results" / f"{task_id}.pkl"
+
+
+def _utc(ts: float | None) -> _dt.datetime | None:
+    return None if ts is None else _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a file, read from its end (logs can be large)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = pos = f.tell()
+        chunk = b""
+        while pos > 0 and chunk.count(b"\n") <= lines:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(end - pos)
+    text = chunk.decode("utf-8", errors="replace")
+    return "".join(text.splitlines(keepends=True)[-lines:]) if lines else ""
+
+
+class TaskStatus:
+    """The state, progress and outcome of one background task.
+
+    In the task's own process it also reports (`update`); everywhere else it reads the store,
+    and `refresh` (or any method that says it re-reads) brings it up to date.
+    """
+
+    def __init__(self, record: dict[str, Any], home: Path) -> None:
+        self._record = record
+        self._home = home
+        self._result: Any = _MISSING
+        #: set in the task's own process only
+        self._reporter: Reporter | None = None
+
+    # -- the record ---------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._record["id"]
+
+    @property
+    def name(self) -> str:
+        return self._record["name"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The task's settings (a copy: changing it changes nothing stored)."""
+        return copy.deepcopy(self._record.get("settings") or {})
+
+    @property
+    def secrets(self) -> dict[str, Any]:
+        """The secrets handed to the task; they exist only in the task's own process."""
+        if self._reporter is None:
+            raise AttributeError(
+                "secrets exist only inside the task's own process: they are never stored, "
+                "so a status read from the store has none"
+            )
+        return self._reporter.secrets
+
+    @property
+    def state(self) -> State:
+        return State(self._record["state"])
+
+    @property
+    def percent(self) -> float:
+        if self._reporter is not None:
+            return self._reporter.percent
+        return float(self._record.get("percent") or 0.0)
+
+    @property
+    def message(self) -> str:
+        if self._reporter is not None:
+            return self._reporter.message
+        return self._record.get("message") or ""
+
+    @property
+    def created(self) -> _dt.datetime:
+        return _utc(self._record["created"])  # type: ignore[return-value]
+
+    @property
+    def started(self) -> _dt.datetime | None:
+        return _utc(self._record.get("started"))
+
+    @property
+    def finished(self) -> _dt.datetime | None:
+        return _utc(self._record.get("finished"))
+
+    @property
+    def pid(self) -> int | None:
+        return self._record.get("pid")
+
+    @property
+    def error(self) -> str | None:
+        return self._record.get("error")
+
+    @property
+    def traceback(self) -> str | None:
+        return self._record.get("traceback")
+
+    @property
+    def cancel_requested(self) -> bool:
+        if self._reporter is not None:
+            return self._reporter.cancel_requested
+        return bool(self._record.get("cancel_requested"))
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the task has run (so far, or in all once it ended)."""
+        started = self._record.get("started")
+        if started is None:
+            return 0.0
+        end = self._record.get("finished") or time.time()
+        return max(0.0, end - started)
+
+    # -- reporting (in the task) -------------------------------------------------------------
+
+    def update(self, percent: float | None = None, message: str | None = None) -> None:
+        """Report progress from inside the task; cheap enough to call on every item."""
+        reporter = self._reporter
+        if reporter is None:
+            from ._runner import current_reporter
+
+            reporter = current_reporter()
+            if reporter is None or reporter.task_id != self.id:
+                raise NbbgtaskError(
+                    f"update() reports progress from inside task {self.id[:8]}'s own process; "
+                    f"this process only watches it"
+                )
+        reporter.update(percent, message)
+
+    # -- watching ----------------------------------------------------------------------------
+
+    def refresh(self) -> TaskStatus:
+        """Re-read from the store; returns ``self``."""
+        if self._reporter is not None or self.state.is_final:
+            return self  # a final record never changes
+        from ._supervisor import read_record
+
+        record = read_record(self._home, self.id)
+        if record is None:
+            raise TaskNotFound(f"task {self.id} is no longer in the store (pruned?)")
+        self._record = record
+        return self
+
+    def is_running(self) -> bool:
+        """Re-reads; ``True`` while the task is queued or running."""
+        return not self.refresh().state.is_final
+
+    def done(self) -> bool:
+        """Re-reads; ``True`` once the task is complete, failed or cancelled."""
+        return self.refresh().state.is_final
+
+    def _poll_delays(self) -> Generator[float, None, None]:
+        delay, cap = 0.002, min(0.1, _config.settings().refresh_interval)
+        while True:
+            yield delay
+            delay = min(delay * 1.5, cap)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the task ends or ``timeout`` seconds pass; returns `done()`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for delay in self._poll_delays():
+            if self.done():
+                return True
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value, once it completes (blocking up to ``timeout`` seconds)."""
+        if not self.wait(timeout):
+            raise TimeoutError(
+                f"task {self.name!r} ({self.id[:8]}) is still {self.state} after {timeout} s"
+            )
+        return self._outcome()
+
+    def _outcome(self) -> Any:
+        state = self.state
+        if state is State.FAILED:
+            raise TaskFailed(
+                f"task {self.name!r} ({self.id[:8]}) failed: {self.error}",
+                task_id=self.id,
+                error=self.error,
+                traceback=self.traceback,
+            )
+        if state is State.CANCELLED:
+            raise TaskCancelled(f"task {self.name!r} ({self.id[:8]}) was cancelled", task_id=self.id)
+        if self._result is _MISSING:
+            self._result = self._load_result()
+        return self._result
+
+    def _load_result(self) -> Any:
+        if not self._record.get("has_result"):
+            return None
+        import cloudpickle
+
+        path = result_path(self._home, self.id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NbbgtaskError(
+                f"the result of task {self.id[:8]} is gone: {path} was deleted"
+            ) from None
+        try:
+            return cloudpickle.loads(data)
+        except Exception as exc:
+            kind = self._record.get("result_type", "object")
+            raise NbbgtaskError(
+                f"the result of task {self.id[:8]} (a {kind}) cannot be loaded here: "
+                f"{type(exc).__name__}: {exc}. Import or define what it needs, then call result() again."
+            ) from exc
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._async_result().__await__()
+
+    async def _async_result(self) -> Any:
+        for delay in self._poll_delays():
+            if self.done():
+                break
+            await asyncio.sleep(delay)
+        return self._outcome()
+
+    def cancel(self) -> bool:
+        """Stop the task; it ends "cancelled".  ``True`` if it was still running."""
+        from ._supervisor import cancel
+
+        was_live, record = cancel(self._home, self.id)
+        if record is not None:
+            self._record = record
+        return was_live
+
+    def log(self, tail: int | None = None) -> str:
+        """What the task printed (stdout and stderr), or its last ``tail`` lines."""
+        path = log_path(self._home, self.id)
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+            raise ValueError(f"tail must be a whole number of lines, 0 or more, got {tail!r}")
+        try:
+            if tail is not None:
+                return _tail(path, tail)
+            return path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __repr__(self) -> str:
+        text = f"<TaskStatus {self.id[:8]} {self.name!r} {self.state} {self.percent:.0f}%"
+        if self.message:
+            text += f" {self.message!r}"
+        if self.error:
+            text += f" error={self.error!r}"
+        return text + ">"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskStatus) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
