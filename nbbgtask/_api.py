@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from . import _config, _runner, _supervisor
+from . import _config, _launcher, _runner, _supervisor
 from ._errors import TaskNotFound
 from ._states import State
 from ._status import TaskStatus, log_path, result_path
@@ -118,6 +118,7 @@ def _launch(
         cooperative_cancel=cooperative_cancel,
         progress_interval=config.progress_interval,
     )
+    _launcher.prepare(job)
     _supervisor.submit(job)
     return TaskStatus(dict(job.record), home)
 

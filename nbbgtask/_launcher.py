@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import io
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import warnings
@@ -17,7 +19,7 @@ from . import _store, _supervisor
 from ._runner import Job, run_job
 from ._status import log_path
 
-__all__ = ["start"]
+__all__ = ["prepare", "start"]
 
 #: exit code of a task process whose own bookkeeping failed (the supervisor records it)
 EXIT_INTERNAL = 70
@@ -25,6 +27,21 @@ EXIT_INTERNAL = 70
 
 def _open_log(job: Job) -> int:
     return os.open(log_path(job.home, job.task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def prepare(job: Job) -> None:
+    """Check in the caller, before anything is stored, that the job can be sent to its process."""
+    if job.record.get("start_method") != "spawn":
+        return
+    import cloudpickle
+
+    try:
+        job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
+    except Exception as exc:
+        raise TypeError(
+            f"the task cannot be sent to a spawned task process, because its function, arguments "
+            f"or secrets cannot be pickled: {exc}. Use start_method='fork', or pass something picklable"
+        ) from None
 
 
 def start(job: Job) -> None:
@@ -79,6 +96,10 @@ def _in_child(job: Job) -> None:
         # group: a session of its own keeps the task out of that.
         os.setsid()
         _redirect_output(job)
+        _release_sockets()
+        # A crash dump (segfault) belongs in the task's log, not on a descriptor of the kernel's.
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=sys.stderr)
         _silence_kernel()
         # The kernel's asyncio loop is "running" in the thread we were forked from; without this
         # asyncio.run() in the task fails with "cannot be called from a running event loop".
@@ -123,6 +144,30 @@ def _redirect_output(job: Job) -> None:
     sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
 
 
+def _release_sockets() -> None:
+    """Swap every inherited socket for /dev/null.
+
+    The child holds copies of the kernel's zmq sockets, listening ones included: while the task
+    runs, a restarted kernel could not bind its ports again ("Address already in use") and the
+    front end's connections would not close with the kernel.  dup2 rather than close, so the
+    numbers stay taken and no object still holding one can close some other file later.
+    """
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir(fd_dir):
+            fd = int(name)
+            if fd <= 2 or fd == null:
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+            except OSError:
+                pass  # the directory's own descriptor, already gone
+    finally:
+        os.close(null)
+
+
 def _silence_kernel() -> None:
     """The child must never write to the kernel's zmq sockets: display(), widgets and comms
     would send through the parent's session ("attempted to send message from fork")."""
@@ -162,9 +207,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child) if hasattr(os, "registe
 
 def _spawn(job: Job) -> tuple[int, subprocess.Popen[bytes]]:
     """A fresh interpreter; the job travels by cloudpickle through its stdin, never argv or env."""
-    import cloudpickle
-
-    frames = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
+    frames = job.payload
+    assert frames is not None, "prepare(job) first"
     log = _open_log(job)
     try:
         popen = subprocess.Popen(

@@ -42,6 +42,11 @@ class Job:
     #: the task stops itself when it sees ``cancel_requested`` (else SIGTERM interrupts it)
     cooperative_cancel: bool = False
     progress_interval: float = 0.1
+    #: the pickled job, for spawn (made by the launcher before anything is stored)
+    payload: tuple[bytes, bytes] | None = dataclasses.field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "payload": None}
 
     @property
     def task_id(self) -> str:
@@ -144,7 +149,8 @@ class Reporter:
         if version == self._written:
             record = self._store.get(self.task_id)
         else:
-            record = self._store.patch(self.task_id, self.fields(), recreate=self._job.record)
+            recreate = {**self._job.record, "state": State.RUNNING.value}
+            record = self._store.patch(self.task_id, self.fields(), recreate=recreate)
             self._written = version
         if record is not None and record.get("cancel_requested"):
             self.cancel_requested = True

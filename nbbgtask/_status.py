@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _config
-from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
+from ._errors import NbbgtaskError, TaskCancelled, TaskFailed
 from ._states import State
 
 if TYPE_CHECKING:
@@ -166,12 +166,14 @@ class TaskStatus:
         """Re-read from the store; returns ``self``."""
         if self._reporter is not None or self.state.is_final:
             return self  # a final record never changes
-        from ._supervisor import read_record
+        from ._store import store_for
+        from ._supervisor import reconcile
 
-        record = read_record(self._home, self.id)
-        if record is None:
-            raise TaskNotFound(f"task {self.id} is no longer in the store (pruned?)")
-        self._record = record
+        store = store_for(self._home)
+        record = store.get(self.id)
+        # A live record that vanished was in a damaged store that was replaced: the task
+        # writes it again on its next report, and meanwhile its process is still checked.
+        self._record = reconcile(store, record if record is not None else self._record)
         return self
 
     def is_running(self) -> bool:

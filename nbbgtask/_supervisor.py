@@ -265,7 +265,7 @@ def reconcile(store: Any, record: dict[str, Any]) -> dict[str, Any]:
         fields = {"state": State.CANCELLED.value, "finished": time.time()}
     else:
         fields = {"state": State.FAILED.value, "error": error, "finished": time.time()}
-    return store.finalize(record["id"], fields) or record
+    return store.finalize(record["id"], fields, fallback=record) or record
 
 
 def read_record(home: Path, task_id: str) -> dict[str, Any] | None:

@@ -1,0 +1,409 @@
+"""Engine benchmarks for nbbgtask, each against a baseline measured in the same run.
+
+Medians over many rounds; measured and baseline runs are interleaved (random order each round)
+so the noise of a shared machine hits both.  Each section uses a fresh home folder.
+
+1. Start latency: just before ``bg.run(fn)`` / ``MyTask.initiate()`` -> first line of task code
+   in the child, which sends ``time.perf_counter()`` (CLOCK_MONOTONIC) through an inherited
+   pipe.  Baseline: a bare ``os.fork()`` whose child does the same.  Goal: ratio <= 2.
+2. Inside a running task: per-item overhead of ``bg.track`` over a bare loop vs ``tqdm`` (goal:
+   track <= tqdm); ``status.update(percent, message)`` per call in a tight loop, background
+   writes included (goal <= 300 ns; baseline: a no-op call); the store writes made meanwhile.
+3. Visibility: the task calls ``status.update(percent=p)`` about every 300 ms; the parent polls
+   ``bg.get(id).percent`` every 1 ms until it sees p.  Baseline: the same loop noticing the
+   update's timestamp arrive through a pipe.  Goal: p95 <= 250 ms (for a task that sleeps
+   between updates; informational: the same for a CPU-bound task).
+4. Store cost with 0 vs 3,000 (10,000: informational) finished tasks in the history: a progress
+   write (``Store.patch``) and ``bg.get`` of a live task (goal: ratio <= 1.5); informational: a
+   task's end (``Store.finalize``) and a cold read of a finished task (as by another process).
+
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--json OUT.json]
+
+A full run takes about a minute, --quick about 15 s.
+"""
+
+import argparse
+import datetime as dt
+import functools
+import io
+import json
+import os
+import platform
+import random
+import secrets
+import select
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import warnings
+
+import nbbgtask as bg
+from nbbgtask import _supervisor
+from nbbgtask._store import Store, store_for
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
+perf = time.perf_counter
+median = statistics.median
+_HOMES: list[str] = []
+_PIPE_W = -1  # the pipe ProbeTask writes to (inherited by the forked task)
+
+
+def fresh_home():
+    path = tempfile.mkdtemp(prefix="nbbg-bench-")
+    _HOMES.append(path)
+    return bg.configure(home=path).home
+
+
+def send_time(fd: int, value: float | None = None) -> None:
+    os.write(fd, struct.pack("d", perf() if value is None else value))
+
+
+def recv_time(fd: int, timeout: float = 30.0) -> float:
+    """One 8-byte message (pipe writes that small are atomic, so a read returns it whole)."""
+    if not select.select([fd], [], [], timeout)[0]:
+        raise TimeoutError("no message from the other process")
+    return struct.unpack("d", os.read(fd, 8))[0]
+
+
+def p95(xs):
+    return sorted(xs)[round(0.95 * (len(xs) - 1))]
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Call each of ``fns`` once per round, in a new random order each round; their results."""
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in random.sample(list(fns), len(fns)):
+            out[name].append(fns[name]())
+    return out
+
+
+class ProbeTask(bg.BackgroundTask):
+    def execute(self, status):
+        send_time(_PIPE_W)
+
+
+# -- 1. start latency --------------------------------------------------------------------------
+
+
+def bench_start(rounds: int) -> dict:
+    global _PIPE_W
+    fresh_home()
+    r, w = os.pipe()
+    _PIPE_W = w
+
+    def bare_fork():
+        t0 = perf()
+        pid = os.fork()
+        if pid == 0:
+            send_time(w)
+            os._exit(0)
+        t1 = recv_time(r)
+        os.waitpid(pid, 0)
+        return t1 - t0
+
+    def task(start):
+        t0 = perf()
+        status = start()
+        t1 = recv_time(r)
+        if not status.wait(timeout=30) or status.state != "complete":
+            raise RuntimeError(f"probe task ended {status.state}: {status.error}")
+        return t1 - t0
+
+    fns = {"fork": bare_fork, "run": lambda: task(lambda: bg.run(send_time, w)),
+           "initiate": lambda: task(ProbeTask.initiate)}
+    interleaved(fns, 2)  # warm-up: first store files, psutil, caches
+    samples = interleaved(fns, rounds)
+    for fd in (r, w):
+        os.close(fd)
+    return {k: {"median_ms": 1e3 * median(v), "p95_ms": 1e3 * p95(v)} for k, v in samples.items()}
+
+
+# -- 2. per-item overhead, measured inside a task -----------------------------------------------
+
+
+def _in_task_overheads(n: int, reps: int, updates: int) -> dict:
+    from tqdm import tqdm
+
+    status = bg.current()
+    store = status._reporter._store  # count the reporter's writes (in the task process only)
+    durations: list[float] = []
+    patch = store.patch
+
+    def timed_patch(*a, **k):
+        t0 = perf()
+        record = patch(*a, **k)
+        durations.append(perf() - t0)
+        return record
+
+    store.patch = timed_patch
+
+    def timed_loop(make_iter):
+        def run():
+            t0 = perf()
+            for _ in make_iter():
+                pass
+            return perf() - t0
+        return run
+
+    loops = {"bare": timed_loop(lambda: range(n)), "track": timed_loop(lambda: bg.track(range(n))),
+             "tqdm": timed_loop(lambda: tqdm(range(n), file=io.StringIO(), mininterval=0.1))}
+    per: dict[str, list[float]] = {"track": [], "tqdm": []}
+    for _ in range(reps):  # one round at a time: each loop is compared with its own round's bare loop
+        t = {k: v[0] for k, v in interleaved(loops, 1).items()}
+        for name in per:
+            per[name].append(1e9 * (t[name] - t["bare"]) / n)
+
+    def noop(percent=None, message=None):
+        pass
+
+    def update_loop(fn):
+        scale = 100.0 / updates
+        durations.clear()
+        t0 = perf()
+        for i in range(updates):
+            fn(percent=i * scale, message="step")
+        return perf() - t0, list(durations)
+
+    res = interleaved({"update": lambda: update_loop(status.update), "noop": lambda: update_loop(noop)},
+                      reps // 2 + 1)
+    busy_writes = [d for _, ds in res["update"] for d in ds]
+    durations.clear()
+    for i in range(20):  # the same write with the task idle
+        timed_patch(status.id, {"percent": 50.0, "message": f"idle {i}"})
+        time.sleep(0.005)
+    loop_s = median(t for t, _ in res["update"])
+    return {
+        "track_ns": median(per["track"]), "tqdm_ns": median(per["tqdm"]),
+        "update_ns": 1e9 * loop_s / updates, "noop_call_ns": 1e9 * median(t for t, _ in res["noop"]) / updates,
+        "update_loop_s": loop_s, "update_writes": median(len(ds) for _, ds in res["update"]),
+        "write_busy_ms": 1e3 * median(busy_writes) if busy_writes else float("nan"),
+        "write_idle_ms": 1e3 * median(durations), "progress_interval": status._reporter._job.progress_interval,
+    }
+
+
+def bench_overheads(n: int, reps: int, updates: int) -> dict:
+    fresh_home()
+    return bg.run(_in_task_overheads, n, reps, updates).result(timeout=600)
+
+
+# -- 3. status visibility latency ---------------------------------------------------------------
+
+
+def _updating_task(samples: int, w: int, ack: int, busy: bool) -> None:
+    status = bg.current()
+    rng = random.Random(1)
+    for k in range(samples):
+        gap = rng.uniform(0.25, 0.35)  # jitter: no fixed phase against the writer's timer
+        if busy:  # a CPU-bound task: pure Python holding the GIL between the updates
+            end = perf() + gap
+            while perf() < end:
+                sum(range(100))
+        else:
+            time.sleep(gap)
+        t = perf()
+        status.update(percent=k + 1)
+        send_time(w, t)
+        while busy and not select.select([ack], [], [], 0)[0]:
+            sum(range(100))
+        recv_time(ack, timeout=10)  # the parent has seen it: go on
+
+
+def bench_visibility(samples: int, busy: bool = False) -> dict:
+    fresh_home()
+    r, w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    status = bg.run(_updating_task, samples, w, ack_r, busy)
+    lat: dict[str, list[float]] = {"store": [], "pipe": []}
+    for k in range(samples):
+        t_update = seen_store = seen_pipe = None
+        deadline = perf() + 10
+        while seen_store is None or seen_pipe is None:
+            if perf() > deadline:
+                raise TimeoutError(f"update {k + 1} not seen within 10 s")
+            if seen_pipe is None and select.select([r], [], [], 0)[0]:
+                seen_pipe, t_update = perf(), recv_time(r)
+            if seen_store is None and bg.get(status.id).percent >= k + 1:
+                seen_store = perf()
+            time.sleep(0.001)
+        lat["store"].append(seen_store - t_update)
+        lat["pipe"].append(seen_pipe - t_update)
+        send_time(ack_w)
+    status.result(timeout=30)
+    for fd in (r, w, ack_r, ack_w):
+        os.close(fd)
+    return {k: {"p50_ms": 1e3 * median(v), "p95_ms": 1e3 * p95(v), "max_ms": 1e3 * max(v)} for k, v in lat.items()}
+
+
+# -- 4. store cost vs history size --------------------------------------------------------------
+
+
+def make_record(state: str = "running", **extra) -> dict:
+    """A record with the fields `_api._launch` writes."""
+    now = time.time()
+    return {
+        "id": secrets.token_hex(16), "name": "bench", "settings": None, "state": state, "percent": 0.0,
+        "message": "", "created": now, "started": now, "finished": None, "pid": None, "pid_started": None,
+        "host": _supervisor.HOST, "owner_pid": os.getpid(),
+        "owner_started": _supervisor.process_start_time(os.getpid()), "backend": "local",
+        "start_method": "fork", "cancel_requested": False, "error": None, "traceback": None,
+        "has_result": False, **extra,
+    }
+
+
+def fill_history(store: Store, count: int) -> None:
+    """``count`` finished tasks in one write.  Store has no bulk API, and one insert + finalize
+    per task would rewrite the whole history each time (O(count^2))."""
+    from tinydb.table import Document
+
+    recs = [make_record("complete", percent=100.0, finished=time.time()) for _ in range(count)]
+    with store._locked():
+        store._history.insert_multiple([Document(r, r["id"]) for r in recs])
+
+
+def _blocked_task(fd: int) -> None:
+    recv_time(fd, timeout=600)
+
+
+def bench_store(sizes: list[int], calls: int, ends: int) -> dict:
+    homes = {}
+    for size in sizes:
+        home = fresh_home()
+        store = store_for(home)
+        fill_history(store, size)
+        fake = make_record()  # the record a task's reporter patches
+        store.insert(fake)
+        r, w = os.pipe()
+        homes[size] = dict(home=home, store=store, fake=fake["id"], task=bg.run(_blocked_task, r), pipe=(r, w))
+
+    def task_end(h):  # finalize one task; then a first read of it by a reader with no cache
+        rec = make_record()
+        h["store"].insert(rec)
+        t0 = perf()
+        h["store"].finalize(rec["id"], {"state": "complete", "finished": time.time()})
+        t1 = perf()
+        reader = Store(h["home"])  # as in another process
+        t2 = perf()
+        reader.get(rec["id"])
+        return t1 - t0, perf() - t2
+
+    def progress_and_get(h):
+        bg.configure(home=h["home"])
+        t0 = perf()
+        h["store"].patch(h["fake"], {"percent": random.random() * 100, "message": "m"})
+        t1 = perf()
+        status = bg.get(h["task"].id)
+        t2 = perf()
+        assert status.state == "running"
+        return t1 - t0, t2 - t1
+
+    ended = interleaved({s: functools.partial(task_end, homes[s]) for s in sizes}, ends)
+    timed = interleaved({s: functools.partial(progress_and_get, homes[s]) for s in sizes}, calls)
+    out = {}
+    for size, h in homes.items():
+        bg.configure(home=h["home"])
+        send_time(h["pipe"][1])
+        h["task"].result(timeout=60)
+        for fd in h["pipe"]:
+            os.close(fd)
+        out[size] = {
+            "patch_ms": 1e3 * median(a for a, _ in timed[size]), "get_ms": 1e3 * median(b for _, b in timed[size]),
+            "finalize_ms": 1e3 * median(a for a, _ in ended[size]),
+            "cold_get_finished_ms": 1e3 * median(b for _, b in ended[size]),
+            "history_bytes": os.path.getsize(h["home"] / "history.json"),
+        }
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def build_rows(res: dict, sizes: list[int]) -> list[dict]:
+    s, o, v, st = res["start"], res["overheads"], res["visibility"], res["store"]
+    rows = []
+
+    def row(figure, value, base, unit, goal, ok=None):
+        rows.append(dict(figure=figure, value=value, baseline=base, ratio=value / base if base else float("nan"),
+                         unit=unit, goal=goal, result="-" if ok is None else "PASS" if ok else "FAIL"))
+
+    fork = s["fork"]["median_ms"]
+    for kind in ("run", "initiate"):
+        row(f"1 start: {'bg.run' if kind == 'run' else 'initiate'} -> task code (median)", s[kind]["median_ms"],
+            fork, "ms", "ratio <= 2.0", s[kind]["median_ms"] <= 2 * fork)
+    row("1 start: bg.run -> task code (p95)", s["run"]["p95_ms"], s["fork"]["p95_ms"], "ms", "info")
+    row("2 bg.track per-item overhead (base tqdm)", o["track_ns"], o["tqdm_ns"], "ns/item", "track <= tqdm",
+        o["track_ns"] <= o["tqdm_ns"])
+    row("2 status.update per call (base no-op call)", o["update_ns"], o["noop_call_ns"], "ns/call", "<= 300 ns",
+        o["update_ns"] <= 300)
+    row("2 store writes/s in update loop", o["update_writes"] / o["update_loop_s"], 1 / o["progress_interval"],
+        "writes/s", "info (base 1/interval)")
+    row("2 one progress write, task busy (base idle)", o["write_busy_ms"], o["write_idle_ms"], "ms", "info")
+    row("3 visibility bg.get, p50 (base pipe)", v["store"]["p50_ms"], v["pipe"]["p50_ms"], "ms", "info")
+    row("3 visibility bg.get, p95 (base pipe)", v["store"]["p95_ms"], v["pipe"]["p95_ms"], "ms", "p95 <= 250 ms",
+        v["store"]["p95_ms"] <= 250)
+    vb = res["visibility_busy"]
+    for q in ("p50", "p95"):
+        row(f"3 visibility, CPU-bound task, {q}", vb["store"][f"{q}_ms"], vb["pipe"][f"{q}_ms"], "ms", "info")
+    for size in sizes[1:]:
+        gate = size == 3000
+        for key, label in (("patch_ms", "Store.patch (progress write)"), ("get_ms", "bg.get(live task)")):
+            row(f"4 {label} @{size} vs 0", st[size][key], st[0][key], "ms", "ratio <= 1.5" if gate else "info",
+                st[size][key] <= 1.5 * st[0][key] if gate else None)
+        row(f"4 Store.finalize (task end) @{size} vs 0", st[size]["finalize_ms"], st[0]["finalize_ms"], "ms", "info")
+        row(f"4 cold get(finished task) @{size} vs 0", st[size]["cold_get_finished_ms"],
+            st[0]["cold_get_finished_ms"], "ms", "info")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and smaller loops")
+    ap.add_argument("--json", metavar="OUT.json", help="also write all figures and machine info here")
+    args = ap.parse_args()
+    q = args.quick
+    cfg = dict(start_rounds=12 if q else 40, n=200_000 if q else 2_000_000, reps=5 if q else 9,
+               updates=200_000 if q else 1_000_000, vis_samples=15 if q else 50,
+               store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 3000, 10000])
+    t_all = perf()
+    res = {}
+    sections = {
+        "start": lambda: bench_start(cfg["start_rounds"]),
+        "overheads": lambda: bench_overheads(cfg["n"], cfg["reps"], cfg["updates"]),
+        "visibility": lambda: bench_visibility(cfg["vis_samples"]),
+        "visibility_busy": lambda: bench_visibility(cfg["vis_samples"], busy=True),
+        "store": lambda: bench_store(cfg["sizes"], cfg["store_calls"], cfg["store_ends"]),
+    }
+    try:
+        for i, (key, fn) in enumerate(sections.items(), 1):
+            print(f"{i}/{len(sections)} {key} ...", flush=True)
+            res[key] = fn()
+    finally:
+        for path in _HOMES:
+            shutil.rmtree(path, ignore_errors=True)
+    rows = build_rows(res, cfg["sizes"])
+    head = f"{'figure':<46} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<8} {'goal':<22} result"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['figure']:<46} {r['value']:>9.3f} {r['baseline']:>9.3f} {r['ratio']:>7.2f}  "
+              f"{r['unit']:<8} {r['goal']:<22} {r['result']}")
+    total = perf() - t_all
+    print(f"\n{'quick' if q else 'full'} run, {total:.0f} s; {platform.python_implementation()} "
+          f"{platform.python_version()}, {os.cpu_count()} cpus, {platform.platform()}")
+    if args.json:
+        import tinydb
+        import tqdm
+
+        machine = {"platform": platform.platform(), "python": sys.version, "cpu_count": os.cpu_count(),
+                   "date": dt.datetime.now(dt.timezone.utc).isoformat(), "nbbgtask": bg.__version__,
+                   "tinydb": tinydb.__version__, "tqdm": tqdm.__version__}
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "config": cfg, "seconds": total, "results": res, "table": rows},
+                      f, indent=2, default=str)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

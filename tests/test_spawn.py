@@ -1,0 +1,83 @@
+"""start_method="spawn": a fresh interpreter; the job travels by cloudpickle through a pipe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import nbbgtask as bg
+
+MAIN = textwrap.dedent("""
+    import os, sys, time
+    import nbbgtask as bg
+    bg.configure(home=sys.argv[1], start_method="spawn")
+    factor = 3
+    scale = lambda x: x * factor          # a lambda closing over __main__'s globals
+
+    def make_adder(n):
+        return lambda x: x + n            # a closure
+
+    class Doubler(bg.BackgroundTask):     # a task class defined in __main__
+        def execute(self, status):
+            status.update(50, "halfway")
+            return status.settings["x"] * 2, len(status.secrets["token"]), os.getpid()
+
+    print(bg.run(scale, 14).result(timeout=60))
+    print(bg.run(make_adder(5), 1).result(timeout=60))
+    value, size, pid = Doubler.initiate(settings={"x": 21}, secrets={"token": sys.argv[2]}).result(timeout=60)
+    print(value, size == len(sys.argv[2]), pid != os.getpid())
+    failing = bg.run(lambda: 1 / 0)
+    failing.wait(60)
+    print(failing.error)
+""")
+
+
+def test_spawn_runs_main_lambdas_closures_and_classes(home, tmp_path):
+    script = tmp_path / "notebook_like.py"
+    script.write_text(MAIN)
+    secret = "tok-" + os.urandom(6).hex()
+    out = subprocess.run(
+        [sys.executable, str(script), str(home), secret], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["42", "6", "42 True True", "ZeroDivisionError: division by zero"]
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes()
+
+
+def test_spawned_task_secrets_stay_off_argv_and_environment(home):
+    bg.configure(start_method="spawn")
+    secret = "pw-" + os.urandom(6).hex()
+
+    def look():
+        import pathlib
+
+        me = pathlib.Path(f"/proc/{os.getpid()}")
+        seen_in = [p for p in ("cmdline", "environ") if secret.encode() in (me / p).read_bytes()]
+        return seen_in, bg.current().secrets == {"pw": secret}
+
+    assert bg.run(look, secrets={"pw": secret}).result(timeout=60) == ([], True)
+
+
+def test_spawned_task_can_be_killed_and_cancelled(home):
+    bg.configure(start_method="spawn")
+    status = bg.run(time.sleep, 60)
+    deadline = time.monotonic() + 30
+    while status.refresh().pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status.cancel() is True
+    assert status.state == "cancelled"
+
+
+def test_spawn_reports_an_unpicklable_argument_before_starting(home):
+    bg.configure(start_method="spawn")
+    import threading
+
+    with pytest.raises(TypeError, match="cannot be sent to a spawned task"):
+        bg.run(print, threading.Lock())

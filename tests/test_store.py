@@ -1,0 +1,243 @@
+"""The TinyDB store: shared by many processes at once, atomic, private, and self-healing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+
+import nbbgtask as bg
+from nbbgtask import _config, _store
+
+
+def test_home_is_private_to_its_owner(home):
+    bg.run(print, "hello").wait(30)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    files = [p for p in home.rglob("*")]
+    assert any(p.name == "live.json" for p in files) and any(p.suffix == ".log" for p in files)
+    for path in files:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+
+def test_an_existing_home_is_made_private(tmp_path):
+    path = tmp_path / "open"
+    path.mkdir(mode=0o755)
+    _config.reset()
+    try:
+        bg.configure(home=path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    finally:
+        _config.reset()
+
+
+@pytest.mark.parametrize("make", ["under_a_file", "no_permission"])
+def test_an_unusable_home_raises_one_clear_error_naming_it(tmp_path, make):
+    if make == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        bad = tmp_path / "file" / "home"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write anywhere; the permission case needs an ordinary user")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        bad = locked / "home"
+    with pytest.raises(bg.StoreError, match="cannot use .* as the nbbgtask home") as info:
+        bg.configure(home=bad)
+    assert str(bad) in str(info.value)
+
+
+def test_home_defaults_to_the_env_var_then_the_jupyter_data_dir(tmp_path, monkeypatch):
+    from jupyter_core.paths import jupyter_data_dir
+
+    monkeypatch.setenv("NBBGTASK_HOME", str(tmp_path / "from-env"))
+    assert _config.default_home() == tmp_path / "from-env"
+    monkeypatch.delenv("NBBGTASK_HOME")
+    assert str(_config.default_home()) == os.path.join(jupyter_data_dir(), "nbbgtask")
+
+
+def test_configure_checks_everything_before_changing_anything(home):
+    with pytest.raises(ValueError, match="start_method"):
+        bg.configure(start_method="thread", max_running=3)
+    assert _config.settings().max_running == float("inf")
+    with pytest.raises(ValueError, match="max_running"):
+        bg.configure(max_running=0)
+    with pytest.raises(ValueError, match="refresh_interval"):
+        bg.configure(refresh_interval=-1)
+
+
+def test_a_schema_version_is_recorded(home):
+    bg.run(print).wait(30)
+    for name in ("live.json", "history.json"):
+        data = json.loads((home / name).read_text())
+        assert data["_meta"]["1"]["schema"] == _store.SCHEMA_VERSION
+
+
+def test_a_store_from_a_newer_version_is_refused_clearly(home):
+    (home / "live.json").write_text(json.dumps({"_meta": {"1": {"schema": 99}}, "tasks": {}}))
+    with pytest.raises(bg.StoreError, match="newer nbbgtask"):
+        bg.tasks()
+    (home / "live.json").unlink()
+
+
+@pytest.mark.parametrize("name", ["live.json", "history.json"])
+def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, name):
+    done = bg.run(lambda: 1)
+    done.wait(30)
+    _store.forget_instances()  # as a new process would
+    (home / name).write_text('{"tasks": {"abc": {"id": "ab')
+    with pytest.warns(bg.StoreDamagedWarning, match=f"{name} was damaged") as caught:
+        listed = bg.tasks()
+    kept = [p for p in home.iterdir() if p.name.startswith(f"{name}.damaged-")]
+    assert len(kept) == 1 and str(kept[0]) in str(caught[0].message)
+    assert kept[0].read_text() == '{"tasks": {"abc": {"id": "ab'
+    assert (name == "live.json") == (done.id in [s.id for s in listed])
+    assert bg.run(lambda: 2).result(timeout=30) == 2
+
+
+def test_a_running_task_recreates_its_record_after_the_live_store_is_replaced(home):
+    bg.configure()
+    _config.settings().progress_interval = 0.02
+
+    def steady():
+        for i in range(100):
+            bg.progress(i, f"step {i}")
+            time.sleep(0.01)
+        return "done"
+
+    status = bg.run(steady)
+    time.sleep(0.2)
+    (home / "live.json").write_text("garbage")
+    # Whichever process reads it first (this one, or the task's writer thread) sets it aside.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", bg.StoreDamagedWarning)
+        bg.tasks()
+    assert status.result(timeout=30) == "done"
+    assert [p for p in home.iterdir() if p.name.startswith("live.json.damaged-")]
+
+
+def test_progress_writes_are_throttled(home):
+    def hammer():
+        calls = 0
+        original = _store.Store.patch
+
+        def counting(self, *args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return original(self, *args, **kwargs)
+
+        _store.Store.patch = counting
+        status = bg.current()
+        started = time.monotonic()
+        for i in range(1_000_000):
+            status.update(percent=i / 10_000, message="busy")
+        return calls, time.monotonic() - started
+
+    status = bg.run(hammer)
+    calls, seconds = status.result(timeout=60)
+    assert calls <= seconds / 0.1 + 2, (calls, seconds)
+    assert status.percent == 100.0
+
+
+def test_the_last_progress_before_a_final_state_is_written(home):
+    def quick():
+        bg.progress(37, "last words")
+        raise RuntimeError("boom")
+
+    status = bg.run(quick)
+    status.wait(30)
+    assert (status.percent, status.message, status.state) == (37, "last words", "failed")
+
+
+READER = textwrap.dedent("""
+    import json, os, sys, time
+    import nbbgtask as bg
+    home, stop = sys.argv[1], sys.argv[2]
+    bg.configure(home=home)
+    reads = errors = 0
+    while not os.path.exists(stop):
+        try:
+            for name in ("live.json", "history.json"):
+                path = os.path.join(home, name)
+                if os.path.exists(path):
+                    json.loads(open(path, "rb").read())
+            bg.tasks()
+            reads += 1
+        except Exception as exc:
+            errors += 1
+            print(repr(exc), file=sys.stderr)
+    print(reads, errors)
+""")
+
+
+def test_twenty_writers_and_a_reader_never_corrupt_the_store(home, tmp_path):
+    _config.settings().progress_interval = 0.002  # write as often as the lock allows
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(home), str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+    def work(k):
+        status = bg.current()
+        for i in range(2000):
+            status.update(percent=i / 20, message=f"{k}:{i}")
+            if i % 20 == 0:
+                time.sleep(0.001)
+        return k
+
+    statuses = [bg.run(work, k) for k in range(20)]
+    results = [s.result(timeout=120) for s in statuses]
+    stop.touch()
+    out, err = reader.communicate(timeout=60)
+    reads, errors = map(int, out.split())
+    assert results == list(range(20))
+    assert errors == 0, err
+    assert reads > 10
+    final = {s.id: s for s in bg.tasks()}
+    assert all(final[s.id].state == "complete" and final[s.id].percent == 100 for s in statuses)
+    assert json.loads((home / "live.json").read_text())["tasks"] == {}
+
+
+def test_a_writer_killed_mid_write_never_damages_the_store(home):
+    """SIGKILL processes while they rewrite the store; every file stays whole and nothing finished is lost."""
+    import random
+    import signal
+
+    finished = [bg.run(lambda k=k: k) for k in range(5)]
+    for s in finished:
+        s.wait(30)
+    writer = textwrap.dedent(f"""
+        import time, nbbgtask as bg
+        from nbbgtask import _store
+        bg.configure(home={str(home)!r})
+        store = _store.store_for(bg._config.home())
+        ids = [s.id for s in bg.tasks()]
+        print("ready", flush=True)
+        i = 0
+        while True:
+            rec = dict(store.get(ids[i % len(ids)]))
+            rec["id"] = "w" + str(i % 50)
+            rec["state"] = "running"
+            store.remove(["w" + str((i + 25) % 50)])
+            store.insert(rec) if store.get(rec["id"]) is None else store.patch(rec["id"], {{"percent": i % 100}})
+            i += 1
+    """)
+    rng = random.Random(7)
+    for _ in range(25):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.01, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        for name in ("live.json", "history.json"):
+            json.loads((home / name).read_text())
+    assert [bg.get(s.id).state for s in finished] == ["complete"] * 5
+    assert not [p for p in home.iterdir() if "damaged" in p.name]
