@@ -38,20 +38,40 @@ def test_an_existing_home_is_made_private(tmp_path):
         _config.reset()
 
 
-@pytest.mark.parametrize("make", ["under_a_file", "no_permission"])
-def test_an_unusable_home_raises_one_clear_error_naming_it(tmp_path, make):
-    if make == "under_a_file":
-        (tmp_path / "file").write_text("x")
-        bad = tmp_path / "file" / "home"
-    else:
-        if os.geteuid() == 0:
-            pytest.skip("root can write anywhere; the permission case needs an ordinary user")
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        bad = locked / "home"
-    with pytest.raises(bg.StoreError, match="cannot use .* as the nbbgtask home") as info:
+def test_a_home_under_a_file_raises_one_clear_error_naming_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "home"
+    with pytest.raises(bg.StoreError, match="cannot use .* as the nbbgtask home: Not a directory") as info:
         bg.configure(home=bad)
     assert str(bad) in str(info.value)
+
+
+def test_a_home_without_permission_raises_one_clear_error_naming_it(tmp_path):
+    """Run as an ordinary user (a forked child drops root), as permissions do not bind root."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    tmp_path.chmod(0o755)
+    bad = locked / "home"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                bg.configure(home=bad)
+                message = "no error"
+            except bg.StoreError as exc:
+                message = str(exc)
+            os.write(write, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert message.startswith(f"cannot use {bad} as the nbbgtask home: Permission denied"), message
 
 
 def test_home_defaults_to_the_env_var_then_the_jupyter_data_dir(tmp_path, monkeypatch):
