@@ -361,7 +361,7 @@ def main() -> None:
     args = ap.parse_args()
     q = args.quick
     cfg = dict(start_rounds=12 if q else 40, n=200_000 if q else 2_000_000, reps=5 if q else 9,
-               updates=200_000 if q else 1_000_000, vis_samples=15 if q else 50,
+               updates=500_000 if q else 1_000_000, vis_samples=15 if q else 50,
                store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 3000, 10000])
     t_all = perf()
     res = {}

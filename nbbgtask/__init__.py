@@ -10,9 +10,25 @@ from ._status import TaskStatus
 
 __version__ = "0.1.0"
 
+# The notebook parts import ipywidgets; a spawned task or the command line never needs them.
+_LAZY = {"ProgressBar": "._widgets", "full_focus": "._focus", "monitor": "._monitor"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'nbbgtask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 __all__ = [
     "BackgroundTask",
     "NbbgtaskError",
+    "ProgressBar",
     "State",
     "StoreDamagedWarning",
     "StoreError",
@@ -23,7 +39,9 @@ __all__ = [
     "configure",
     "current",
     "find_last",
+    "full_focus",
     "get",
+    "monitor",
     "progress",
     "prune",
     "run",

@@ -31,7 +31,7 @@ class Settings:
     #: tasks beyond this many running wait "queued"; ``math.inf`` for no limit
     max_running: float = math.inf
     #: seconds between refreshes of live widgets and between polls in ``wait``
-    refresh_interval: float = 0.25
+    refresh_interval: float = 0.1
     #: seconds a cancelled task gets after SIGTERM before SIGKILL
     cancel_grace: float = 3.0
     #: at most one progress write per task per this many seconds

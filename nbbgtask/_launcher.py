@@ -197,6 +197,9 @@ def _after_fork_in_child() -> None:
     # parent's file locks and children are not ours: start from new ones.
     _store.forget_instances()
     _supervisor.reset_after_fork()
+    refresher = sys.modules.get("nbbgtask._refresher")
+    if refresher is not None:
+        refresher.reset_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child) if hasattr(os, "register_at_fork") else None

@@ -287,6 +287,11 @@ class TaskStatus:
             text += f" error={self.error!r}"
         return text + ">"
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from ._widgets import status_mimebundle
+
+        return status_mimebundle(self, include, exclude)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TaskStatus) and other.id == self.id
 

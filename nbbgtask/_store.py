@@ -225,6 +225,17 @@ class Store:
 
     # -- reads (no lock: every file is replaced whole) --------------------------------------
 
+    def version(self) -> tuple[Any, ...]:
+        """Changes whenever either file is rewritten: two stat calls, no read."""
+        sig: list[Any] = []
+        for db in (self._live_storage_db, self._history_db):
+            try:
+                st = os.stat(db.storage.path)  # type: ignore[attr-defined]
+                sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                sig.append(None)
+        return tuple(sig)
+
     def get(self, task_id: str) -> dict[str, Any] | None:
         rec = self._guard(self._live, self._live.get, doc_id=task_id)
         if rec is None:

@@ -27,11 +27,22 @@ def home(tmp_path: Path) -> Iterator[Path]:
     _config.reset()
 
 
-@pytest.fixture
-def kernel(home: Path) -> Iterator[object]:
+ROOT = Path(__file__).resolve().parent.parent
+#: the kernels the kernel tests run against: this interpreter's ipykernel (7.x), and 6.x from the
+#: second environment that ./dev test makes
+KERNELS = {"ipykernel7": Path(sys.executable), "ipykernel6": ROOT / ".venv-ipykernel6" / "bin" / "python"}
+
+
+@pytest.fixture(params=sorted(KERNELS))
+def kernel(request: pytest.FixtureRequest, home: Path) -> Iterator[object]:
     from kernel_driver import Kernel
 
-    k = Kernel(env={**os.environ, "NBBGTASK_HOME": str(home)})
+    python = KERNELS[request.param]
+    if not python.exists():
+        pytest.skip(f"no {python}: ./dev test creates it (ipykernel 6.x, to test both kernel lines)")
+    k = Kernel(env={**os.environ, "NBBGTASK_HOME": str(home)}, python=python)
+    expected = request.param[-1]
+    assert k.ok("import ipykernel; print(ipykernel.__version__)").startswith(expected)
     try:
         yield k
     finally:

@@ -6,12 +6,30 @@ import queue
 import time
 from typing import Any
 
+import json
+import tempfile
+from pathlib import Path
+
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 
+def _spec_manager(python: Path) -> KernelSpecManager:
+    """A kernelspec that starts ipykernel from ``python``'s environment."""
+    folder = Path(tempfile.mkdtemp(prefix="nbbgtask-kernels-"))
+    spec = folder / "python3"
+    spec.mkdir()
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python ({python})",
+        "language": "python",
+    }))
+    return KernelSpecManager(kernel_dirs=[str(folder)])
+
+
 class Kernel:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.km = KernelManager(kernel_name="python3")
+    def __init__(self, env: dict[str, str], python: Path) -> None:
+        self.km = KernelManager(kernel_name="python3", kernel_spec_manager=_spec_manager(python))
         self.km.start_kernel(env=env)
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -27,9 +45,9 @@ class Kernel:
         self.iopub.append(msg)
         return msg
 
-    def submit(self, code: str) -> str:
+    def submit(self, code: str, stop_on_error: bool = True) -> str:
         """Send a cell; returns its msg_id without waiting."""
-        return self.kc.execute(code, allow_stdin=False)
+        return self.kc.execute(code, allow_stdin=False, stop_on_error=stop_on_error)
 
     def wait(self, msg_id: str, timeout: float = 60) -> dict[str, Any]:
         """Collect iopub until the cell is idle; returns {'status', 'stdout', 'stderr', 'error', 'messages'}."""

@@ -1,0 +1,149 @@
+"""`monitor()`: every running task and the recent finished ones, live, with Cancel and the log."""
+
+from __future__ import annotations
+
+import html
+import threading
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+
+from . import _config, _format, _refresher
+from ._states import State
+from ._status import TaskStatus
+from ._widgets import bar_style
+
+__all__ = ["Monitor", "monitor"]
+
+#: new rows made per refresh round, so hundreds of tasks never freeze the kernel
+ROWS_PER_ROUND = 50
+LOG_LINES = 15
+
+
+class _Row:
+    """One task's line in the monitor; built once, then only its traits change."""
+
+    def __init__(self, record: dict[str, Any], home: Path) -> None:
+        self.home = home
+        self.task_id = record["id"]
+        self.name = widgets.HTML(layout=widgets.Layout(width="12em"))
+        self.state = widgets.HTML(layout=widgets.Layout(width="6em"))
+        self.bar = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="20%"))
+        self.text = widgets.HTML(layout=widgets.Layout(flex="1"))
+        self.cancel = widgets.Button(description="Cancel", button_style="danger", layout=widgets.Layout(width="6em"))
+        self.show_log = widgets.ToggleButton(description="Log", layout=widgets.Layout(width="5em"))
+        self.log = widgets.HTML(layout=widgets.Layout(display="none"))
+        self.cancel.on_click(self._on_cancel)
+        self.show_log.observe(self._on_toggle, names="value")
+        self.line = widgets.HBox([self.name, self.state, self.bar, self.text, self.cancel, self.show_log])
+        self.box = widgets.VBox([self.line, self.log])
+        self.final = False
+        self.update(record)
+
+    def _on_cancel(self, _: Any) -> None:
+        self.cancel.disabled = True
+        status = TaskStatus({"id": self.task_id, "state": "running", "name": ""}, self.home)
+        threading.Thread(target=status.cancel, name="nbbgtask-cancel", daemon=True).start()
+
+    def _on_toggle(self, change: dict[str, Any]) -> None:
+        self.log.layout.display = "" if change["new"] else "none"
+        if change["new"]:
+            self.refresh_log()
+
+    def refresh_log(self) -> None:
+        status = TaskStatus({"id": self.task_id, "state": "complete", "name": ""}, self.home)
+        text = status.log(tail=LOG_LINES) or "(nothing printed yet)"
+        value = f'<pre style="margin:0 0 0 12em;max-height:15em;overflow:auto">{html.escape(text)}</pre>'
+        if self.log.value != value:
+            self.log.value = value
+
+    def update(self, record: dict[str, Any], now: float | None = None) -> None:
+        if self.final:
+            return
+        state = record["state"]
+        name = f"<b>{html.escape(str(record['name']))}</b> <small>{_format.short_id(record['id'])}</small>"
+        for widget, value in (
+            (self.name, name),
+            (self.state, state),
+            (self.text, html.escape(_format.summary(record, now))),
+        ):
+            if widget.value != value:
+                widget.value = value
+        with self.bar.hold_sync():
+            self.bar.value = float(record.get("percent") or 0)
+            self.bar.bar_style = bar_style(state)
+        if State(state).is_final:
+            self.final = True
+            self.cancel.disabled = True
+        if self.show_log.value:
+            self.refresh_log()
+
+    def close(self) -> None:
+        for w in (self.name, self.state, self.bar, self.text, self.cancel, self.show_log, self.log, self.line, self.box):
+            w.close()
+
+
+class Monitor(widgets.VBox):
+    """The global task monitor: tasks of every process that shares the home folder."""
+
+    def __init__(self, finished: int = 20, name: str | None = None) -> None:
+        if isinstance(finished, bool) or not isinstance(finished, int) or finished < 0:
+            raise ValueError(f"finished must be a whole number of tasks, 0 or more, got {finished!r}")
+        self.home: Path = _config.home()
+        self._finished = finished
+        self._name = name
+        self._rows: dict[str, _Row] = {}
+        self._header = widgets.HTML()
+        super().__init__([self._header])
+        _refresher.register(self)
+
+    def _wanted(self, snapshot: _refresher.Snapshot) -> list[dict[str, Any]]:
+        def keep(r: dict[str, Any]) -> bool:
+            return self._name is None or r["name"] == self._name
+
+        live = sorted((r for r in snapshot.live.values() if keep(r)), key=lambda r: r["created"], reverse=True)
+        done_ids = {r["id"] for r in live}
+        history = [r for r in snapshot.history() if keep(r) and r["id"] not in done_ids]
+        history.sort(key=lambda r: r.get("finished") or r["created"], reverse=True)
+        return live + history[: self._finished]
+
+    def _nbbg_refresh(self, snapshot: _refresher.Snapshot, changed: bool) -> bool:
+        wanted = self._wanted(snapshot)
+        made = 0
+        rows = []
+        for record in wanted:
+            row = self._rows.get(record["id"])
+            if row is None:
+                if made >= ROWS_PER_ROUND:
+                    continue  # the next round makes the rest
+                row = self._rows[record["id"]] = _Row(record, self.home)
+                made += 1
+            else:
+                row.update(record, snapshot.now)
+            rows.append(row)
+        keep = {r.task_id for r in rows}
+        for task_id in [t for t in self._rows if t not in keep]:
+            self._rows.pop(task_id).close()
+        running = sum(1 for r in wanted if r["state"] == State.RUNNING.value)
+        queued = sum(1 for r in wanted if r["state"] == State.QUEUED.value)
+        header = f"<b>nbbgtask</b> · {running} running · {queued} queued · {len(wanted) - running - queued} recent finished"
+        if self._header.value != header:
+            self._header.value = header
+        children = (self._header, *(r.box for r in rows))
+        if tuple(self.children) != children:
+            self.children = children
+        return True
+
+    def close(self) -> None:
+        self._nbbg_closed = True
+        for row in self._rows.values():
+            row.close()
+        self._rows.clear()
+        self._header.close()
+        super().close()
+
+
+def monitor(finished: int = 20, name: str | None = None) -> Monitor:
+    """The global task monitor widget: running tasks and the ``finished`` most recent others."""
+    return Monitor(finished=finished, name=name)

@@ -1,0 +1,140 @@
+"""One background thread per kernel that reads the store and brings every live widget up to date.
+
+Data flows one way: task process → store → this refresher → widgets.  A thread, not an asyncio
+task, because asyncio tasks on the kernel's loop do not run while a cell is busy.  It reads the
+store only when a file changed (or once a second for elapsed times), spends at most about one
+percent of a core (it sleeps longer when a round was costly), and stops when no live view is left.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import _config
+from ._store import store_for
+from ._supervisor import reconcile
+
+__all__ = ["Snapshot", "View", "register", "refresher_running"]
+
+#: a round may cost at most this share of the time between rounds
+BUDGET = 0.01
+#: liveness of tasks (psutil) is checked at most this often
+RECONCILE_EVERY = 1.0
+
+
+class Snapshot:
+    """What the store holds at the start of one round, read at most once per round."""
+
+    def __init__(self, home: Path, now: float) -> None:
+        self.home = home
+        self.now = now
+        self.store = store_for(home)
+        self.live = {r["id"]: r for r in self.store.live()}
+        self._history: list[dict[str, Any]] | None = None
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        record = self.live.get(task_id)
+        return record if record is not None else self.store.get(task_id)
+
+    def history(self) -> list[dict[str, Any]]:
+        if self._history is None:
+            self._history = self.store.history()
+        return self._history
+
+
+class View(Protocol):
+    home: Path
+
+    def _nbbg_refresh(self, snapshot: Snapshot, changed: bool) -> bool:
+        """Bring the widget up to date; ``False`` once it has nothing more to follow."""
+
+
+class _Refresher:
+    def __init__(self) -> None:
+        self._views: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._versions: dict[Path, tuple[Any, ...]] = {}
+        self._last_second = -1
+        self._last_reconcile = 0.0
+
+    def register(self, view: View) -> None:
+        with self._lock:
+            self._views.add(view)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="nbbgtask-refresher", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            try:
+                self._round()
+            except Exception as exc:  # a bad round must not stop every bar; the next retries
+                import sys
+
+                print(f"nbbgtask: refreshing widgets failed: {exc!r}", file=sys.__stderr__)
+            cost = time.perf_counter() - started
+            with self._lock:
+                if not self._views:
+                    self._thread = None
+                    return
+            pause = max(_config.settings().refresh_interval, cost / BUDGET)
+            self._wake.wait(pause)
+            self._wake.clear()
+
+    def _round(self) -> None:
+        now = time.time()
+        views = list(self._views)
+        tick = int(now) != self._last_second
+        self._last_second = int(now)
+        check_liveness = now - self._last_reconcile >= RECONCILE_EVERY
+        if check_liveness:
+            self._last_reconcile = now
+        by_home: dict[Path, list[Any]] = {}
+        for view in views:
+            if getattr(view, "_nbbg_closed", False):
+                self._views.discard(view)
+                continue
+            by_home.setdefault(view.home, []).append(view)
+        for home, group in by_home.items():
+            store = store_for(home)
+            if check_liveness:
+                for record in store.live():
+                    reconcile(store, record)
+            version = store.version()
+            changed = version != self._versions.get(home)
+            if not changed and not tick:
+                continue
+            self._versions[home] = version
+            snapshot = Snapshot(home, now)
+            for view in group:
+                if not view._nbbg_refresh(snapshot, changed):
+                    self._views.discard(view)
+
+
+_refresher = _Refresher()
+
+
+def register(view: View) -> None:
+    """Follow ``view`` from now on, until its ``_nbbg_refresh`` returns ``False``."""
+    _refresher.register(view)
+
+
+def refresher_running() -> bool:
+    return _refresher.running()
+
+
+def reset_after_fork() -> None:
+    """A forked task has none of the kernel's widgets, and the refresher's lock may be held."""
+    global _refresher
+    _refresher = _Refresher()
