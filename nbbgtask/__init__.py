@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from ._api import BackgroundTask, current, find_last, get, progress, prune, run, tasks, track
+from ._api import (
+    BackgroundTask,
+    current,
+    find_last,
+    get,
+    progress,
+    prune,
+    run,
+    tasks,
+    track,
+)
 from ._config import configure
-from ._errors import NbbgtaskError, StoreDamagedWarning, StoreError, TaskCancelled, TaskFailed, TaskNotFound
+from ._errors import (
+    NbbgtaskError,
+    StoreDamagedWarning,
+    StoreError,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+)
 from ._states import State
 from ._status import TaskStatus
 

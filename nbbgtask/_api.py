@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 from . import _config, _launcher, _runner, _supervisor
 from ._errors import TaskNotFound
 from ._states import State
-from ._status import TaskStatus, log_path, result_path
+from ._status import TaskStatus, check_percent, log_path, result_path
 from ._store import store_for
 
 __all__ = [
@@ -188,7 +188,7 @@ def progress(percent: float | None = None, message: str | None = None) -> None:
     if reporter is not None:
         reporter.update(percent, message)
     elif percent is not None:
-        _runner.check_percent(percent)
+        check_percent(percent)
 
 
 def track(iterable: Iterable[T], total: int | None = None, message: str | None = None) -> Iterator[T]:

@@ -5,23 +5,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import math
-import numbers
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ._states import State
-from ._status import TaskStatus, result_path
+from ._status import TaskStatus, check_percent, result_path
 from ._store import store_for
 
-__all__ = ["Job", "Reporter", "run_job", "current", "current_reporter", "check_percent"]
+__all__ = ["Job", "Reporter", "run_job", "current", "current_reporter"]
 
 T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -53,17 +51,6 @@ class Job:
         return self.record["id"]
 
 
-def check_percent(percent: Any) -> float:
-    """``percent`` as a float clamped to 0–100; NaN and non-numbers are refused."""
-    if type(percent) is not float and type(percent) is not int:
-        if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
-            raise TypeError(f"percent must be a number from 0 to 100, got {percent!r}")
-        percent = float(percent)
-    if percent != percent:
-        raise ValueError("percent must be a number from 0 to 100, got NaN")
-    return 0.0 if percent < 0 else 100.0 if percent > 100 else float(percent)
-
-
 class _Tracker:
     __slots__ = ("n", "total", "label")
 
@@ -92,7 +79,7 @@ class Reporter:
         self.cancel_requested = False
         self._job = job
         self._store = store_for(job.home)
-        self._version = 0
+        self.version = 0
         self._written = 0
         self._tracker: _Tracker | None = None
         self._tracked = -1
@@ -107,7 +94,7 @@ class Reporter:
             self.percent = check_percent(percent)
         if message is not None:
             self.message = message if type(message) is str else str(message)
-        self._version += 1
+        self.version += 1
 
     def track(self, iterable: Iterable[T], total: int | None, message: str | None) -> Iterator[T]:
         if total is None:
@@ -145,7 +132,7 @@ class Reporter:
 
     def flush(self) -> None:
         self._apply_tracker()
-        version = self._version
+        version = self.version
         if version == self._written:
             record = self._store.get(self.task_id)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as _dt
+import numbers
 import os
 import time
 from collections.abc import Generator
@@ -18,7 +19,17 @@ from ._states import State
 if TYPE_CHECKING:
     from ._runner import Reporter
 
-__all__ = ["TaskStatus", "log_path", "result_path"]
+
+def check_percent(percent: Any) -> float:
+    """``percent`` as a float clamped to 0–100; NaN and non-numbers are refused."""
+    if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
+        raise TypeError(f"percent must be a number from 0 to 100, got {percent!r}")
+    percent = float(percent)
+    if percent != percent:
+        raise ValueError("percent must be a number from 0 to 100, got NaN")
+    return 0.0 if percent < 0 else 100.0 if percent > 100 else percent
+
+__all__ = ["TaskStatus", "check_percent", "log_path", "result_path"]
 
 _MISSING = object()
 
@@ -147,7 +158,11 @@ class TaskStatus:
     # -- reporting (in the task) -------------------------------------------------------------
 
     def update(self, percent: float | None = None, message: str | None = None) -> None:
-        """Report progress from inside the task; cheap enough to call on every item."""
+        """Report progress from inside the task; cheap enough to call on every item.
+
+        ``percent`` is clamped to 0–100 (NaN is refused); nothing is written here: the
+        task's writer thread records the latest values at most every 0.1 s.
+        """
         reporter = self._reporter
         if reporter is None:
             from ._runner import current_reporter
@@ -158,7 +173,15 @@ class TaskStatus:
                     f"update() reports progress from inside task {self.id[:8]}'s own process; "
                     f"this process only watches it"
                 )
-        reporter.update(percent, message)
+        # The common case inline (one call per item matters in tight loops); the rest is checked.
+        if percent is not None:
+            if type(percent) is float and 0.0 <= percent <= 100.0:
+                reporter.percent = percent
+            else:
+                reporter.percent = check_percent(percent)
+        if message is not None:
+            reporter.message = message if type(message) is str else str(message)
+        reporter.version += 1
 
     # -- watching ----------------------------------------------------------------------------
 

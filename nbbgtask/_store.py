@@ -1,10 +1,11 @@
 """The status store: task records in TinyDB files shared by kernels, task processes and the CLI.
 
-This is the only module that imports TinyDB.  Two TinyDB files keep what changes often small:
-``live.json`` holds queued and running tasks (rewritten on every progress write) and
-``history.json`` holds finished ones (written once per task, when it ends).  Every
-read-modify-write happens under one file lock, and every write replaces the file atomically,
-so readers never take the lock and never see a torn file.
+This is the only module that imports TinyDB.  What changes often is kept small: ``live.json``
+holds queued and running tasks (rewritten on every progress write), and finished tasks move to
+the history, spread over ``history/NN.json`` shards by id, so that ending a task rewrites a
+sixty-fourth of the history, not all of it.  Every read-modify-write happens under one file
+lock, and every write replaces its file atomically, so readers never take the lock and never
+see a torn file.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,14 @@ from tinydb.table import Document, Table
 from ._errors import StoreDamagedWarning, StoreError
 from ._states import State
 
-__all__ = ["Store", "SCHEMA_VERSION", "store_for"]
+__all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances"]
 
 #: Bumped when a record's layout changes incompatibly; recorded in every store file.
 SCHEMA_VERSION = 1
 #: Seconds to wait for another process's read-modify-write before giving up.
 LOCK_TIMEOUT = 30.0
+#: How many files the history is spread over (by task id).
+HISTORY_SHARDS = 64
 
 _TASKS = "tasks"
 _META = "_meta"
@@ -45,19 +48,26 @@ class _Damaged(Exception):
 
 
 class _AtomicJSONStorage(Storage):
-    """TinyDB storage: writes go to a temp file, fsync, ``os.replace``; reads are cached.
+    """TinyDB storage: writes replace the file atomically; reads are cached.
 
-    ``trust_stat``: a file whose (inode, size, mtime) did not change is not re-read.  Used for
-    the history, which is large and rarely written; the live file is small, so it is always
-    re-read and only re-parsed when its bytes changed.  Inside the store lock (``fresh``)
-    every read is a new parse, so a read-modify-write never starts from a stale or shared copy.
+    ``trust_stat``: a file whose (inode, size, mtime) did not change is not re-read; used for the
+    history shards, which are rarely written.  The live file is small, so it is always re-read
+    and only re-parsed when its bytes changed.  Under the store lock the first read parses the
+    file anew and later reads in the same lock session reuse that copy, so a read-modify-write
+    never starts from a stale or shared copy and never parses twice.
+
+    ``durable``: fsync before the rename.  The history needs it; the live file does not, since
+    no task is left running after the machine stops.
     """
 
-    def __init__(self, path: str, trust_stat: bool = False) -> None:
+    def __init__(self, path: str, trust_stat: bool = False, durable: bool = False) -> None:
         self.path = path
         self.trust_stat = trust_stat
-        self.fresh = False
-        # (stat signature, bytes, parsed), replaced whole so threads never see a mixed pair
+        self.durable = durable
+        #: set by the store while it holds the lock (and only then)
+        self.session: dict[str, Any] | None = None
+        self.in_session = False
+        # (stat signature, bytes, parsed), replaced whole so threads never see a mixed triple
         self._cache: tuple[tuple[int, int, int] | None, bytes | None, Any] = (None, None, None)
 
     def _parse(self, raw: bytes) -> dict[str, Any] | None:
@@ -77,55 +87,74 @@ class _AtomicJSONStorage(Storage):
             )
         return data
 
-    def read(self) -> dict[str, Any] | None:
-        fresh = self.fresh
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._cache = (None, None, None)
-            return None
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached_sig, cached_raw, cached_data = self._cache
-        if self.trust_stat and not fresh and sig == cached_sig:
-            return cached_data
+    def _read_file(self) -> tuple[tuple[int, int, int], bytes] | None:
         try:
             with open(self.path, "rb") as f:
-                raw = f.read()
+                st = os.fstat(f.fileno())
+                return (st.st_ino, st.st_size, st.st_mtime_ns), f.read()
         except FileNotFoundError:
             return None
-        if fresh:
-            return self._parse(raw)
+
+    def read(self) -> dict[str, Any] | None:
+        if self.in_session:
+            if self.session is None:
+                got = self._read_file()
+                self.session = self._parse(got[1]) if got else None
+            return self.session
+        if self.trust_stat:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return None
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == self._cache[0]:
+                return self._cache[2]
+        got = self._read_file()
+        if got is None:
+            self._cache = (None, None, None)
+            return None
+        sig, raw = got
+        _, cached_raw, data = self._cache
         if raw != cached_raw:
-            cached_data = self._parse(raw)
-        self._cache = (sig, raw, cached_data)
-        return cached_data
+            data = self._parse(raw)
+        self._cache = (sig, raw, data)
+        return data
 
     def write(self, data: dict[str, Any]) -> None:
         data[_META] = {"1": {"schema": SCHEMA_VERSION}}
         raw = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
         directory, name = os.path.split(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        # Only the lock holder writes, so one temp name per file is enough.
+        tmp = os.path.join(directory, f".{name}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, raw) if len(raw) < 1 << 20 else _write_all(fd, raw)
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
-        except BaseException as exc:
+        except OSError as exc:
+            self.session = None
             self._cache = (None, None, None)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if isinstance(exc, OSError):
-                raise StoreError(
-                    f"cannot write the nbbgtask store {self.path}: {exc.strerror or exc}. "
-                    f"The store is unchanged; free some space or fix the folder's permissions."
-                ) from None
-            raise
-        # ``data`` came from a fresh parse under the lock, so no reader shares it yet.
+            raise StoreError(
+                f"cannot write the nbbgtask store {self.path}: {exc.strerror or exc}. "
+                f"The store is unchanged; free some space or fix the folder's permissions."
+            ) from None
+        # ``data`` came from a parse made under the lock, so no reader shares it yet.
+        self.session = data
         self._cache = (None, raw, data)
 
     def close(self) -> None:
         pass
+
+
+def _write_all(fd: int, raw: bytes) -> None:
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class _TaskTable(Table):
@@ -143,11 +172,18 @@ def _merge(doc: dict[str, Any], fields: Mapping[str, Any]) -> None:
     if "state" in fields and State(fields["state"]).is_final:
         raise ValueError("final states are written by Store.finalize")
     for key, value in fields.items():
-        if key == "state" and _RANK.get(State(value), 2) < _RANK.get(State(doc["state"]), 2):
+        if key == "state" and _RANK[State(value)] < _RANK[State(doc["state"])]:
             continue
         if key == "cancel_requested" and doc.get("cancel_requested"):
             continue
         doc[key] = value
+
+
+def shard_of(task_id: str) -> int:
+    try:
+        return int(task_id[:2], 16) % HISTORY_SHARDS
+    except ValueError:
+        return zlib.crc32(task_id.encode()) % HISTORY_SHARDS
 
 
 class Store:
@@ -156,21 +192,61 @@ class Store:
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
         self._depth = threading.local()
-        self._lock = filelock.FileLock(
-            str(self.home / "store.lock"), timeout=LOCK_TIMEOUT, mode=0o600
-        )
-        self._live_storage_db = _DB(str(self.home / "live.json"), storage=_AtomicJSONStorage)
-        self._history_db = _DB(
-            str(self.home / "history.json"), storage=_AtomicJSONStorage, trust_stat=True
-        )
-        self._live = self._live_storage_db.table(_TASKS, cache_size=0)
-        self._history = self._history_db.table(_TASKS, cache_size=0)
+        self._lock_obj: filelock.FileLock | None = None
+        self._history_dir = self.home / "history"
+        self._live_db = _DB(str(self.home / "live.json"), storage=_AtomicJSONStorage)
+        self._live = self._live_db.table(_TASKS, cache_size=0)
+        self._shards: dict[int, Table] = {}
+        self._shards_lock = threading.Lock()
+
+    def _shard(self, index: int) -> Table:
+        table = self._shards.get(index)
+        if table is None:
+            with self._shards_lock:
+                table = self._shards.get(index)
+                if table is None:
+                    path = self._history_dir / f"{index:02d}.json"
+                    db = _DB(str(path), storage=_AtomicJSONStorage, trust_stat=True, durable=True)
+                    table = self._shards[index] = db.table(_TASKS, cache_size=0)
+                    if self._depth_now():
+                        self._enter(table)
+        return table
+
+    def _history(self, task_id: str) -> Table:
+        return self._shard(shard_of(task_id))
+
+    def _existing_shards(self) -> list[Table]:
+        try:
+            names = os.listdir(self._history_dir)
+        except FileNotFoundError:
+            return []
+        return [self._shard(int(n[:-5])) for n in sorted(names) if n.endswith(".json") and n[:-5].isdigit()]
 
     # -- the one path through which every read-modify-write goes ---------------------------
 
+    @property
+    def _lock(self) -> filelock.FileLock:
+        # Made on first use: a forked task process starts with no lock and makes one only
+        # when it first writes, off the path to the task's code.
+        if self._lock_obj is None:
+            self._history_dir.mkdir(mode=0o700, exist_ok=True)
+            self._lock_obj = filelock.FileLock(str(self.home / "store.lock"), timeout=LOCK_TIMEOUT, mode=0o600)
+        return self._lock_obj
+
+    def _depth_now(self) -> int:
+        return getattr(self._depth, "n", 0)
+
+    def _tables(self) -> list[Table]:
+        return [self._live, *self._shards.values()]
+
+    @staticmethod
+    def _enter(table: Table) -> None:
+        storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
+        storage.session, storage.in_session = None, True
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        depth = getattr(self._depth, "n", 0)
+        depth = self._depth_now()
         if depth:  # re-entered by the same thread (setting a damaged file aside mid-write)
             self._depth.n = depth + 1
             try:
@@ -178,24 +254,25 @@ class Store:
             finally:
                 self._depth.n = depth
             return
+        lock = self._lock
         try:
-            self._lock.acquire()
+            lock.acquire()
         except filelock.Timeout:
             raise StoreError(
-                f"waited {LOCK_TIMEOUT:.0f} s for the nbbgtask store lock {self._lock.lock_file}; "
+                f"waited {LOCK_TIMEOUT:.0f} s for the nbbgtask store lock {lock.lock_file}; "
                 f"another process holds it (a stopped or hung process?)"
             ) from None
-        storages = (self._live_storage_db.storage, self._history_db.storage)
         self._depth.n = 1
         try:
-            for s in storages:
-                s.fresh = True  # type: ignore[attr-defined]
+            for table in self._tables():
+                self._enter(table)
             yield
         finally:
-            for s in storages:
-                s.fresh = False  # type: ignore[attr-defined]
+            for table in self._tables():
+                storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
+                storage.session, storage.in_session = None, False
             self._depth.n = 0
-            self._lock.release()
+            lock.release()
 
     def _guard(self, table: Table, op: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one table operation; a damaged file is set aside once and the operation retried."""
@@ -208,6 +285,7 @@ class Store:
     def _set_aside(self, table: Table, reason: str) -> None:
         storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
         with self._locked():
+            storage.session = None
             try:
                 storage.read()
                 return  # someone else already replaced it
@@ -216,6 +294,7 @@ class Store:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             aside = f"{storage.path}.damaged-{stamp}-{os.getpid()}"
             os.replace(storage.path, aside)
+            storage.session = None
         warnings.warn(
             f"the nbbgtask store file {storage.path} was damaged ({reason}); it was kept as "
             f"{aside} for inspection and a fresh store was started",
@@ -226,11 +305,11 @@ class Store:
     # -- reads (no lock: every file is replaced whole) --------------------------------------
 
     def version(self) -> tuple[Any, ...]:
-        """Changes whenever either file is rewritten: two stat calls, no read."""
+        """Changes whenever a file is rewritten (a rename changes its folder): two stat calls."""
         sig: list[Any] = []
-        for db in (self._live_storage_db, self._history_db):
+        for path in (self._live_db.storage.path, self._history_dir):  # type: ignore[attr-defined]
             try:
-                st = os.stat(db.storage.path)  # type: ignore[attr-defined]
+                st = os.stat(path)
                 sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except FileNotFoundError:
                 sig.append(None)
@@ -239,30 +318,24 @@ class Store:
     def get(self, task_id: str) -> dict[str, Any] | None:
         rec = self._guard(self._live, self._live.get, doc_id=task_id)
         if rec is None:
-            rec = self._guard(self._history, self._history.get, doc_id=task_id)
+            shard = self._history(task_id)
+            rec = self._guard(shard, shard.get, doc_id=task_id)
         return dict(rec) if rec is not None else None
 
     def live(self) -> list[dict[str, Any]]:
         return [dict(d) for d in self._guard(self._live, self._live.all)]
 
     def history(self) -> list[dict[str, Any]]:
-        return [dict(d) for d in self._guard(self._history, self._history.all)]
+        return [dict(d) for shard in self._existing_shards() for d in self._guard(shard, shard.all)]
 
     def all(self) -> list[dict[str, Any]]:
-        """Every record; a task found in both files (a move cut short) counts as finished."""
+        """Every record; a task found in both places (a move cut short) counts as finished."""
         live = self.live()
         finished = self.history()
         seen = {r["id"] for r in finished}
         return [r for r in live if r["id"] not in seen] + finished
 
-    def ids(self) -> list[str]:
-        return [r["id"] for r in self.all()]
-
     # -- writes ------------------------------------------------------------------------------
-
-    def insert(self, record: Mapping[str, Any]) -> None:
-        with self._locked():
-            self._guard(self._live, self._live.insert, Document(record, record["id"]))
 
     def _count_running(self) -> int:
         return sum(1 for d in self._live.all() if d["state"] == State.RUNNING.value)
@@ -275,7 +348,7 @@ class Store:
             doc = {**record, "state": state.value}
             if state is State.RUNNING:
                 doc["started"] = time.time()
-            self._live.insert(Document(doc, record["id"]))
+            self._guard(self._live, self._live.insert, Document(doc, record["id"]))
         return state
 
     def promote(self, task_id: str, limit: float) -> bool | None:
@@ -300,11 +373,12 @@ class Store:
         with self._locked():
             done = self._guard(self._live, self._live.update, lambda d: _merge(d, fields), doc_ids=[task_id])
             if not done:
-                if recreate is None or self._guard(self._history, self._history.get, doc_id=task_id):
+                shard = self._history(task_id)
+                if recreate is None or self._guard(shard, shard.get, doc_id=task_id):
                     return None
                 doc = dict(recreate)
                 _merge(doc, fields)
-                self._guard(self._live, self._live.insert, Document(doc, task_id))
+                self._live.insert(Document(doc, task_id))
             rec = self._live.get(doc_id=task_id)
         return dict(rec) if rec is not None else None
 
@@ -315,24 +389,31 @@ class Store:
 
         Returns the final record, or ``None`` if the task is unknown and no ``fallback`` was given.
         """
-        assert State(fields["state"]).is_final
+        if not State(fields["state"]).is_final:
+            raise ValueError(f"finalize needs a final state, got {fields['state']!r}")
+        shard = self._history(task_id)
         with self._locked():
-            final = self._guard(self._history, self._history.get, doc_id=task_id)
+            final = self._guard(shard, shard.get, doc_id=task_id)
             if final is None:
                 current = self._guard(self._live, self._live.get, doc_id=task_id) or fallback
                 if current is None:
                     return None
                 final = {**current, **fields}
-                self._history.insert(Document(final, task_id))
-            # History first, then live: a reader that misses it in one file finds it in the other.
+                shard.insert(Document(final, task_id))
+            # History first, then live: a reader that misses it in one finds it in the other.
             self._live.remove(doc_ids=[task_id])
         return dict(final)
 
     def remove(self, task_ids: Iterable[str]) -> list[str]:
-        ids = list(task_ids)
+        by_shard: dict[int, list[str]] = {}
+        for task_id in task_ids:
+            by_shard.setdefault(shard_of(task_id), []).append(task_id)
+        gone: list[str] = []
         with self._locked():
-            gone = self._guard(self._history, self._history.remove, doc_ids=ids)
-            gone += self._guard(self._live, self._live.remove, doc_ids=ids)
+            for index, ids in by_shard.items():
+                shard = self._shard(index)
+                gone += self._guard(shard, shard.remove, doc_ids=ids)
+                gone += self._guard(self._live, self._live.remove, doc_ids=ids)
         return gone
 
 

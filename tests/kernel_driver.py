@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import queue
-import time
-from typing import Any
-
 import json
+import queue
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager

@@ -13,7 +13,7 @@ import nbbgtask as bg
 def _finished(*names, fail=()):
     out = []
     for name in names:
-        status = bg.run((lambda: 1 / 0) if name in fail else (lambda: name), name=name)
+        status = bg.run((lambda: 1 / 0) if name in fail else (lambda name=name: name), name=name)
         status.wait(30)
         out.append(status)
         time.sleep(0.01)  # distinct creation times

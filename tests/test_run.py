@@ -228,7 +228,7 @@ def test_update_from_outside_the_task_is_refused(home):
 
 
 def _no_process_started(home):
-    return not (home / "live.json").exists() and not (home / "history.json").exists()
+    return not (home / "live.json").exists() and not (home / "history").exists()
 
 
 def test_settings_that_are_not_json_raise_type_error_before_starting(home):
@@ -299,5 +299,7 @@ def test_ids_are_unguessable_and_unique(home):
 def test_settings_json_is_what_later_lookups_see(home):
     status = Reticulate.initiate(settings={"splines": 1, "label": "é"})
     status.wait(30)
-    stored = json.loads((home / "history.json").read_text())
+    from nbbgtask._store import shard_of
+
+    stored = json.loads((home / "history" / f"{shard_of(status.id):02d}.json").read_text())
     assert stored["tasks"][status.id]["settings"] == {"splines": 1, "label": "é"}

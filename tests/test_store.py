@@ -93,10 +93,15 @@ def test_configure_checks_everything_before_changing_anything(home):
         bg.configure(refresh_interval=-1)
 
 
+def _files(home):
+    return [home / "live.json", *sorted((home / "history").glob("*.json"))]
+
+
 def test_a_schema_version_is_recorded(home):
     bg.run(print).wait(30)
-    for name in ("live.json", "history.json"):
-        data = json.loads((home / name).read_text())
+    assert len(_files(home)) == 2
+    for path in _files(home):
+        data = json.loads(path.read_text())
         assert data["_meta"]["1"]["schema"] == _store.SCHEMA_VERSION
 
 
@@ -107,18 +112,20 @@ def test_a_store_from_a_newer_version_is_refused_clearly(home):
     (home / "live.json").unlink()
 
 
-@pytest.mark.parametrize("name", ["live.json", "history.json"])
-def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, name):
+@pytest.mark.parametrize("which", ["live", "history"])
+def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, which):
     done = bg.run(lambda: 1)
     done.wait(30)
     _store.forget_instances()  # as a new process would
-    (home / name).write_text('{"tasks": {"abc": {"id": "ab')
+    path = home / "live.json" if which == "live" else home / "history" / f"{_store.shard_of(done.id):02d}.json"
+    name, folder = path.name, path.parent
+    path.write_text('{"tasks": {"abc": {"id": "ab')
     with pytest.warns(bg.StoreDamagedWarning, match=f"{name} was damaged") as caught:
         listed = bg.tasks()
-    kept = [p for p in home.iterdir() if p.name.startswith(f"{name}.damaged-")]
+    kept = [p for p in folder.iterdir() if p.name.startswith(f"{name}.damaged-")]
     assert len(kept) == 1 and str(kept[0]) in str(caught[0].message)
     assert kept[0].read_text() == '{"tasks": {"abc": {"id": "ab'
-    assert (name == "live.json") == (done.id in [s.id for s in listed])
+    assert (which == "live") == (done.id in [s.id for s in listed])
     assert bg.run(lambda: 2).result(timeout=30) == 2
 
 
@@ -177,15 +184,14 @@ def test_the_last_progress_before_a_final_state_is_written(home):
 
 
 READER = textwrap.dedent("""
-    import json, os, sys, time
+    import glob, json, os, sys, time
     import nbbgtask as bg
     home, stop = sys.argv[1], sys.argv[2]
     bg.configure(home=home)
     reads = errors = 0
     while not os.path.exists(stop):
         try:
-            for name in ("live.json", "history.json"):
-                path = os.path.join(home, name)
+            for path in [os.path.join(home, "live.json")] + glob.glob(os.path.join(home, "history", "*.json")):
                 if os.path.exists(path):
                     json.loads(open(path, "rb").read())
             bg.tasks()
@@ -257,7 +263,7 @@ def test_a_writer_killed_mid_write_never_damages_the_store(home):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        for name in ("live.json", "history.json"):
-            json.loads((home / name).read_text())
+        for path in _files(home):
+            json.loads(path.read_text())
     assert [bg.get(s.id).state for s in finished] == ["complete"] * 5
-    assert not [p for p in home.iterdir() if "damaged" in p.name]
+    assert not [p for p in home.rglob("*") if "damaged" in p.name]

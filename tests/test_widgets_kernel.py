@@ -9,9 +9,9 @@ import textwrap
 import time
 
 import pytest
+from widget_traffic import Models, click
 
 import nbbgtask as bg
-from widget_traffic import Models, click
 
 pytestmark = pytest.mark.timeout(240)
 
