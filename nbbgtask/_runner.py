@@ -79,8 +79,8 @@ class Reporter:
         self.cancel_requested = False
         self._job = job
         self._store = store_for(job.home)
-        self.version = 0
-        self._written = 0
+        #: what the store last received, to skip writes that would change nothing
+        self._written: tuple[float, str] | None = None
         self._tracker: _Tracker | None = None
         self._tracked = -1
         self._stop = threading.Event()
@@ -94,7 +94,6 @@ class Reporter:
             self.percent = check_percent(percent)
         if message is not None:
             self.message = message if type(message) is str else str(message)
-        self.version += 1
 
     def track(self, iterable: Iterable[T], total: int | None, message: str | None) -> Iterator[T]:
         if total is None:
@@ -132,13 +131,13 @@ class Reporter:
 
     def flush(self) -> None:
         self._apply_tracker()
-        version = self.version
-        if version == self._written:
+        now = (self.percent, self.message)
+        if now == self._written:
             record = self._store.get(self.task_id)
         else:
             recreate = {**self._job.record, "state": State.RUNNING.value}
-            record = self._store.patch(self.task_id, self.fields(), recreate=recreate)
-            self._written = version
+            record = self._store.patch(self.task_id, {"percent": now[0], "message": now[1]}, recreate=recreate)
+            self._written = now
         if record is not None and record.get("cancel_requested"):
             self.cancel_requested = True
 

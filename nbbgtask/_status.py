@@ -181,7 +181,6 @@ class TaskStatus:
                 reporter.percent = check_percent(percent)
         if message is not None:
             reporter.message = message if type(message) is str else str(message)
-        reporter.version += 1
 
     # -- watching ----------------------------------------------------------------------------
 

@@ -252,7 +252,7 @@ def test_a_writer_killed_mid_write_never_damages_the_store(home):
             rec["id"] = "w" + str(i % 50)
             rec["state"] = "running"
             store.remove(["w" + str((i + 25) % 50)])
-            store.insert(rec) if store.get(rec["id"]) is None else store.patch(rec["id"], {{"percent": i % 100}})
+            store.admit(rec, float("inf")) if store.get(rec["id"]) is None else store.patch(rec["id"], {{"percent": i % 100}})
             i += 1
     """)
     rng = random.Random(7)
