@@ -137,10 +137,12 @@ class Monitor(widgets.VBox):
 
     def close(self) -> None:
         self._nbbg_closed = True
-        for row in self._rows.values():
+        # getattr: ipywidgets calls close() from __del__, also on one whose __init__ refused its input
+        for row in getattr(self, "_rows", {}).values():
             row.close()
-        self._rows.clear()
-        self._header.close()
+        header = getattr(self, "_header", None)
+        if header is not None:
+            header.close()
         super().close()
 
 

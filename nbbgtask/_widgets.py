@@ -122,8 +122,11 @@ class ProgressBar(widgets.HBox):
     def close(self) -> None:
         self._nbbg_closed = True
         self._settled, self._follow_last = True, False
-        for child in (self._label, self._bar, self._text):
-            child.close()
+        # getattr: ipywidgets calls close() from __del__, also on one whose __init__ refused its input
+        for name in ("_label", "_bar", "_text"):
+            child = getattr(self, name, None)
+            if child is not None:
+                child.close()
         super().close()
 
 
