@@ -42,6 +42,19 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext nbbgtask``: the ``%bgtask`` and ``%%bgtask`` magics."""
+    from ._magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    from ._magic import unload_ipython_extension as unload
+
+    unload(ipython)
+
 __all__ = [
     "BackgroundTask",
     "NbbgtaskError",

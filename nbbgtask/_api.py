@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from . import _config, _launcher, _runner, _supervisor
-from ._errors import TaskNotFound
+from ._errors import AmbiguousTaskId, TaskNotFound
 from ._states import State
 from ._status import TaskStatus, check_percent, log_path, result_path
 from ._store import store_for
@@ -213,6 +213,27 @@ def get(task_id: str) -> TaskStatus:
     if record is None:
         raise TaskNotFound(f"no task {task_id!r} in the store at {home}")
     return TaskStatus(record, home)
+
+
+def resolve(id_or_prefix: str) -> TaskStatus:
+    """The task whose id is ``id_or_prefix`` or starts with it (for the command line and the magic)."""
+    if not isinstance(id_or_prefix, str) or not id_or_prefix.strip():
+        raise TaskNotFound("give a task id, or the first characters of one")
+    text = id_or_prefix.strip()
+    home = _config.home()
+    store = store_for(home)
+    record = store.get(text)
+    if record is None:
+        matches = sorted({r["id"] for r in store.all() if r["id"].startswith(text)})
+        if not matches:
+            raise TaskNotFound(f"no task id starts with {text!r} (see the list of tasks)")
+        if len(matches) > 1:
+            shown = ", ".join(m[: len(text) + 4] + "…" for m in matches[:5])
+            raise AmbiguousTaskId(f"{text!r} matches {len(matches)} tasks ({shown}); give more of the id")
+        record = store.get(matches[0])
+        if record is None:
+            raise TaskNotFound(f"task {matches[0]} was just removed")
+    return TaskStatus(_supervisor.reconcile(store, record), home)
 
 
 def _states(state: Any) -> set[str] | None:

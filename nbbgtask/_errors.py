@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "NbbgtaskError",
     "TaskNotFound",
+    "AmbiguousTaskId",
     "TaskFailed",
     "TaskCancelled",
     "StoreError",
@@ -22,6 +23,10 @@ class TaskNotFound(NbbgtaskError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "task not found"
+
+
+class AmbiguousTaskId(TaskNotFound):
+    """An id prefix that matches more than one task."""
 
 
 class TaskFailed(NbbgtaskError):

@@ -6,7 +6,21 @@ import html
 import time
 from typing import Any
 
-__all__ = ["duration", "eta_seconds", "summary", "text_bar", "html_snapshot", "short_id"]
+__all__ = [
+    "COLUMNS",
+    "details",
+    "duration",
+    "eta_seconds",
+    "html_snapshot",
+    "plain_table",
+    "row",
+    "short_id",
+    "summary",
+    "text_bar",
+]
+
+#: the columns of a task list, in the magic and on the command line
+COLUMNS = ("id", "name", "state", "percent", "message", "elapsed")
 
 
 def short_id(task_id: str) -> str:
@@ -87,3 +101,51 @@ def html_snapshot(record: dict[str, Any]) -> str:
         f'<div style="width:{percent:.1f}%;background:{colour};height:100%;border-radius:3px"></div></div>'
         f"<span>{html.escape(summary(record))}</span></div>"
     )
+
+
+def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+    """One task as the cells of `COLUMNS`."""
+    message = str(record.get("error") or record.get("message") or "")
+    return (
+        short_id(record["id"]),
+        str(record["name"]),
+        str(record["state"]),
+        f"{float(record.get('percent') or 0):.0f}%",
+        message if len(message) <= 60 else message[:59] + "…",
+        duration(elapsed(record, now)),
+    )
+
+
+def plain_table(records: list[dict[str, Any]]) -> str:
+    """A list of tasks as aligned plain text (for the magic's output)."""
+    rows = [COLUMNS, *(row(r) for r in records)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def details(record: dict[str, Any]) -> str:
+    """Everything about one task, as ``key: value`` lines."""
+    import datetime as dt
+
+    def when(ts: float | None) -> str:
+        return "-" if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+    lines = [
+        f"id:        {record['id']}",
+        f"name:      {record['name']}",
+        f"state:     {record['state']}",
+        f"progress:  {float(record.get('percent') or 0):.1f}%  {record.get('message') or ''}".rstrip(),
+        f"created:   {when(record.get('created'))}",
+        f"started:   {when(record.get('started'))}",
+        f"finished:  {when(record.get('finished'))}",
+        f"elapsed:   {duration(elapsed(record))}",
+        f"pid:       {record.get('pid') or '-'}",
+        f"settings:  {record.get('settings') if record.get('settings') is not None else '-'}",
+    ]
+    if record.get("cancel_requested"):
+        lines.append("cancel:    requested")
+    if record.get("error"):
+        lines.append(f"error:     {record['error']}")
+    if record.get("traceback"):
+        lines.append("traceback:\n" + str(record["traceback"]).rstrip())
+    return "\n".join(lines)

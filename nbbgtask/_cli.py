@@ -1,0 +1,230 @@
+"""The ``nbbgtask`` command: watch and steer tasks from a terminal, over the same home folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _config, _format
+from ._api import prune, resolve, tasks
+from ._errors import NbbgtaskError, StoreError, TaskNotFound
+from ._states import State
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbbgtask",
+        description="Watch and steer nbbgtask background tasks. An ID is a full id or a unique prefix of one.",
+    )
+    parser.add_argument("--home", help="the nbbgtask home folder (default: $NBBGTASK_HOME, else the Jupyter data dir)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list tasks, newest first")
+    p.add_argument("--state", choices=[s.value for s in State], help="only tasks in this state")
+    p.add_argument("--name", help="only tasks with this name")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+
+    p = sub.add_parser("show", help="everything about one task")
+    p.add_argument("id")
+
+    p = sub.add_parser("logs", help="what a task printed")
+    p.add_argument("id")
+    p.add_argument("-n", "--lines", type=int, default=None, help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the task ends")
+
+    p = sub.add_parser("wait", help="wait for a task to end: exit 0 complete, 1 failed or cancelled, 3 timed out")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+    p = sub.add_parser("cancel", help="stop a task")
+    p.add_argument("id")
+
+    p = sub.add_parser("prune", help="forget finished tasks, with their logs and results")
+    p.add_argument("--keep", type=int, default=0, help="keep the newest N finished tasks")
+
+    p = sub.add_parser("monitor", help="a live view of the tasks, until Ctrl-C")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
+    p.add_argument("--finished", type=int, default=10, help="how many recent finished tasks to show")
+    return parser
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _table(records: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in _format.COLUMNS:
+        if column == "message":
+            table.add_column(column, ratio=1, no_wrap=True, overflow="ellipsis")
+        else:
+            table.add_column(column, justify="right" if column in ("percent", "elapsed") else "left", no_wrap=True)
+    for record in records:
+        table.add_row(*_format.row(record), style=_STATE_STYLES.get(record["state"]))
+    return table
+
+
+_STATE_STYLES = {"failed": "red", "cancelled": "dim", "complete": "green"}
+
+
+def _list(args: argparse.Namespace) -> int:
+    found = tasks(state=args.state, name=args.name, limit=args.limit)
+    if not found:
+        print("no tasks")
+        return EXIT_OK
+    _console().print(_table([s._record for s in found]))
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    print(_format.details(resolve(args.id)._record))
+    return EXIT_OK
+
+
+def _logs(args: argparse.Namespace) -> int:
+    status = resolve(args.id)
+    if args.lines is not None and args.lines < 0:
+        raise NbbgtaskError("-n takes a number of lines, 0 or more")
+    text = status.log(tail=args.lines)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if not args.follow:
+        return EXIT_OK
+    seen = len(status.log().encode("utf-8", errors="replace"))
+    from ._status import log_path
+
+    path = log_path(status._home, status.id)
+    while True:
+        finished = status.done()
+        try:
+            with open(path, "rb") as f:
+                f.seek(seen)
+                new = f.read()
+        except FileNotFoundError:
+            new = b""
+        if new:
+            seen += len(new)
+            sys.stdout.write(new.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+        elif finished:
+            return EXIT_OK
+        time.sleep(0.2)
+
+
+def _wait(args: argparse.Namespace) -> int:
+    status = resolve(args.id)
+    if args.timeout is not None and args.timeout < 0:
+        raise NbbgtaskError("--timeout takes a number of seconds, 0 or more")
+    if not status.wait(args.timeout):
+        print(f"{_format.short_id(status.id)} still {status.state} after {args.timeout} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    line = f"{_format.short_id(status.id)} {status.state}"
+    if status.error:
+        line += f": {status.error}"
+    print(line)
+    return EXIT_OK if status.state is State.COMPLETE else EXIT_FAILED
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    status = resolve(args.id)
+    if status.cancel():
+        print(f"{_format.short_id(status.id)} cancelled")
+        return EXIT_OK
+    print(f"{_format.short_id(status.id)} had already ended: {status.state}")
+    return EXIT_FAILED
+
+
+def _prune(args: argparse.Namespace) -> int:
+    print(f"forgot {prune(keep=args.keep)} finished tasks")
+    return EXIT_OK
+
+
+def _monitor_view(finished: int) -> Any:
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    records = [s._record for s in tasks()]
+    live = [r for r in records if not State(r["state"]).is_final]
+    done = [r for r in records if State(r["state"]).is_final][:finished]
+    table = Table(box=None, pad_edge=False, header_style="bold", expand=True)
+    for column, kw in (
+        ("id", {}),
+        ("name", {"max_width": 24}),
+        ("state", {}),
+        ("progress", {"width": 24}),
+        ("", {"justify": "right"}),
+        ("message", {"ratio": 1, "overflow": "ellipsis", "no_wrap": True}),
+        ("elapsed", {"justify": "right"}),
+        ("ETA", {"justify": "right"}),
+    ):
+        table.add_column(column, **kw)
+    now = time.time()
+    for r in live + done:
+        percent = float(r.get("percent") or 0)
+        eta = _format.eta_seconds(r, now)
+        table.add_row(
+            _format.short_id(r["id"]),
+            str(r["name"]),
+            str(r["state"]),
+            ProgressBar(total=100, completed=percent, width=24),
+            f"{percent:.0f}%",
+            str(r.get("error") or r.get("message") or ""),
+            _format.duration(_format.elapsed(r, now)),
+            _format.duration(eta) if eta is not None else "",
+            style=_STATE_STYLES.get(r["state"]),
+        )
+    title = f"[bold]nbbgtask[/] · {len(live)} running or queued · {_config.home()} · Ctrl-C to quit"
+    return Group(title, table)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    if args.interval <= 0:
+        raise NbbgtaskError("--interval takes a positive number of seconds")
+    with Live(_monitor_view(args.finished), console=_console(), auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                live.update(_monitor_view(args.finished), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "list": _list,
+    "show": _show,
+    "logs": _logs,
+    "wait": _wait,
+    "cancel": _cancel,
+    "prune": _prune,
+    "monitor": _monitor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.home:
+            _config.configure(home=args.home)
+        return _COMMANDS[args.command](args)
+    except (TaskNotFound, StoreError, NbbgtaskError, ValueError) as exc:
+        print(f"nbbgtask: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into head
+        return EXIT_OK

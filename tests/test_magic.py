@@ -1,0 +1,116 @@
+"""%bgtask and %%bgtask in a real kernel."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import nbbgtask as bg
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_names_the_cell_assigns_come_back_at_a_safe_point(kernel):
+    kernel.ok("%load_ext nbbgtask\nbase = 10")
+    out = kernel.run("""%%bgtask --name crunch
+import time
+time.sleep(1)
+total = sum(range(base))
+pairs = [(i, i * i) for i in range(3)]
+def helper(v):
+    return v + total
+""")
+    assert out["status"] == "ok"
+    assert "application/vnd.jupyter.widget-view+json" in out["data"][0]  # a live bar
+    # The task ends during this cell: nothing may change under the cell's feet.
+    during = kernel.ok("import time\ntime.sleep(2.5)\nprint('total' in dir())")
+    assert during.strip() == "False"
+    assert kernel.ok("print(total, pairs, helper(1))").strip() == "45 [(0, 0), (1, 1), (2, 4)] 46"
+    assert kernel.ok("print(bg_names_ok := 'time' in dir())").strip() == "True"
+
+
+def test_names_come_back_while_the_kernel_is_idle_and_unpicklable_ones_are_reported(kernel):
+    kernel.ok("%load_ext nbbgtask")
+    kernel.ok("""%%bgtask
+import threading
+count = 3
+lock = threading.Lock()
+""")
+    late = kernel.drain_all(2.0)  # no cell runs meanwhile
+    stderr = "".join(m["content"].get("text", "") for m in late if m["msg_type"] == "stream")
+    assert "could not be copied back (not picklable): lock" in stderr
+    assert kernel.ok("print(count, 'lock' in dir())").strip() == "3 False"
+
+
+def test_focus_blocks_and_the_names_are_there_for_the_next_line(kernel):
+    kernel.ok("%load_ext nbbgtask")
+    out = kernel.run("""%%bgtask --focus
+import time
+time.sleep(1)
+answer = 42
+""")
+    assert out["status"] == "ok"
+    assert kernel.ok("print(answer)").strip() == "42"
+
+
+def test_an_error_in_the_body_shows_a_traceback_pointing_at_the_cell(kernel):
+    kernel.ok("%load_ext nbbgtask")
+    out = kernel.run("""%%bgtask --focus
+rows = [1, 2]
+raise ValueError("bad row")
+""")
+    assert out["status"] == "error" and out["error"]["ename"] == "TaskFailed"
+    text = "\n".join(out["error"]["traceback"])
+    assert 'raise ValueError("bad row")' in text and "line 2" in text
+
+    kernel.ok("""%%bgtask
+x = 1
+y = 1 / 0
+""")
+    kernel.drain_all(1.5)  # reported while the kernel is idle, under the cell that started it
+    stderr = "".join(m["content"]["text"] for m in kernel.iopub if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+    assert "ZeroDivisionError" in stderr and "y = 1 / 0" in stderr
+
+
+def test_line_forms(kernel, home):
+    kernel.ok("%load_ext nbbgtask")
+    usage = kernel.ok("%bgtask")
+    assert "%bgtask list" in usage and "%%bgtask [--name NAME] [--focus]" in usage
+    kernel.ok("""
+import time, nbbgtask as bg
+def chatty():
+    print("hello from the task")
+    return {"rows": 3}
+done = bg.run(chatty, name="chatty")
+done.wait(30)
+slow = bg.run(time.sleep, 30, name="sleepy")
+""")
+    done_id, slow_id = kernel.ok("print(done.id, slow.id)").split()
+    listing = kernel.ok("%bgtask list")
+    assert listing.splitlines()[0].split() == ["id", "name", "state", "percent", "message", "elapsed"]
+    assert done_id[:8] in listing and "sleepy" in listing and "running" in listing
+    assert f"id:        {done_id}" in kernel.ok(f"%bgtask show {done_id[:6]}")
+    assert kernel.ok(f"%bgtask logs {done_id[:6]} -n 1") == "hello from the task\n"
+    result = kernel.run(f"%bgtask result {done_id[:6]}")
+    assert result["data"] == [{"text/plain": "{'rows': 3}"}]
+    assert kernel.ok(f"%bgtask wait {done_id[:6]} --timeout 5").strip() == f"{done_id[:8]} complete"
+    assert kernel.ok(f"%bgtask wait {slow_id[:6]} --timeout 0.2").strip() == f"{slow_id[:8]} still running"
+    assert kernel.ok(f"%bgtask cancel {slow_id[:6]}").strip() == f"{slow_id[:8]} cancelled"
+    monitor = kernel.run("%bgtask monitor")
+    assert "application/vnd.jupyter.widget-view+json" in monitor["data"][0]
+    assert kernel.ok("%bgtask prune --keep 1").strip() == "forgot 1 finished tasks"
+
+
+def test_unknown_and_ambiguous_ids_get_one_line(kernel, home):
+    kernel.ok("%load_ext nbbgtask")
+    unknown = kernel.run("%bgtask show zzzz")
+    assert unknown["stderr"] == "UsageError: no task id starts with 'zzzz' (see the list of tasks)\n"
+    statuses = [bg.run(lambda: None) for _ in range(40)]  # 40 ids: some share a first hex digit
+    firsts = [s.id[0] for s in statuses]
+    shared = next(c for c in firsts if firsts.count(c) > 1)
+    ambiguous = kernel.run(f"%bgtask show {shared}")["stderr"]
+    assert ambiguous.startswith(f"UsageError: '{shared}' matches") and ambiguous.endswith("give more of the id\n")
+    assert ambiguous.count("\n") == 1
+    bad = kernel.run(f"%bgtask logs {statuses[0].id} -n many")["stderr"]
+    assert bad == "UsageError: -n takes a whole number, got 'many'\n"
