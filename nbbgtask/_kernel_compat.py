@@ -48,8 +48,8 @@ class ShellPump:
     """Use as a context manager around a blocking wait; call `pump()` often inside it."""
 
     def __init__(self) -> None:
-        self.kernel = _kernel()
-        self.stream = _main_shell_stream(self.kernel) if self.kernel is not None else None
+        self.kernel: Any = _kernel()
+        self.stream: Any = _main_shell_stream(self.kernel) if self.kernel is not None else None
         self._deferred: list[Any] = []
 
     @property

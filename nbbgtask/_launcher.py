@@ -189,7 +189,7 @@ def _silence_kernel() -> None:
                 file=sys.stderr,
             )
 
-    session.send = dropped
+    session.send = dropped  # type: ignore[method-assign,union-attr]
 
 
 def _after_fork_in_child() -> None:

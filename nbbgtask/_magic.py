@@ -119,6 +119,8 @@ def _run_cell_body(code: Any, names: list[str], namespace: dict[str, Any]) -> di
 class BgTaskMagics(Magics):
     """``%bgtask`` and ``%%bgtask``; finished cell tasks hand their names back at a safe point."""
 
+    shell: Any  # set by Magics.__init__; never None once the extension is loaded
+
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self._pending: dict[str, TaskStatus] = {}

@@ -130,8 +130,9 @@ class Monitor(widgets.VBox):
         header = f"<b>nbbgtask</b> · {running} running · {queued} queued · {len(wanted) - running - queued} recent finished"
         if self._header.value != header:
             self._header.value = header
-        children = (self._header, *(r.box for r in rows))
-        if tuple(self.children) != children:
+        children: tuple[Any, ...] = (self._header, *(r.box for r in rows))
+        current: tuple[Any, ...] = tuple(self.children)  # type: ignore[has-type]
+        if current != children:
             self.children = children
         return True
 

@@ -195,11 +195,12 @@ class Store:
         self._lock_obj: filelock.FileLock | None = None
         self._history_dir = self.home / "history"
         self._live_db = _DB(str(self.home / "live.json"), storage=_AtomicJSONStorage)
-        self._live = self._live_db.table(_TASKS, cache_size=0)
-        self._shards: dict[int, Table] = {}
+        # Typed Any: TinyDB's hints say document ids are ints, ours are strings (see _TaskTable).
+        self._live: Any = self._live_db.table(_TASKS, cache_size=0)
+        self._shards: dict[int, Any] = {}
         self._shards_lock = threading.Lock()
 
-    def _shard(self, index: int) -> Table:
+    def _shard(self, index: int) -> Any:
         table = self._shards.get(index)
         if table is None:
             with self._shards_lock:
@@ -212,7 +213,7 @@ class Store:
                         self._enter(table)
         return table
 
-    def _history(self, task_id: str) -> Table:
+    def _history(self, task_id: str) -> Any:
         return self._shard(shard_of(task_id))
 
     def _existing_shards(self) -> list[Table]:
@@ -348,7 +349,7 @@ class Store:
             doc = {**record, "state": state.value}
             if state is State.RUNNING:
                 doc["started"] = time.time()
-            self._guard(self._live, self._live.insert, Document(doc, record["id"]))
+            self._guard(self._live, self._live.insert, Document(doc, record["id"]))  # type: ignore[arg-type]
         return state
 
     def promote(self, task_id: str, limit: float) -> bool | None:
@@ -378,7 +379,7 @@ class Store:
                     return None
                 doc = dict(recreate)
                 _merge(doc, fields)
-                self._live.insert(Document(doc, task_id))
+                self._live.insert(Document(doc, task_id))  # type: ignore[arg-type]
             rec = self._live.get(doc_id=task_id)
         return dict(rec) if rec is not None else None
 
@@ -399,7 +400,7 @@ class Store:
                 if current is None:
                     return None
                 final = {**current, **fields}
-                shard.insert(Document(final, task_id))
+                shard.insert(Document(final, task_id))  # type: ignore[arg-type]
             # History first, then live: a reader that misses it in one finds it in the other.
             self._live.remove(doc_ids=[task_id])
         return dict(final)
