@@ -118,8 +118,15 @@ def _launch(
         cooperative_cancel=cooperative_cancel,
         progress_interval=config.progress_interval,
     )
-    _launcher.prepare(job)
-    _supervisor.submit(job)
+    if config.backend == "dask":
+        from ._dask_backend import backend
+
+        dask = backend()
+        assert dask is not None, "configure(backend='dask') connects first"
+        dask.submit(job)
+    else:
+        _launcher.prepare(job)
+        _supervisor.submit(job)
     return TaskStatus(dict(job.record), home)
 
 

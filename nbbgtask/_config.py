@@ -69,6 +69,10 @@ def home() -> Path:
     return _settings.home
 
 
+# configure() has a parameter named ``home``; it reaches the function through this name.
+_current_home = home
+
+
 def ensure_home(path: Path) -> Path:
     """Create ``path`` and its sub-folders readable by the owner only, or raise `HomeError`."""
     path = Path(path).expanduser().absolute()
@@ -136,15 +140,18 @@ def configure(
         chosen = backend or "dask"
         if chosen not in BACKENDS:
             raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
-        if chosen == "dask":
-            raise NotImplementedError(
-                "the Dask backend is not available in this version of nbbgtask; "
-                "use bg.configure(backend='local')"
-            )
+        if chosen == "dask" and address is None and dask_client is None:
+            raise ValueError("backend='dask' needs address='tcp://host:8786' or dask_client=a distributed.Client")
+        if chosen == "local" and (address is not None or dask_client is not None):
+            raise ValueError("address and dask_client go with backend='dask'")
         changes["backend"] = chosen
-        changes["dask_client"] = None
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)))
+    if changes.get("backend") == "dask":
+        from ._dask_backend import connect
+
+        # Connect now, so an unreachable scheduler is reported here and changes nothing.
+        changes["dask_client"] = connect(address, dask_client, changes.get("home") or _current_home()).client
     for key, value in changes.items():
         setattr(_settings, key, value)
     return dataclasses.replace(_settings)

@@ -81,7 +81,7 @@ def _block_with_view(status: TaskStatus, holding_view: Any) -> None:
         threading.Thread(target=status.cancel, name="nbbgtask-cancel", daemon=True).start()
 
     cancel.on_click(on_cancel)
-    handle = display(view, display_id=True)
+    display(view)
     pump = ShellPump()
     if not pump.works:
         note.value = "Cancel is not available while this kernel is blocked: interrupt it, then call status.cancel()"
@@ -99,8 +99,8 @@ def _block_with_view(status: TaskStatus, holding_view: Any) -> None:
     finally:
         if not interrupted:
             bar._nbbg_refresh_now(status)
-            done = widgets.VBox([bar])
-            if handle is not None:
-                handle.update(done)
-            for w in (cancel, note, view):
+            # The finished bar takes the holding content's place in the same view: replacing the
+            # output instead (display handle update) left JupyterLab showing nothing at all.
+            view.children = (bar,)
+            for w in (cancel, note):
                 w.close()

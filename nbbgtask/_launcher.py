@@ -35,7 +35,10 @@ def prepare(job: Job) -> None:
         return
     import cloudpickle
 
+    from ._sources import collect
+
     try:
+        job.sources = collect(job.target)
         job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
     except Exception as exc:
         raise TypeError(

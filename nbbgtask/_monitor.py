@@ -27,7 +27,7 @@ class _Row:
     def __init__(self, record: dict[str, Any], home: Path) -> None:
         self.home = home
         self.task_id = record["id"]
-        self.name = widgets.HTML(layout=widgets.Layout(width="12em"))
+        self.name = widgets.HTML(layout=widgets.Layout(width="18em"))
         self.state = widgets.HTML(layout=widgets.Layout(width="6em"))
         self.bar = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="20%"))
         self.text = widgets.HTML(layout=widgets.Layout(flex="1"))
@@ -54,7 +54,7 @@ class _Row:
     def refresh_log(self) -> None:
         status = TaskStatus({"id": self.task_id, "state": "complete", "name": ""}, self.home)
         text = status.log(tail=LOG_LINES) or "(nothing printed yet)"
-        value = f'<pre style="margin:0 0 0 12em;max-height:15em;overflow:auto">{html.escape(text)}</pre>'
+        value = f'<pre style="margin:0 0 0 18em;max-height:15em;overflow:auto">{html.escape(text)}</pre>'
         if self.log.value != value:
             self.log.value = value
 
@@ -62,11 +62,14 @@ class _Row:
         if self.final:
             return
         state = record["state"]
-        name = f"<b>{html.escape(str(record['name']))}</b> <small>{_format.short_id(record['id'])}</small>"
+        name = (
+            f'<span style="white-space:nowrap"><b>{html.escape(str(record["name"]))}</b> '
+            f"<small>{_format.short_id(record['id'])}</small></span>"
+        )
         for widget, value in (
             (self.name, name),
             (self.state, state),
-            (self.text, html.escape(_format.summary(record, now))),
+            (self.text, f'<span style="white-space:nowrap">{html.escape(_format.summary(record, now))}</span>'),
         ):
             if widget.value != value:
                 widget.value = value
@@ -76,6 +79,7 @@ class _Row:
         if State(state).is_final:
             self.final = True
             self.cancel.disabled = True
+            self.cancel.layout.visibility = "hidden"  # nothing left to cancel
         if self.show_log.value:
             self.refresh_log()
 

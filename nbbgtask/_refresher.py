@@ -2,8 +2,9 @@
 
 Data flows one way: task process → store → this refresher → widgets.  A thread, not an asyncio
 task, because asyncio tasks on the kernel's loop do not run while a cell is busy.  It reads the
-store only when a file changed (or once a second for elapsed times), spends at most about one
-percent of a core (it sleeps longer when a round was costly), and stops when no live view is left.
+store only when a file changed (or once a second for elapsed times), spends about one percent
+of a core at most (it sleeps longer after a costly round, up to a second), and stops when no
+live view is left.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from ._supervisor import reconcile
 
 __all__ = ["Snapshot", "View", "register", "refresher_running"]
 
-#: a round may cost at most this share of the time between rounds
+#: a round may cost at most this share of a core (CPU time, not wall time)
 BUDGET = 0.01
+#: however costly a round was, the next one comes within this many seconds
+MAX_PAUSE = 1.0
 #: liveness of tasks (psutil) is checked at most this often
 RECONCILE_EVERY = 1.0
 
@@ -76,19 +79,20 @@ class _Refresher:
 
     def _run(self) -> None:
         while True:
-            started = time.perf_counter()
+            # CPU time of this thread: time spent waiting for the GIL or for the disk is not cost.
+            started = time.thread_time()
             try:
                 self._round()
             except Exception as exc:  # a bad round must not stop every bar; the next retries
                 import sys
 
                 print(f"nbbgtask: refreshing widgets failed: {exc!r}", file=sys.__stderr__)
-            cost = time.perf_counter() - started
+            cost = time.thread_time() - started
             with self._lock:
                 if not self._views:
                     self._thread = None
                     return
-            pause = max(_config.settings().refresh_interval, cost / BUDGET)
+            pause = min(MAX_PAUSE, max(_config.settings().refresh_interval, cost / BUDGET))
             self._wake.wait(pause)
             self._wake.clear()
 

@@ -19,7 +19,7 @@ from ._states import State
 from ._status import TaskStatus, check_percent, result_path
 from ._store import store_for
 
-__all__ = ["Job", "Reporter", "run_job", "current", "current_reporter"]
+__all__ = ["Job", "Reporter", "StoreSink", "run_job", "current", "current_reporter"]
 
 T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +40,8 @@ class Job:
     #: the task stops itself when it sees ``cancel_requested`` (else SIGTERM interrupts it)
     cooperative_cancel: bool = False
     progress_interval: float = 0.1
+    #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
+    sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: the pickled job, for spawn (made by the launcher before anything is stored)
     payload: tuple[bytes, bytes] | None = dataclasses.field(default=None, repr=False)
 
@@ -64,22 +66,56 @@ class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
 
-class Reporter:
-    """Holds a task's progress in memory; a thread writes it to the store at most every interval.
-
-    ``update`` only sets attributes, so calling it on every item of a loop costs next to nothing;
-    the writer thread also brings ``cancel_requested`` back from the store.
-    """
+class StoreSink:
+    """Where a local task's reports go: straight into the store."""
 
     def __init__(self, job: Job) -> None:
+        self._job = job
+        self._store = store_for(job.home)
+
+    def progress(self, fields: dict[str, Any] | None) -> bool:
+        """Record ``fields`` (or only look, if ``None``); ``True`` if a cancel was requested."""
+        if fields is None:
+            record = self._store.get(self._job.task_id)
+        else:
+            recreate = {**self._job.record, "state": State.RUNNING.value}
+            record = self._store.patch(self._job.task_id, fields, recreate=recreate)
+        return bool(record and record.get("cancel_requested"))
+
+    def save_result(self, data: bytes) -> None:
+        path = result_path(self._job.home, self._job.task_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def finish(self, fields: dict[str, Any]) -> None:
+        self._store.finalize(self._job.task_id, fields, fallback=self._job.record)
+
+
+class Reporter:
+    """Holds a task's progress in memory; a thread sends it on at most every interval.
+
+    ``update`` only sets attributes, so calling it on every item of a loop costs next to nothing;
+    the writer thread also brings ``cancel_requested`` back.
+    """
+
+    def __init__(self, job: Job, sink: Any) -> None:
         self.task_id = job.task_id
         self.secrets = job.secrets
         self.percent = 0.0
         self.message = ""
         self.cancel_requested = False
         self._job = job
-        self._store = store_for(job.home)
-        #: what the store last received, to skip writes that would change nothing
+        self._sink = sink
+        #: what was last sent, to skip writes that would change nothing
         self._written: tuple[float, str] | None = None
         self._tracker: _Tracker | None = None
         self._tracked = -1
@@ -133,12 +169,11 @@ class Reporter:
         self._apply_tracker()
         now = (self.percent, self.message)
         if now == self._written:
-            record = self._store.get(self.task_id)
+            requested = self._sink.progress(None)
         else:
-            recreate = {**self._job.record, "state": State.RUNNING.value}
-            record = self._store.patch(self.task_id, {"percent": now[0], "message": now[1]}, recreate=recreate)
+            requested = self._sink.progress({"percent": now[0], "message": now[1]})
             self._written = now
-        if record is not None and record.get("cancel_requested"):
+        if requested:
             self.cancel_requested = True
 
     def _loop(self) -> None:
@@ -183,6 +218,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _call(job: Job, status: TaskStatus) -> Any:
+    if job.sources:
+        from ._sources import restore
+
+        restore(job.target, job.sources)
     if job.is_task_class:
         value = job.target.execute(status)
     else:
@@ -194,8 +233,8 @@ def _call(job: Job, status: TaskStatus) -> Any:
     return value
 
 
-def _save_result(job: Job, value: Any) -> dict[str, Any]:
-    """Pickle the return value next to the store; the fields that say where it is."""
+def _save_result(sink: Any, value: Any) -> dict[str, Any]:
+    """Pickle the return value and hand it to the sink; the fields that say there is one."""
     if value is None:
         return {"has_result": False}
     import cloudpickle
@@ -205,25 +244,15 @@ def _save_result(job: Job, value: Any) -> dict[str, Any]:
         data = cloudpickle.dumps(value)
     except Exception as exc:
         raise TypeError(f"the task's return value (a {kind}) cannot be pickled: {exc}") from exc
-    path = result_path(job.home, job.task_id)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    sink.save_result(data)
     return {"has_result": True, "result_type": kind}
 
 
-def run_job(job: Job) -> int:
-    """Run the task here and record how it ended; the process's exit code."""
+def run_job(job: Job, sink: Any = None) -> int:
+    """Run the task here and record how it ended (in the store, or through ``sink``); the exit code."""
     global _current
-    reporter = Reporter(job)
+    sink = StoreSink(job) if sink is None else sink
+    reporter = Reporter(job, sink)
     status = TaskStatus(dict(job.record), job.home)
     status._reporter = reporter
     _current = status
@@ -248,7 +277,7 @@ def run_job(job: Job) -> int:
             cancelled = reporter.cancel_requested
         fields = {"state": State.COMPLETE.value}
         if not cancelled:
-            fields.update(_save_result(job, value))
+            fields.update(_save_result(sink, value))
     except _Terminated:
         fields = {"state": State.CANCELLED.value}
     except SystemExit as exc:
@@ -268,6 +297,6 @@ def run_job(job: Job) -> int:
         fields["percent"] = 100.0
     fields["finished"] = time.time()
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
-    store_for(job.home).finalize(job.task_id, fields, fallback=job.record)
+    sink.finish(fields)
     return 0
 

@@ -31,6 +31,10 @@ if __name__ == "__main__":
     code = 70
     try:
         code = main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # before the job could run: e.g. its module is not importable here
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

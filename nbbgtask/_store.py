@@ -341,6 +341,11 @@ class Store:
     def _count_running(self) -> int:
         return sum(1 for d in self._live.all() if d["state"] == State.RUNNING.value)
 
+    def insert(self, record: Mapping[str, Any]) -> None:
+        """Add a new live task as it is (the Dask backend: "queued" until a worker starts it)."""
+        with self._locked():
+            self._guard(self._live, self._live.insert, Document(record, record["id"]))  # type: ignore[arg-type]
+
     def admit(self, record: Mapping[str, Any], limit: float) -> State:
         """Add a new task, "running" if fewer than ``limit`` run now (across processes), else "queued"."""
         with self._locked():

@@ -294,6 +294,12 @@ def cancel(home: Path, task_id: str) -> tuple[bool, dict[str, Any] | None]:
     if State(record["state"]).is_final:
         return False, record
     record = store.patch(task_id, {"cancel_requested": True})
+    if record is not None and record.get("backend") == "dask":
+        from ._dask_backend import cancel as cancel_on_cluster
+
+        cancel_on_cluster(home, record, _config.settings().cancel_grace)
+        final = store.get(task_id)
+        return bool(final and final["state"] == State.CANCELLED.value), final
     if record is None:  # it ended meanwhile
         return False, read_record(home, task_id)
     with _supervisor.lock:

@@ -114,8 +114,10 @@ def test_full_focus_holds_then_completes_and_the_next_cell_runs_on(kernel):
     assert models.of("HTMLModel", value="<b>Payment processing</b>")
     (bar,) = models.of("FloatProgressModel")
     assert len(set(models.values(bar))) >= 3 and models.state[bar]["bar_style"] == "success"
-    updates = [m for m in first["messages"] if m["msg_type"] == "update_display_data"]
-    assert updates, "the holding content is replaced when the task completes"
+    (bar_box,) = [m for m in models.of("HBoxModel") if f"IPY_MODEL_{bar}" in models.state[m]["children"]]
+    (view,) = [m for m in models.of("VBoxModel") if any(c == f"IPY_MODEL_{bar_box}" for c in models.values(m, "children")[0])]
+    assert len(models.values(view, "children")[0]) == 3  # holding content, bar, Cancel
+    assert models.state[view]["children"] == [f"IPY_MODEL_{bar_box}"], "the finished bar replaces the holding content"
 
 
 def test_full_focus_raises_task_failed_with_the_tasks_traceback(kernel):

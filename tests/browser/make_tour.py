@@ -20,7 +20,7 @@ CELLS = [
         "import nbbgtask as bg\n"
         "\n"
         "def reticulate_splines(n=40):\n"
-        "    for i in bg.track(range(n), message=\"reticulating\"):\n"
+        '    for i in bg.track(range(n), message="reticulating"):\n'
         "        time.sleep(0.4)\n"
         "    return n\n"
         "\n"
@@ -29,11 +29,11 @@ CELLS = [
     ),
     new_code_cell(
         "def process_payment(steps=40):\n"
-        "    for i in bg.track(range(steps), message=\"talking to the bank\"):\n"
+        '    for i in bg.track(range(steps), message="talking to the bank"):\n'
         "        time.sleep(0.1)\n"
-        "    return \"paid\"\n"
+        '    return "paid"\n'
         "\n"
-        "result = bg.full_focus(bg.run(process_payment), acceptable_wait=0.2, holding=\"<b>Payment processing…</b>\")"
+        'result = bg.full_focus(bg.run(process_payment), acceptable_wait=0.2, holding="<b>Payment processing…</b>")'
     ),
     new_code_cell('print("resumed with", result)'),
     new_code_cell("bg.monitor()"),

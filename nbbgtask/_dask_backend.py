@@ -1,0 +1,260 @@
+"""The Dask backend: tasks run on a cluster; the kernel records them in the same store.
+
+Each task is sent with ``client.submit`` to `_dask_worker.run_on_worker`, which runs it in a child
+process on the worker and reports progress, printed output and the outcome as worker events
+(topic ``nbbgtask``).  This module subscribes to them and writes the store, the log and the
+result file, so everything that reads the store — status, widgets, magic, command line — works
+unchanged.  A cancel is a ``distributed.Event`` the worker watches: it stops the child for real.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _config
+from ._errors import NbbgtaskError
+from ._states import State
+from ._status import log_path, result_path
+from ._store import store_for
+
+__all__ = ["DaskBackend", "backend", "cancel", "close", "connect"]
+
+#: seconds to reach the scheduler before configure() gives up
+CONNECT_TIMEOUT = 10.0
+
+_backend: DaskBackend | None = None
+
+
+class DaskBackend:
+    """One per process: the client, its subscription, and the futures of the tasks it sent."""
+
+    def __init__(self, client: Any, home: Path, owns_client: bool = False) -> None:
+        from ._dask_worker import TOPIC
+
+        self.client = client
+        self._owns_client = owns_client
+        if owns_client:
+            # A clean close sends what is still queued for the scheduler (a task submitted just
+            # before the process exits); fire_and_forget keeps the task running after that.
+            atexit.register(self.close)
+        self.home = home
+        self.address = client.scheduler.address
+        self.futures: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        client.subscribe_topic(TOPIC, self._on_event)
+        # Events sent while no kernel listened (a restart) are still on the scheduler.
+        try:
+            for event in client.get_events(TOPIC):
+                self._on_event(event)
+        except Exception:  # an old scheduler without stored events: only new ones count
+            pass
+
+    def close(self) -> None:
+        from ._dask_worker import TOPIC
+
+        if self.client.status == "running":
+            self.client.unsubscribe_topic(TOPIC)
+            if self._owns_client:
+                self.client.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def submit(self, job: Any) -> None:
+        import cloudpickle
+        from distributed import fire_and_forget
+
+        from ._dask_worker import run_on_worker
+
+        if self.client.status != "running":
+            raise NbbgtaskError(
+                f"the Dask scheduler at {self.address} is not reachable (client {self.client.status}); "
+                f"bg.configure(backend='local') runs tasks here instead"
+            )
+        record = job.record
+        record.update(backend="dask", start_method="dask", host=None, dask_address=self.address)
+        from ._sources import collect
+
+        remote = type(job)(**{**job.__dict__, "home": Path("."), "payload": None, "sources": collect(job.target)})
+        try:
+            payload = cloudpickle.dumps(remote)
+        except Exception as exc:
+            raise TypeError(
+                f"the task cannot be sent to the Dask cluster, because its function, arguments or "
+                f"secrets cannot be pickled: {exc}"
+            ) from None
+        store = store_for(self.home)
+        store.insert(record)
+        config = _config.settings()
+        future = self.client.submit(
+            run_on_worker,
+            payload,
+            job.task_id,
+            config.cancel_grace,
+            config.progress_interval,
+            key=f"nbbgtask-{job.task_id}",
+            pure=False,
+        )
+        # The task runs to its end even if this kernel goes away; a later kernel records it.
+        fire_and_forget(future)
+        with self._lock:
+            self.futures[job.task_id] = future
+        future.add_done_callback(lambda f, task_id=job.task_id: self._on_done(task_id, f))
+
+    # -- what comes back -----------------------------------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        _, msg = event
+        if not isinstance(msg, dict) or "task_id" not in msg:
+            return
+        store = store_for(self.home)
+        task_id, kind = msg["task_id"], msg.get("kind")
+        record = store.get(task_id)
+        if record is None or record.get("backend") != "dask" or State(record["state"]).is_final:
+            return
+        if kind == "started":
+            fields: dict[str, Any] = {"state": State.RUNNING.value, "pid": msg.get("pid"), "worker": msg.get("worker")}
+            if record["state"] == State.RUNNING.value:
+                fields["message"] = f"restarted on {msg.get('worker')}: the worker it ran on was lost"
+            else:
+                fields["started"] = msg.get("time")
+            store.patch(task_id, fields)
+        elif kind == "progress":
+            store.patch(task_id, {k: msg[k] for k in ("percent", "message") if k in msg})
+        elif kind == "log":
+            fd = os.open(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, str(msg.get("text", "")).encode())
+            finally:
+                os.close(fd)
+        elif kind == "final":
+            self._finish(task_id, msg)
+
+    def _finish(self, task_id: str, msg: dict[str, Any]) -> None:
+        fields: dict[str, Any] = {
+            k: msg[k]
+            for k in ("state", "percent", "message", "error", "traceback", "has_result", "result_type", "finished", "cancel_requested")
+            if k in msg
+        }
+        fields.setdefault("finished", time.time())
+        data = msg.get("result")
+        if data is not None:
+            path = result_path(self.home, task_id)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        store_for(self.home).finalize(task_id, fields)
+        with self._lock:
+            self.futures.pop(task_id, None)
+
+    def _on_done(self, task_id: str, future: Any) -> None:
+        """The future ended; if no final event says how (the task never started, or the worker
+        died too often), record it from the future."""
+        if future.status == "finished":
+            return  # its final event says how, and may come a little after the result
+        record = store_for(self.home).get(task_id)
+        if record is None or State(record["state"]).is_final:
+            return
+        if future.status == "cancelled" or record.get("cancel_requested"):
+            fields: dict[str, Any] = {"state": State.CANCELLED.value}
+        else:
+            try:
+                exc = future.exception(timeout=5)
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+            except Exception as other:
+                error = f"the Dask task ended without reporting ({type(other).__name__})"
+            fields = {"state": State.FAILED.value, "error": error}
+        fields["finished"] = time.time()
+        store_for(self.home).finalize(task_id, fields)
+        with self._lock:
+            self.futures.pop(task_id, None)
+
+    # -- cancel --------------------------------------------------------------------------------
+
+    def cancel(self, task_id: str, grace: float) -> None:
+        _request_cancel(self.client, task_id)
+        record = store_for(self.home).get(task_id)
+        with self._lock:
+            future = self.futures.get(task_id)
+        if future is not None and record is not None and record["state"] == State.QUEUED.value:
+            future.cancel()  # not started: Dask drops it (a running one is stopped by the event)
+        _await_final(self.home, task_id, grace)
+
+
+def _request_cancel(client: Any, task_id: str) -> None:
+    from distributed import Event
+
+    from ._dask_worker import cancel_event_name
+
+    Event(cancel_event_name(task_id), client=client).set()
+
+
+def _await_final(home: Path, task_id: str, grace: float) -> None:
+    """Wait for the worker to report the cancelled end; record it ourselves if it does not."""
+    store = store_for(home)
+    deadline = time.monotonic() + grace + 10
+    while time.monotonic() < deadline:
+        record = store.get(task_id)
+        if record is None or State(record["state"]).is_final:
+            return
+        time.sleep(0.05)
+    store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+
+
+def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
+    """The backend for ``client`` (or a new client of ``address``), or a clear error."""
+    global _backend
+    owns = client is None
+    if client is None:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise NbbgtaskError("the Dask backend needs the 'distributed' package: pip install distributed") from None
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise NbbgtaskError(
+                f"cannot reach the Dask scheduler at {address}: {exc}. Tasks still run here with the "
+                f"local backend; check the address and that the scheduler is up"
+            ) from None
+    if _backend is None or _backend.client is not client or _backend.home != home:
+        _backend = DaskBackend(client, home, owns_client=owns)
+    return _backend
+
+
+def backend() -> DaskBackend | None:
+    return _backend
+
+
+def close() -> None:
+    """Stop listening to the cluster (and close the client if this module made it)."""
+    global _backend
+    if _backend is not None:
+        _backend.close()
+        _backend = None
+
+
+def cancel(home: Path, record: dict[str, Any], grace: float) -> None:
+    """Cancel a task on a cluster: through this process's client, or a short-lived one."""
+    if _backend is not None and _backend.address == record.get("dask_address"):
+        _backend.cancel(record["id"], grace)
+        return
+    from distributed import Client
+
+    try:
+        client = Client(record.get("dask_address"), timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise NbbgtaskError(f"cannot reach the Dask scheduler at {record.get('dask_address')} to cancel: {exc}") from None
+    try:
+        _request_cancel(client, record["id"])
+        _await_final(home, record["id"], grace)
+    finally:
+        client.close()
