@@ -314,6 +314,9 @@ class Session:
         self._stop.set()
         self._pump.join(timeout=5)
         self.k.shutdown()
+        for folder in self.k.km.kernel_spec_manager.kernel_dirs:  # the kernelspec kernel_driver wrote
+            if Path(folder).name.startswith("nbbgtask-kernels-"):
+                shutil.rmtree(folder, ignore_errors=True)
         return out
 
 

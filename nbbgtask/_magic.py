@@ -98,11 +98,29 @@ def assigned_names(source: str) -> list[str]:
     return visitor.names
 
 
-def _run_cell_body(code: Any, names: list[str], namespace: dict[str, Any]) -> dict[str, Any]:
+#: names IPython keeps in the namespace for itself; a cell on a cluster is not sent them
+_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_", "__", "___", "_ih", "_oh", "_dh"})
+
+
+def used_names(source: str) -> list[str]:
+    """Every name a cell reads, anywhere in it (what it needs from the notebook)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in found:
+            found.append(node.id)
+    return found
+
+
+def _run_cell_body(source: str, filename: str, names: list[str], namespace: dict[str, Any]) -> dict[str, Any]:
     """In the task process: run the cell in (a copy of) the notebook's namespace; what to send back."""
+    import linecache
+
     import cloudpickle
 
-    exec(code, namespace)
+    if filename not in linecache.cache:  # on a Dask worker: so the traceback shows the cell's lines
+        lines = source.splitlines(keepends=True)
+        linecache.cache[filename] = (len(source), None, lines, filename)
+    exec(compile(source, filename, "exec"), namespace)
     values: dict[str, bytes] = {}
     skipped: list[str] = []
     for name in names:
@@ -149,7 +167,8 @@ class BgTaskMagics(Magics):
 
     def _cell(self, line: str, cell: str) -> Any:
         args = _parse(line, {"--name": str}, flags={"--focus"})
-        if _config.settings().start_method != "fork":
+        config = _config.settings()
+        if config.backend == "local" and config.start_method != "fork":
             raise UsageError("%%bgtask runs the cell by fork, so that it sees the notebook's names; "
                              "bg.configure(start_method='fork') first, or use bg.run with a function")
         source = self.shell.transform_cell(cell)
@@ -159,9 +178,8 @@ class BgTaskMagics(Magics):
             raise UsageError(f"the cell has a syntax error: {exc}") from None
         number = self.shell.execution_count
         filename = self.shell.compile.cache(source, number, raw_code=cell)
-        code = compile(source, filename, "exec")
         name = args.get("--name") or f"cell [{number}]"
-        status = run(_run_cell_body, code, names, self.shell.user_ns, name=name)
+        status = run(_run_cell_body, source, filename, names, self._namespace_for(source), name=name)
         if args.get("--focus"):
             from ._focus import full_focus
 
@@ -170,6 +188,34 @@ class BgTaskMagics(Magics):
         self._pending[status.id] = status
         self._schedule()
         return status
+
+    def _namespace_for(self, source: str) -> dict[str, Any]:
+        """The notebook's namespace itself (a fork copies it), or for a cluster the names the cell
+        reads that can be pickled; the rest are named in one warning."""
+        user_ns = self.shell.user_ns
+        if _config.settings().backend == "local":
+            return user_ns
+        import builtins
+
+        import cloudpickle
+
+        sent: dict[str, Any] = {"__builtins__": builtins}
+        left_out = []
+        for name in used_names(source):
+            if name in user_ns and name not in _IPYTHON_NAMES:
+                try:
+                    cloudpickle.dumps(user_ns[name])
+                    sent[name] = user_ns[name]
+                except Exception:
+                    left_out.append(name)
+        if left_out:
+            warnings.warn(
+                "%%bgtask: these names cannot be sent to the cluster (not picklable), so the cell "
+                "will not see them there: " + ", ".join(left_out),
+                RuntimeWarning,
+                stacklevel=1,
+            )
+        return sent
 
     def _schedule(self) -> None:
         """Look for finished cell tasks on the kernel's event loop, which runs only between cells."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from ._widgets import bar_style
 
 __all__ = ["Monitor", "monitor"]
 
-#: new rows made per refresh round, so hundreds of tasks never freeze the kernel
-ROWS_PER_ROUND = 50
+#: CPU seconds a refresh round may spend making new rows, so hundreds of tasks never freeze the
+#: kernel (the refresher holds the GIL while it works): the next rounds make the rest
+ROW_BUDGET = 0.02
 LOG_LINES = 15
 
 
@@ -114,15 +116,14 @@ class Monitor(widgets.VBox):
 
     def _nbbg_refresh(self, snapshot: _refresher.Snapshot, changed: bool) -> bool:
         wanted = self._wanted(snapshot)
-        made = 0
+        deadline = time.thread_time() + ROW_BUDGET
         rows = []
         for record in wanted:
             row = self._rows.get(record["id"])
             if row is None:
-                if made >= ROWS_PER_ROUND:
+                if time.thread_time() > deadline:
                     continue  # the next round makes the rest
                 row = self._rows[record["id"]] = _Row(record, self.home)
-                made += 1
             else:
                 row.update(record, snapshot.now)
             rows.append(row)

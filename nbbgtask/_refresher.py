@@ -2,9 +2,9 @@
 
 Data flows one way: task process → store → this refresher → widgets.  A thread, not an asyncio
 task, because asyncio tasks on the kernel's loop do not run while a cell is busy.  It reads the
-store only when a file changed (or once a second for elapsed times), spends about one percent
-of a core at most (it sleeps longer after a costly round, up to a second), and stops when no
-live view is left.
+store only when a file changed (or when elapsed times move), spends about half a percent of a
+core at most (it sleeps longer after a costly round, up to five seconds), and stops when no live
+view is left.
 """
 
 from __future__ import annotations
@@ -21,16 +21,24 @@ from ._supervisor import reconcile
 
 __all__ = ["Snapshot", "View", "register", "refresher_running"]
 
-#: a round may cost at most this share of a core (CPU time, not wall time)
-BUDGET = 0.01
+#: a round may cost at most this share of a core (CPU time, not wall time); about as much again
+#: is spent by the kernel's iopub thread sending what the round changed
+BUDGET = 0.005
 #: however costly a round was, the next one comes within this many seconds
-MAX_PAUSE = 1.0
+MAX_PAUSE = 5.0
+#: elapsed times and ETAs move once a second, or less often with many views (each move is a
+#: message per widget): once every ``views / VIEWS_PER_SECOND`` seconds
+VIEWS_PER_SECOND = 20
 #: liveness of tasks (psutil) is checked at most this often
 RECONCILE_EVERY = 1.0
 
 
 class Snapshot:
-    """What the store holds at the start of one round, read at most once per round."""
+    """What the store holds at the start of one round, read at most once per round.
+
+    ``now`` is the clock the views show elapsed times against: it moves in whole steps
+    (a second, or more with many views), so a round sends nothing for a bar that did not change.
+    """
 
     def __init__(self, home: Path, now: float) -> None:
         self.home = home
@@ -63,7 +71,7 @@ class _Refresher:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._versions: dict[Path, tuple[Any, ...]] = {}
-        self._last_second = -1
+        self._last_step = -1.0
         self._last_reconcile = 0.0
 
     def register(self, view: View) -> None:
@@ -97,10 +105,11 @@ class _Refresher:
             self._wake.clear()
 
     def _round(self) -> None:
-        now = time.time()
         views = list(self._views)
-        tick = int(now) != self._last_second
-        self._last_second = int(now)
+        step = max(1.0, len(views) / VIEWS_PER_SECOND)
+        now = time.time() // step * step
+        tick = now != self._last_step
+        self._last_step = now
         check_liveness = now - self._last_reconcile >= RECONCILE_EVERY
         if check_liveness:
             self._last_reconcile = now

@@ -66,12 +66,21 @@ class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
 
+#: seconds of progress-write interval per live task (100 live tasks: each writes every 0.5 s)
+WRITE_SHARE = 0.005
+
+
 class StoreSink:
     """Where a local task's reports go: straight into the store."""
 
     def __init__(self, job: Job) -> None:
         self._job = job
         self._store = store_for(job.home)
+
+    def interval(self, base: float) -> float:
+        """Seconds until the next progress write: longer when many tasks share the live file,
+        so that together they keep well short of saturating its lock."""
+        return max(base, WRITE_SHARE * self._store.live_count)
 
     def progress(self, fields: dict[str, Any] | None) -> bool:
         """Record ``fields`` (or only look, if ``None``); ``True`` if a cancel was requested."""
@@ -177,12 +186,15 @@ class Reporter:
             self.cancel_requested = True
 
     def _loop(self) -> None:
-        interval = self._job.progress_interval
+        base = interval = self._job.progress_interval
+        pace = getattr(self._sink, "interval", None)
         while not self._stop.wait(interval):
             try:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more
                 print(f"nbbgtask: could not record progress: {exc}", file=sys.stderr)
+            if pace is not None:
+                interval = pace(base)
 
     def stop(self) -> None:
         self._stop.set()

@@ -35,6 +35,9 @@ __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_ins
 SCHEMA_VERSION = 1
 #: Seconds to wait for another process's read-modify-write before giving up.
 LOCK_TIMEOUT = 30.0
+#: Seconds between tries for a busy lock (filelock's default, 0.05, made starting a task wait
+#: hundreds of milliseconds while many tasks were reporting).
+LOCK_POLL = 0.002
 #: How many files the history is spread over (by task id).
 HISTORY_SHARDS = 64
 
@@ -199,6 +202,8 @@ class Store:
         self._live: Any = self._live_db.table(_TASKS, cache_size=0)
         self._shards: dict[int, Any] = {}
         self._shards_lock = threading.Lock()
+        #: how many tasks were live at this process's last progress write
+        self.live_count = 0
 
     def _shard(self, index: int) -> Any:
         table = self._shards.get(index)
@@ -257,7 +262,7 @@ class Store:
             return
         lock = self._lock
         try:
-            lock.acquire()
+            lock.acquire(poll_interval=LOCK_POLL)
         except filelock.Timeout:
             raise StoreError(
                 f"waited {LOCK_TIMEOUT:.0f} s for the nbbgtask store lock {lock.lock_file}; "
@@ -386,6 +391,7 @@ class Store:
                 _merge(doc, fields)
                 self._live.insert(Document(doc, task_id))  # type: ignore[arg-type]
             rec = self._live.get(doc_id=task_id)
+            self.live_count = len(self._live)
         return dict(rec) if rec is not None else None
 
     def finalize(

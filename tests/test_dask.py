@@ -178,3 +178,29 @@ def test_the_progress_bar_follows_a_dask_task(on_dask):
     bar = bg.ProgressBar(bg.run(_steps, 10, 0.05))
     assert _until(lambda: bar._bar.bar_style == "success")
     assert bar._bar.value == 100
+
+
+def test_the_magic_runs_a_cell_on_the_cluster_and_brings_its_names_back(kernel, cluster):
+    kernel.ok(f"""
+%load_ext nbbgtask
+import os, threading, nbbgtask as bg
+bg.configure(backend="dask", address={cluster.scheduler_address!r})
+base = 21
+guard = threading.Lock()   # cannot travel: the cell is told, and does not use it
+""")
+    out = kernel.run("""%%bgtask --focus
+import os
+total = base * 2
+where = os.getpid()
+""")
+    assert out["status"] == "ok", out["error"]
+    assert "cannot be sent to the cluster" not in out["stderr"]
+    assert kernel.ok("print(total, where != os.getpid())").strip() == "42 True"
+    failing = kernel.run("""%%bgtask --focus
+x = 1
+y = guard.acquire()
+""")
+    assert "cannot be sent to the cluster (not picklable), so the cell will not see them there: guard" in failing["stderr"]
+    text = "\\n".join(failing["error"]["traceback"])
+    assert failing["error"]["ename"] == "TaskFailed" and "NameError" in text and "y = guard.acquire()" in text
+    kernel.ok("bg.configure(backend='local')")

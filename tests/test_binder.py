@@ -1,0 +1,49 @@
+"""The Binder environment, built from binder/ alone in a fresh virtual environment, runs the tour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+from kernel_driver import _spec_manager
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def binder_python(tmp_path_factory):
+    venv = tmp_path_factory.mktemp("binder") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(ROOT / "binder" / "requirements.txt")], check=True, env=env, timeout=900)
+    # postBuild installs the package from a copy, as Binder builds from a fresh clone
+    subprocess.run([str(ROOT / "binder" / "postBuild")], check=True, env=env, timeout=600)
+    return python
+
+
+@pytest.mark.timeout(1200)
+def test_binder_environment_runs_every_notebook(binder_python, tmp_path, monkeypatch):
+    monkeypatch.setenv("NBBGTASK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", f"{binder_python.parent}{os.pathsep}{os.environ['PATH']}")
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        kernel = KernelManager(kernel_name="python3", kernel_spec_manager=_spec_manager(binder_python))
+        client = NotebookClient(nb, km=kernel, timeout=180, resources={"metadata": {"path": str(path.parent)}})
+        client.execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors, (path.name, errors)
+    version = subprocess.run(
+        [str(binder_python), "-c", "import nbbgtask, ipykernel; print(nbbgtask.__file__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "site-packages" in version  # the installed package, not this checkout
