@@ -91,17 +91,28 @@ class _Row:
 
 
 class Monitor(widgets.VBox):
-    """The global task monitor: tasks of every process that shares the home folder."""
+    """The global task monitor: tasks of every process that shares the home folder.
 
-    def __init__(self, finished: int = 20, name: str | None = None) -> None:
-        if isinstance(finished, bool) or not isinstance(finished, int) or finished < 0:
-            raise ValueError(f"finished must be a whole number of tasks, 0 or more, got {finished!r}")
+    At most ``max_rows`` rows (newest first, running and queued before finished); a footer counts
+    the rest.  The rows shown at first are made at once, in the cell that displays the monitor;
+    rows for tasks that start later are made by the refresher, a few per round.
+    """
+
+    def __init__(self, finished: int = 20, name: str | None = None, max_rows: int = 50) -> None:
+        for label, value in (("finished", finished), ("max_rows", max_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{label} must be a whole number of tasks, 0 or more, got {value!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {name!r}")
         self.home: Path = _config.home()
         self._finished = finished
         self._name = name
+        self._max_rows = max_rows
         self._rows: dict[str, _Row] = {}
         self._header = widgets.HTML()
+        self._footer = widgets.HTML()
         super().__init__([self._header])
+        self._apply(_refresher.Snapshot(self.home, time.time()), row_budget=None)
         _refresher.register(self)
 
     def _wanted(self, snapshot: _refresher.Snapshot) -> list[dict[str, Any]]:
@@ -115,13 +126,18 @@ class Monitor(widgets.VBox):
         return live + history[: self._finished]
 
     def _nbbg_refresh(self, snapshot: _refresher.Snapshot, changed: bool) -> bool:
+        self._apply(snapshot, row_budget=ROW_BUDGET)
+        return True
+
+    def _apply(self, snapshot: _refresher.Snapshot, row_budget: float | None) -> None:
         wanted = self._wanted(snapshot)
-        deadline = time.thread_time() + ROW_BUDGET
+        shown = wanted[: self._max_rows]
+        deadline = None if row_budget is None else time.thread_time() + row_budget
         rows = []
-        for record in wanted:
+        for record in shown:
             row = self._rows.get(record["id"])
             if row is None:
-                if time.thread_time() > deadline:
+                if deadline is not None and time.thread_time() > deadline:
                     continue  # the next round makes the rest
                 row = self._rows[record["id"]] = _Row(record, self.home)
             else:
@@ -135,23 +151,28 @@ class Monitor(widgets.VBox):
         header = f"<b>nbbgtask</b> · {running} running · {queued} queued · {len(wanted) - running - queued} recent finished"
         if self._header.value != header:
             self._header.value = header
-        children: tuple[Any, ...] = (self._header, *(r.box for r in rows))
+        hidden = len(wanted) - len(rows)
+        footer = f"<i>+{hidden} more not shown</i> (bg.monitor(name=..., max_rows=...) changes what is shown)" if hidden else ""
+        if self._footer.value != footer:
+            self._footer.value = footer
+        children: tuple[Any, ...] = (self._header, *(r.box for r in rows), *((self._footer,) if hidden else ()))
         current: tuple[Any, ...] = tuple(self.children)  # type: ignore[has-type]
         if current != children:
             self.children = children
-        return True
 
     def close(self) -> None:
         self._nbbg_closed = True
         # getattr: ipywidgets calls close() from __del__, also on one whose __init__ refused its input
         for row in getattr(self, "_rows", {}).values():
             row.close()
-        header = getattr(self, "_header", None)
-        if header is not None:
-            header.close()
+        for name in ("_header", "_footer"):
+            widget = getattr(self, name, None)
+            if widget is not None:
+                widget.close()
         super().close()
 
 
-def monitor(finished: int = 20, name: str | None = None) -> Monitor:
-    """The global task monitor widget: running tasks and the ``finished`` most recent others."""
-    return Monitor(finished=finished, name=name)
+def monitor(finished: int = 20, name: str | None = None, max_rows: int = 50) -> Monitor:
+    """The global task monitor widget: running tasks and the ``finished`` most recent others,
+    ``max_rows`` rows at most (``name``: only tasks with that name)."""
+    return Monitor(finished=finished, name=name, max_rows=max_rows)

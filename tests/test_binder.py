@@ -44,6 +44,6 @@ def test_binder_environment_runs_every_notebook(binder_python, tmp_path, monkeyp
         assert not errors, (path.name, errors)
     version = subprocess.run(
         [str(binder_python), "-c", "import nbbgtask, ipykernel; print(nbbgtask.__file__)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout
     assert "site-packages" in version  # the installed package, not this checkout

@@ -104,3 +104,13 @@ def test_full_focus_outside_a_front_end_returns_the_result(home):
         bg.full_focus(bg.run(lambda: 7), acceptable_wait=-1)
     with pytest.raises(TypeError, match="holding"):
         bg.full_focus(bg.run(lambda: 7), holding=object())
+
+
+def test_monitor_shows_at_most_max_rows_and_counts_the_rest(home):
+    statuses = [bg.run(_steps, 100, 0.05, name=f"job{i}") for i in range(6)]
+    m = bg.monitor(max_rows=4)
+    assert len(m._rows) == 4  # made at once, in the cell that shows it
+    assert [r.task_id for r in m._rows.values()] == [s.id for s in reversed(statuses)][:4]
+    assert "+2 more not shown" in m._footer.value and m.children[-1] is m._footer
+    with pytest.raises(ValueError, match="max_rows"):
+        bg.monitor(max_rows=-1)
