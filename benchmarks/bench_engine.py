@@ -7,13 +7,13 @@ so the noise of a shared machine hits both.  Each section uses a fresh home fold
    in the child, which sends ``time.perf_counter()`` (CLOCK_MONOTONIC) through an inherited
    pipe.  Baseline: a bare ``os.fork()`` whose child does the same.  Goal: ratio <= 2.
 2. Inside a running task: per-item overhead of ``bg.track`` over a bare loop vs ``tqdm`` (goal:
-   track <= tqdm); ``status.update(percent, message)`` per call in a tight loop, background
+   track <= tqdm), and of a ``status.update(percent=...)`` call per item (informational, vs tqdm); ``status.update(percent, message)`` per call in a tight loop, background
    writes included (goal <= 300 ns; baseline: a no-op call); the store writes made meanwhile.
 3. Visibility: the task calls ``status.update(percent=p)`` about every 300 ms; the parent polls
    ``bg.get(id).percent`` every 1 ms until it sees p.  Baseline: the same loop noticing the
    update's timestamp arrive through a pipe.  Goal: p95 <= 250 ms (for a task that sleeps
    between updates; informational: the same for a CPU-bound task).
-4. Store cost with 0 vs 3,000 (10,000: informational) finished tasks in the history: a progress
+4. Store cost with 0 vs 3,000 (1,000 and 10,000: informational) finished tasks in the history: a progress
    write (``Store.patch``) and ``bg.get`` of a live task (goal: ratio <= 1.5); informational: a
    task's end (``Store.finalize``) and a cold read of a finished task (as by another process).
 
@@ -129,7 +129,9 @@ def _in_task_overheads(n: int, reps: int, updates: int) -> dict:
     from tqdm import tqdm
 
     status = bg.current()
-    store = status._reporter._store  # count the reporter's writes (in the task process only)
+    reporter = status._reporter
+    # count the reporter's writes (in the task process only); older runners held the store directly
+    store = reporter._sink._store if hasattr(reporter, "_sink") else reporter._store
     durations: list[float] = []
     patch = store.patch
 
@@ -149,13 +151,25 @@ def _in_task_overheads(n: int, reps: int, updates: int) -> dict:
             return perf() - t0
         return run
 
+    def updating(n):  # the loop a user writes with status.update(): one call per item
+        update, scale = status.update, 100.0 / n
+        for i in range(n):
+            update(percent=i * scale)
+            yield i
+
+    def bare_gen(n):  # the same generator shape without the call, so only the call is counted
+        for i in range(n):  # noqa: UP028 - "yield from" would not be the same shape
+            yield i
+
     loops = {"bare": timed_loop(lambda: range(n)), "track": timed_loop(lambda: bg.track(range(n))),
-             "tqdm": timed_loop(lambda: tqdm(range(n), file=io.StringIO(), mininterval=0.1))}
-    per: dict[str, list[float]] = {"track": [], "tqdm": []}
+             "tqdm": timed_loop(lambda: tqdm(range(n), file=io.StringIO(), mininterval=0.1)),
+             "bare_gen": timed_loop(lambda: bare_gen(n)), "update": timed_loop(lambda: updating(n))}
+    per: dict[str, list[float]] = {"track": [], "tqdm": [], "update": []}
     for _ in range(reps):  # one round at a time: each loop is compared with its own round's bare loop
         t = {k: v[0] for k, v in interleaved(loops, 1).items()}
         for name in per:
-            per[name].append(1e9 * (t[name] - t["bare"]) / n)
+            base = t["bare_gen"] if name == "update" else t["bare"]
+            per[name].append(1e9 * (t[name] - base) / n)
 
     def noop(percent=None, message=None):
         pass
@@ -177,11 +191,11 @@ def _in_task_overheads(n: int, reps: int, updates: int) -> dict:
         time.sleep(0.005)
     loop_s = median(t for t, _ in res["update"])
     return {
-        "track_ns": median(per["track"]), "tqdm_ns": median(per["tqdm"]),
+        "track_ns": median(per["track"]), "tqdm_ns": median(per["tqdm"]), "update_item_ns": median(per["update"]),
         "update_ns": 1e9 * loop_s / updates, "noop_call_ns": 1e9 * median(t for t, _ in res["noop"]) / updates,
         "update_loop_s": loop_s, "update_writes": median(len(ds) for _, ds in res["update"]),
         "write_busy_ms": 1e3 * median(busy_writes) if busy_writes else float("nan"),
-        "write_idle_ms": 1e3 * median(durations), "progress_interval": status._reporter._job.progress_interval,
+        "write_idle_ms": 1e3 * median(durations), "progress_interval": reporter._job.progress_interval,
     }
 
 
@@ -338,6 +352,7 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
     row("1 start: bg.run -> task code (p95)", s["run"]["p95_ms"], s["fork"]["p95_ms"], "ms", "info")
     row("2 bg.track per-item overhead (base tqdm)", o["track_ns"], o["tqdm_ns"], "ns/item", "track <= tqdm",
         o["track_ns"] <= o["tqdm_ns"])
+    row("2 status.update() per-item overhead (base tqdm)", o["update_item_ns"], o["tqdm_ns"], "ns/item", "info")
     row("2 status.update per call (base no-op call)", o["update_ns"], o["noop_call_ns"], "ns/call", "<= 300 ns",
         o["update_ns"] <= 300)
     row("2 store writes/s in update loop", o["update_writes"] / o["update_loop_s"], 1 / o["progress_interval"],
@@ -368,7 +383,7 @@ def main() -> None:
     q = args.quick
     cfg = dict(start_rounds=12 if q else 40, n=200_000 if q else 2_000_000, reps=5 if q else 9,
                updates=500_000 if q else 1_000_000, vis_samples=15 if q else 50,
-               store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 3000, 10000])
+               store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 1000, 3000, 10000])
     t_all = perf()
     res = {}
     sections = {

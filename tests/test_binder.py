@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.manager import KernelManager
 from kernel_driver import _spec_manager
 from nbclient import NotebookClient
 
@@ -34,11 +33,15 @@ def binder_python(tmp_path_factory):
 @pytest.mark.timeout(1200)
 def test_binder_environment_runs_every_notebook(binder_python, tmp_path, monkeypatch):
     monkeypatch.setenv("NBBGTASK_HOME", str(tmp_path / "home"))
+    # The "python3" kernel of this run is the Binder environment's (JUPYTER_PATH comes first).
+    specs = tmp_path / "jupyter"
+    (specs / "kernels").mkdir(parents=True)
+    (specs / "kernels" / "python3").symlink_to(Path(_spec_manager(binder_python).kernel_dirs[0]) / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(specs))
     monkeypatch.setenv("PATH", f"{binder_python.parent}{os.pathsep}{os.environ['PATH']}")
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        kernel = KernelManager(kernel_name="python3", kernel_spec_manager=_spec_manager(binder_python))
-        client = NotebookClient(nb, km=kernel, timeout=180, resources={"metadata": {"path": str(path.parent)}})
+        client = NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
         client.execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, (path.name, errors)
