@@ -167,7 +167,7 @@ def num(x, unit: str = "") -> str:
 def ratio(x) -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "–"
-    return f"{x:.1f}×" if abs(x) >= 10 else f"{x:.2f}×"
+    return f"{x:.1f}×" if abs(x) >= 10 else f"{x:.2f}×" if abs(x) >= 0.1 else f"{x:.2g}×"
 
 
 def result_cell(r: str) -> str:
@@ -196,8 +196,9 @@ def summary(res: dict) -> list[dict]:
 
     def add(area: str, label: str, bench: dict, prefix: str) -> None:
         r = find_row(bench, prefix)
-        rows.append({"area": area, "figure": label, **(r or {"value": nan, "baseline": nan, "ratio": nan,
-                     "unit": "", "goal": "not measured", "result": "-"}), "source": prefix})
+        found = r or {"value": nan, "baseline": nan, "ratio": nan, "unit": "", "goal": "not measured", "result": "-"}
+        source = next((k for k, b in res.items() if b is bench), "?")
+        rows.append({**found, "area": area, "figure": label, "bench": source, "source": found.get("figure", prefix)})
 
     add("start", "bg.run → task code vs bare os.fork (median)", eng, "1 start: bg.run -> task code (median)")
     add("start", "initiate → task code vs bare os.fork (median)", eng, "1 start: initiate -> task code (median)")
@@ -302,13 +303,24 @@ def notes(res: dict, machine: dict) -> list[str]:
         out.append("The kernel-CPU and round-trip figures of the 100 bars are averages over a few 10–15 s "
                    "windows on a shared machine; a difference of a fraction of a percent of a core is within "
                    "the noise (compare the two no-bar phases in the JSON).")
-    loads = [b.get("machine", {}).get("loadavg_start") for b in (eng, wid, peers)]
-    loads = [x for x in loads if isinstance(x, (int, float))]
-    if loads:
-        out.append(f"The machine is a shared {machine['logical_cpus']}-CPU virtual machine; the 1-minute load "
-                   f"average when the benchmarks started was {', '.join(num(x) for x in loads)}. Every "
-                   f"figure is a median over interleaved rounds, so measured and baseline runs saw the same "
-                   f"load, but absolute times vary from run to run.")
+    if start:
+        noisy = [k for k, v in start.items() if v["p95_ms"] > 3 * v["median_ms"]]
+        if noisy:
+            out.append(f"Noisy start figures (p95 more than 3× the median): {', '.join(noisy)}.")
+    for r in wid.get("table", []):
+        if r["figure"].startswith("1 bg.run() call, ") and r["ratio"] == r["ratio"] and r["ratio"] > 5:
+            out.append(
+                f"`bench_widgets.py` also saw one `bg.run()` call take {num(r['value'])} ms while 100 tasks "
+                f"report every 50 ms, against {num(r['baseline'])} ms with none ({ratio(r['ratio'])}; "
+                f"informational there). Starting a task takes the store's file lock twice, and the progress "
+                f"writes of the running tasks hold that same lock in turn; under that load a start waits.")
+    load = machine.get("loadavg_start")
+    if load:
+        out.append(f"The machine is a shared {machine['logical_cpus']}-CPU virtual machine; its load average "
+                   f"before the run was {num(load[0])} (1 min), {num(load[1])} (5 min), {num(load[2])} (15 min). "
+                   f"`bench_widgets.py` itself runs 100–200 task processes, which raises the load average "
+                   f"the next benchmark starts with. Every figure is a median over interleaved rounds, so a "
+                   f"measurement and its baseline saw the same load, but absolute times vary from run to run.")
     return out
 
 
@@ -366,12 +378,15 @@ def render(doc: dict) -> str:
         lines += ["## In short", "", short, ""]
     lines += ["## Summary", "",
               "Ratio = value / baseline; lower is better throughout. A goal applies to the ratio unless it "
-              "names a unit.", ""]
+              "names a unit. *From*: the benchmark that measured it (`engine`: `bench_engine.py`, `widgets`: "
+              "`bench_widgets.py`, `peers`: `bench_peers.py`).", ""]
     rows = []
     for r in doc["summary"]:
         rows.append([r["area"], r["figure"], num(r["value"], r["unit"]), num(r["baseline"], r["unit"]),
-                     ratio(r["ratio"]), r["goal"] if r["goal"] != "info" else "", result_cell(r["result"])])
-    lines += [md_table(["area", "figure", "value", "baseline", "ratio", "goal", "result"], rows, "llrrrll"), ""]
+                     ratio(r["ratio"]), r["goal"] if r["goal"] != "info" else "", result_cell(r["result"]),
+                     r.get("bench", "")])
+    lines += [md_table(["area", "figure", "value", "baseline", "ratio", "goal", "result", "from"], rows,
+                       "llrrrlll"), ""]
 
     pr = res.get("peers", {}).get("results", {})
     if pr.get("start"):
@@ -487,7 +502,9 @@ def main() -> None:
     machine["loadavg_start"] = os.getloadavg()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="nbbg-bench-run-") as tmp:
-        for key in args.only or list(BENCHES):
+        for i, key in enumerate(args.only or list(BENCHES)):
+            if i:
+                time.sleep(5)  # let the previous benchmark's processes and files go
             results[key] = run_bench(key, args.quick, tmp)
     machine["loadavg_end"] = os.getloadavg()
     machine["subreaper"] = reaper
@@ -513,7 +530,7 @@ def main() -> None:
           f"({doc['seconds'] / 60:.1f} minutes)")
     print("\nsummary:")
     for r in doc["summary"]:
-        print(f"  {r['area']:<10} {r['figure']:<66} {num(r['value'], r['unit']):>12} {num(r['baseline'], r['unit']):>12} "
+        print(f"  {r['bench']:<7} {r['area']:<10} {r['figure']:<66} {num(r['value'], r['unit']):>12} {num(r['baseline'], r['unit']):>12} "
               f"{ratio(r['ratio']):>8}  {r['goal'] if r['goal'] != 'info' else '':<16} {r['result'] if r['result'] != '-' else ''}")
     if any(b.get("exit_code") for b in results.values()):
         sys.exit(1)

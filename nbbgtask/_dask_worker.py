@@ -198,14 +198,6 @@ def _child_main(fd: int) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = 70
-    try:
-        exit_code = _child_main(int(sys.argv[1]))
-    except BaseException:
-        import traceback
+    from nbbgtask._runner import exit_child
 
-        traceback.print_exc()  # before the job could run: e.g. its module is not importable here
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+    exit_child(lambda: _child_main(int(sys.argv[1])))

@@ -11,15 +11,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ._states import State
 from ._status import TaskStatus, check_percent, result_path
 from ._store import store_for
 
-__all__ = ["Job", "Reporter", "StoreSink", "run_job", "current", "current_reporter"]
+__all__ = ["Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job"]
 
 T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -312,3 +312,23 @@ def run_job(job: Job, sink: Any = None) -> int:
     sink.finish(fields)
     return 0
 
+
+
+def exit_child(main: Callable[[], int]) -> NoReturn:
+    """Run the entry point of a task's own interpreter (spawn, Dask), then end it with ``os._exit``.
+
+    A failure before the job could even start (its module not importable here, say) is printed
+    to the task's log, and the exit code then tells the parent the task never reported.
+    """
+    code = 70
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)

@@ -28,14 +28,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = 70
-    try:
-        code = main()
-    except BaseException:
-        import traceback
+    from nbbgtask._runner import exit_child
 
-        traceback.print_exc()  # before the job could run: e.g. its module is not importable here
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_child(main)

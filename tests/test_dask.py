@@ -12,6 +12,7 @@ import time
 import cloudpickle
 import psutil
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 
@@ -26,7 +27,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 @pytest.fixture(scope="module")
 def cluster():
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None, silence_logs=50
+        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=50
     ) as cluster:
         yield cluster
         from nbbgtask import _dask_backend
@@ -39,15 +40,6 @@ def on_dask(home, cluster):
     bg.configure(backend="dask", address=cluster.scheduler_address)
     yield cluster
     bg.configure(backend="local")
-
-
-def _until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _steps(n, pause=0.1):
@@ -65,7 +57,7 @@ def _breaks():
 def test_progress_log_and_result_come_back_from_a_worker(on_dask):
     status = bg.run(_steps, 20)
     assert status.refresh().state in ("queued", "running")
-    assert _until(lambda: 0 < status.refresh().percent < 100)
+    assert until(lambda: 0 < status.refresh().percent < 100, timeout=30)
     assert status.message == "on a worker"
     assert status.result(timeout=60) == 40
     assert status.state == "complete" and status.percent == 100
@@ -92,14 +84,14 @@ def test_a_failure_on_a_worker_keeps_its_traceback(on_dask):
 
 def test_cancel_stops_a_running_task_on_the_worker(on_dask):
     status = bg.run(_steps, 600)
-    assert _until(lambda: status.refresh().percent > 0)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
     pid = status.pid
     assert psutil.pid_exists(pid)
     started = time.monotonic()
     assert status.cancel() is True
     assert time.monotonic() - started < 5
     assert status.state == "cancelled"
-    assert _until(lambda: not psutil.pid_exists(pid), timeout=5)
+    assert until(lambda: not psutil.pid_exists(pid), timeout=5)
     with pytest.raises(bg.TaskCancelled):
         status.result()
 
@@ -113,7 +105,7 @@ def test_forty_tasks_spread_over_both_workers(on_dask):
 
 def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     status = bg.run(_steps, 40, 0.1)
-    assert _until(lambda: status.refresh().percent > 0)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
     worker = status._record["worker"]
     client = distributed.Client(on_dask.scheduler_address, set_as_default=False)
     try:
@@ -122,7 +114,7 @@ def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     finally:
         client.close()
     # Dask may run it again on the other worker, or give up: either way it ends, and says so.
-    assert _until(status.done, timeout=120)
+    assert until(status.done, timeout=120)
     if status.state == "complete":  # run again, to the end, on the worker that is left
         assert status._record["worker"] != worker
     else:
@@ -131,7 +123,7 @@ def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
 
 def test_the_cli_sees_and_cancels_dask_tasks(on_dask, home):
     status = bg.run(_steps, 600)
-    assert _until(lambda: status.refresh().percent > 0)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
     nbbgtask = os.path.join(os.path.dirname(sys.executable), "nbbgtask")
     listing = subprocess.run([nbbgtask, "--home", str(home), "list"], capture_output=True, text=True, timeout=60)
     assert status.id[:8] in listing.stdout and "running" in listing.stdout
@@ -176,7 +168,7 @@ def test_an_unreachable_scheduler_is_a_clear_error_and_local_tasks_go_on(home):
 
 def test_the_progress_bar_follows_a_dask_task(on_dask):
     bar = bg.ProgressBar(bg.run(_steps, 10, 0.05))
-    assert _until(lambda: bar._bar.bar_style == "success")
+    assert until(lambda: bar._bar.bar_style == "success", timeout=30)
     assert bar._bar.value == 100
 
 

@@ -11,22 +11,14 @@ import time
 
 import psutil
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 from nbbgtask import _store
 
 
-def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _started(status):
-    assert _wait_for(lambda: status.refresh().pid is not None and "go" in status.log()), status
+    assert until(lambda: status.refresh().pid is not None and "go" in status.log()), status
     return status.pid
 
 
@@ -41,7 +33,7 @@ def test_a_task_killed_by_a_signal_ends_failed_saying_how(home, sig):
     pid = _started(status)
     os.kill(pid, sig)
     died = time.monotonic()
-    assert _wait_for(status.done, timeout=2.5)
+    assert until(status.done, timeout=2.5)
     assert time.monotonic() - died <= 2.0
     assert status.state == "failed"
     assert f"killed by signal {int(sig)} ({sig.name})" in status.error
@@ -65,7 +57,7 @@ def test_death_of_a_task_started_by_another_process_is_noticed_on_read(home, tmp
     pid = _started(status)
     os.kill(pid, signal.SIGKILL)
     # Not our child: the task is reaped by init, and the next read notices it is gone.
-    assert _wait_for(status.done, timeout=2.5)
+    assert until(status.done, timeout=2.5)
     assert status.state == "failed"
     assert f"task process {pid} ended without reporting" in status.error
 
@@ -150,7 +142,7 @@ def test_cancel_reaches_the_tasks_own_children(home):
     _started(status)
     child_pid = int(status.log().split()[1])
     status.cancel()
-    assert _wait_for(lambda: not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == "zombie")
+    assert until(lambda: not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == "zombie")
 
 
 def test_max_running_queues_the_rest_and_starts_them_as_slots_free(home):
@@ -201,7 +193,7 @@ def test_no_zombies_are_left_behind(home):
     statuses = [bg.run(lambda: None) for _ in range(10)]
     for s in statuses:
         s.wait(30)
-    assert _wait_for(lambda: not _zombie_children(), timeout=3)
+    assert until(lambda: not _zombie_children(), timeout=3)
 
 
 def _zombie_children():

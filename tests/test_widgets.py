@@ -5,17 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from waiting import until
 
 import nbbgtask as bg
-
-
-def _until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _steps(n=10, pause=0.05):
@@ -36,7 +28,7 @@ def test_without_a_kernel_a_status_displays_as_text_and_html(home):
 def test_the_bar_settles_green_at_100(home):
     status = bg.run(_steps)
     bar = bg.ProgressBar(status)
-    assert _until(lambda: bar._bar.bar_style == "success")
+    assert until(lambda: bar._bar.bar_style == "success")
     assert bar._bar.value == 100.0
     assert "complete after" in bar._text.value
 
@@ -47,7 +39,7 @@ def test_a_failed_bar_stays_red_with_its_error(home):
         raise RuntimeError("disk on fire")
 
     bar = bg.ProgressBar(bg.run(breaks))
-    assert _until(lambda: bar._bar.bar_style == "danger")
+    assert until(lambda: bar._bar.bar_style == "danger")
     assert "RuntimeError: disk on fire" in bar._text.value
     time.sleep(0.3)
     assert bar._bar.bar_style == "danger" and bar._bar.value == 60.0
@@ -55,7 +47,7 @@ def test_a_failed_bar_stays_red_with_its_error(home):
 
 def test_elapsed_and_eta_are_shown_while_running(home):
     bar = bg.ProgressBar(bg.run(_steps, 40, 0.05))
-    assert _until(lambda: "ETA" in bar._text.value)
+    assert until(lambda: "ETA" in bar._text.value)
     assert "elapsed" in bar._text.value
 
 
@@ -65,16 +57,16 @@ def test_last_running_picks_up_the_next_running_task(home):
     short = bg.run(_steps, 5, 0.05, name="short")
     bar = bg.ProgressBar.last_running()
     assert bar.task_id == short.id
-    assert _until(lambda: bar.task_id == long.id)
+    assert until(lambda: bar.task_id == long.id)
     long.wait(30)
-    assert _until(lambda: bar._bar.bar_style == "success")
+    assert until(lambda: bar._bar.bar_style == "success")
 
 
 def test_last_running_waits_when_nothing_runs(home):
     bar = bg.ProgressBar.last_running(name="later")
     assert "waiting for a task named 'later'" in bar._text.value
     status = bg.run(_steps, 20, 0.05, name="later")
-    assert _until(lambda: bar.task_id == status.id)
+    assert until(lambda: bar.task_id == status.id)
 
 
 def test_progress_bar_refuses_what_it_cannot_follow(home):
@@ -89,11 +81,11 @@ def test_monitor_shows_running_and_recent_finished_tasks(home):
     done.wait(30)
     running = bg.run(_steps, 100, 0.05, name="busy")
     m = bg.monitor(finished=5)
-    assert _until(lambda: running.id in m._rows and done.id in m._rows)
+    assert until(lambda: running.id in m._rows and done.id in m._rows)
     assert "1 running" in m._header.value
     m._rows[running.id].cancel.click()
-    assert _until(lambda: running.refresh().state == "cancelled")
-    assert _until(lambda: "cancelled" in m._rows[running.id].state.value)
+    assert until(lambda: running.refresh().state == "cancelled")
+    assert until(lambda: "cancelled" in m._rows[running.id].state.value)
 
 
 def test_full_focus_outside_a_front_end_returns_the_result(home):
