@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -48,20 +49,17 @@ def prepare(job: Job) -> None:
 
 
 def start(job: Job) -> None:
-    """Start ``job``'s process now (its record already says "running") and note its pid."""
+    """Start ``job``'s process now (its record already says "running").
+
+    The task records its own pid, with its first report; until then this process's supervisor
+    knows it (to reap it, record how it died, or cancel it), and a cancel asked for by another
+    process reaches the task through the store.  So starting a task writes the store once.
+    """
     if job.record.get("start_method") == "spawn":
         pid, popen = _spawn(job)
     else:
         pid, popen = _fork(job), None
     _supervisor.supervisor().watch(pid, job.home, job.task_id, popen)
-    store = _store.store_for(job.home)
-    record = store.patch(job.task_id, {"pid": pid, "pid_started": _supervisor.process_start_time(pid)})
-    if record is None or record.get("cancel_requested"):
-        # Cancelled between the record's creation and now: the canceller had no pid to signal.
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 # -- fork --------------------------------------------------------------------------------------
@@ -85,19 +83,45 @@ def _fork(job: Job) -> int:
         # our own locks are renewed after the fork; code in the task that needs a lock another
         # kernel thread may hold should use start_method="spawn".
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
-        pid = os.fork()
-    if pid == 0:
-        _in_child(job)  # never returns
+        # Until the child has a session of its own, the kernel's group signals would reach it:
+        # it is born with them blocked, and drops any that arrived before it left the group.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _in_child(job, blocked)  # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     gc.unfreeze()
+    _await_own_session(pid)
     return pid
 
 
-def _in_child(job: Job) -> None:
+#: what Jupyter sends a kernel's whole process group (interrupt, restart, shutdown, hang-up)
+_GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _await_own_session(pid: int) -> None:
+    """Return once the child has left this process group: from then on no interrupt, restart or
+    SIGKILL aimed at the kernel's group can reach the task (a few microseconds, as a rule)."""
+    deadline = time.monotonic() + 1.0
+    try:
+        while os.getpgid(pid) == os.getpgrp() and time.monotonic() < deadline:
+            os.sched_yield() if hasattr(os, "sched_yield") else time.sleep(0)
+    except ProcessLookupError:
+        pass  # already gone: the supervisor records how
+
+
+def _in_child(job: Job, mask: set[int | signal.Signals]) -> None:
     code = EXIT_INTERNAL
     try:
         # Jupyter interrupts, restarts and shuts a kernel down by signalling its whole process
         # group: a session of its own keeps the task out of that.
         os.setsid()
+        for sig in _GROUP_SIGNALS:  # ignoring a pending signal discards it
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # SIGINT and SIGTERM: set by run_job
         _redirect_output(job)
         _release_sockets()
         # A crash dump (segfault) belongs in the task's log, not on a descriptor of the kernel's.

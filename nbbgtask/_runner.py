@@ -89,7 +89,7 @@ class StoreSink:
         else:
             recreate = {**self._job.record, "state": State.RUNNING.value}
             record = self._store.patch(self._job.task_id, fields, recreate=recreate)
-        return bool(record and record.get("cancel_requested"))
+        return bool(record and (record.get("cancel_requested") or State(record["state"]).is_final))
 
     def save_result(self, data: bytes) -> None:
         path = result_path(self._job.home, self._job.task_id)
@@ -107,6 +107,13 @@ class StoreSink:
 
     def finish(self, fields: dict[str, Any]) -> None:
         self._store.finalize(self._job.task_id, fields, fallback=self._job.record)
+
+
+def own_process() -> dict[str, Any]:
+    """The pid and start time that let others signal this process and tell it from a reused pid."""
+    import psutil
+
+    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
 
 
 class Reporter:
@@ -177,13 +184,19 @@ class Reporter:
     def flush(self) -> None:
         self._apply_tracker()
         now = (self.percent, self.message)
-        if now == self._written:
+        if self._written is None:  # the first report says who is running the task
+            requested = self._sink.progress({"percent": now[0], "message": now[1], **own_process()})
+            self._written = now
+        elif now == self._written:
             requested = self._sink.progress(None)
         else:
             requested = self._sink.progress({"percent": now[0], "message": now[1]})
             self._written = now
-        if requested:
+        if requested and not self.cancel_requested:
             self.cancel_requested = True
+            if not self._job.cooperative_cancel:
+                # A cancel from a process that had no pid to signal: the same path as SIGTERM.
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def _loop(self) -> None:
         base = interval = self._job.progress_interval
@@ -309,6 +322,8 @@ def run_job(job: Job, sink: Any = None) -> int:
         fields["percent"] = 100.0
     fields["finished"] = time.time()
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
+    if job.record.get("backend", "local") == "local":
+        fields.update(own_process())
     sink.finish(fields)
     return 0
 

@@ -31,6 +31,9 @@ HOST = socket.gethostname()
 POLL = 0.1
 #: a liveness verdict from psutil is reused for this long
 _LIVENESS_TTL = 0.25
+#: a running task records its pid with its first report (after 0.1 s); until this many seconds
+#: have passed, a missing pid is not taken as a sign that it never started
+PID_GRACE = 10.0
 
 
 def process_start_time(pid: int) -> float | None:
@@ -125,6 +128,14 @@ class _Supervisor:
     def is_child(self, pid: int) -> bool:
         with self.lock:
             return pid in self.children
+
+    def pid_of(self, task_id: str) -> int | None:
+        """The pid of a task this process started, before the task has recorded it."""
+        with self.lock:
+            for pid, (_, child_task, _) in self.children.items():
+                if child_task == task_id:
+                    return pid
+        return None
 
     # -- liveness of processes that are not our children ------------------------------------
 
@@ -247,6 +258,8 @@ def reconcile(store: Any, record: dict[str, Any]) -> dict[str, Any]:
     if State(record["state"]).is_final or record.get("host") != HOST or record.get("backend", "local") != "local":
         return record
     pid = record.get("pid")
+    if pid is None:
+        pid = _supervisor.pid_of(record["id"])
     if pid is not None and _supervisor.is_child(pid):
         if _supervisor.reap(pid):
             return store.get(record["id"]) or record
@@ -259,6 +272,9 @@ def reconcile(store: Any, record: dict[str, Any]) -> dict[str, Any]:
         owner = record.get("owner_pid")
         if owner is None or _supervisor.alive(owner, record.get("owner_started")):
             return record
+        started = record.get("started")
+        if record["state"] == State.RUNNING.value and started is not None and time.time() - started < PID_GRACE:
+            return record  # it may not have reported its pid yet
         what = "queued" if record["state"] == State.QUEUED.value else "started"
         error = f"NotStarted: the process that {what} it ({owner}) ended before it could run"
     if record.get("cancel_requested"):
@@ -281,6 +297,15 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
     except PermissionError:
         os.kill(pid, sig)
+
+
+def _await_end(store: Any, task_id: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        record = store.get(task_id)
+        if record is None or State(record["state"]).is_final:
+            return
+        time.sleep(0.02)
 
 
 def cancel(home: Path, task_id: str) -> tuple[bool, dict[str, Any] | None]:
@@ -307,6 +332,11 @@ def cancel(home: Path, task_id: str) -> tuple[bool, dict[str, Any] | None]:
             if job.task_id == task_id:
                 _supervisor.queue.remove(job)
     pid, started = record.get("pid"), record.get("pid_started")
+    if pid is None:  # not reported yet: our own child, or the task finds the request itself
+        pid = _supervisor.pid_of(task_id)
+        started = process_start_time(pid) if pid is not None else None
+    if pid is None and record["state"] == State.RUNNING.value:
+        _await_end(store, task_id, _config.settings().cancel_grace + 2 * _config.settings().progress_interval + 1)
     if record["state"] == State.RUNNING.value and pid is not None and record.get("host") == HOST:
         if _same_process(pid, started):
             _signal_group(pid, signal.SIGTERM)

@@ -141,7 +141,8 @@ def test_a_running_task_recreates_its_record_after_the_live_store_is_replaced(ho
 
     status = bg.run(steady)
     time.sleep(0.2)
-    (home / "live.json").write_text("garbage")
+    with _store.store_for(home)._locked():  # not in the middle of the task's own write
+        (home / "live.json").write_text("garbage")
     # Whichever process reads it first (this one, or the task's writer thread) sets it aside.
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always", bg.StoreDamagedWarning)
