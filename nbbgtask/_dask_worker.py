@@ -1,8 +1,10 @@
 """What runs on a Dask worker: the task in a child process (so a cancel can stop it for real),
 with its progress, output and outcome sent to the kernel as worker events.
 
-``run_on_worker`` is the function Dask runs; ``python -m nbbgtask._dask_worker FD`` is the child,
-which runs the task with the same runner as a local task and reports through a pipe.
+``run_on_worker`` is the function Dask runs.  The child is forked from the worker, with the
+same rules as a task forked from a kernel (`_launcher.fork_detached`), or where there is no
+fork, ``python -m nbbgtask._dask_worker FD``; either way it runs the task with the same runner
+as a local task and reports through a pipe.
 """
 
 from __future__ import annotations
@@ -91,29 +93,16 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
         worker.log_event(TOPIC, {"task_id": task_id, "kind": kind, "time": time.time(), **fields})
 
     read_end, write_end = os.pipe()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "nbbgtask._dask_worker", str(write_end)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        pass_fds=(write_end,),
-        start_new_session=True,
-    )
+    child = _start_child(payload, write_end)
     os.close(write_end)
     emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address)
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        child.stdin.write(payload)
-        child.stdin.close()
-    except BrokenPipeError:
-        pass
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
 
     def pump_output() -> None:
         pending: list[bytes] = []
         last = time.monotonic()
-        fd = child.stdout.fileno()  # type: ignore[union-attr]
+        fd = child.output
         while True:
             chunk = os.read(fd, LOG_CHUNK)
             if chunk:
@@ -137,7 +126,9 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
             elif kind == "final":
                 outcome.update(body)
 
-    # The client is looked up here, in the task's own thread: the watcher thread could not find it.
+
+    # After the child started (getting the worker's client can take a while the first time), and
+    # in the task's own thread: the watcher thread could not find the client itself.
     event = Event(cancel_event_name(task_id), client=get_client())
 
     def watch_cancel() -> None:
@@ -164,7 +155,7 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
     for t in threads[:2]:
         t.join()
     os.close(read_end)
-    child.stdout.close()
+    os.close(child.output)
     if "state" not in outcome:
         if outcome.get("cancel_requested"):
             outcome["state"] = "cancelled"
@@ -175,6 +166,62 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
     return str(outcome["state"])
 
 
+class _Child:
+    """The task's process on this worker: forked (a millisecond), or spawned where fork is missing."""
+
+    def __init__(self, pid: int, output: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid, self.output, self._popen = pid, output, popen
+        self._code: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._popen is not None:
+            return self._popen.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._code is None:
+            done, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if done:
+                self._code = os.waitstatus_to_exitcode(status)
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            else:
+                time.sleep(0.01)
+        return self._code
+
+
+def _start_child(payload: bytes, reports: int) -> _Child:
+    out_read, out_write = os.pipe()
+    if hasattr(os, "fork"):
+        from ._launcher import fork_detached
+
+        pid = fork_detached(lambda: _run_payload(payload, reports), out_write)
+        os.close(out_write)
+        return _Child(pid, out_read)
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "nbbgtask._dask_worker", str(reports)],
+        stdin=subprocess.PIPE,
+        stdout=out_write,
+        stderr=out_write,
+        pass_fds=(reports,),
+        start_new_session=True,
+    )
+    os.close(out_write)
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(payload)
+        popen.stdin.close()
+    except BrokenPipeError:
+        pass
+    return _Child(popen.pid, out_read, popen)
+
+
+def _run_payload(payload: bytes, reports: int) -> int:
+    from ._runner import run_job
+
+    job = pickle.loads(payload)
+    job.home = Path(os.getcwd())
+    return run_job(job, PipeSink(reports))
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -183,18 +230,14 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _child_main(fd: int) -> int:
-    import cloudpickle  # noqa: F401  (the job may name it)
-
-    from ._runner import run_job
-
+    """The spawned child, where fork is missing: the job comes on stdin."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # a pipe: else output comes late
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    job = pickle.loads(sys.stdin.buffer.read())
+    payload = sys.stdin.buffer.read()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    job.home = Path(os.getcwd())
-    return run_job(job, PipeSink(fd))
+    return _run_payload(payload, fd)
 
 
 if __name__ == "__main__":

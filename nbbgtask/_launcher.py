@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from . import _store, _supervisor
 from ._runner import Job, run_job
 from ._status import log_path
 
-__all__ = ["prepare", "start"]
+__all__ = ["fork_detached", "prepare", "start"]
 
 #: exit code of a task process whose own bookkeeping failed (the supervisor records it)
 EXIT_INTERNAL = 70
@@ -66,6 +67,19 @@ def start(job: Job) -> None:
 
 
 def _fork(job: Job) -> int:
+    log = _open_log(job)
+    try:
+        return fork_detached(lambda: run_job(job), log)
+    finally:
+        os.close(log)
+
+
+def fork_detached(run: Callable[[], int], output: int) -> int:
+    """Fork a child that leaves this process's group and session, sends its fds 1 and 2 to
+    ``output``, keeps none of this process's sockets, and exits with ``run()``; its pid.
+
+    Used for a task forked from a kernel, and for a task forked from a Dask worker.
+    """
     # Unflushed output would be printed twice: once by the kernel, once by the child's copy.
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
@@ -89,7 +103,7 @@ def _fork(job: Job) -> int:
         try:
             pid = os.fork()
             if pid == 0:
-                _in_child(job, blocked)  # never returns
+                _in_child(run, output, blocked)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     gc.unfreeze()
@@ -112,7 +126,7 @@ def _await_own_session(pid: int) -> None:
         pass  # already gone: the supervisor records how
 
 
-def _in_child(job: Job, mask: set[int | signal.Signals]) -> None:
+def _in_child(run: Callable[[], int], output: int, mask: set[int | signal.Signals]) -> None:
     code = EXIT_INTERNAL
     try:
         # Jupyter interrupts, restarts and shuts a kernel down by signalling its whole process
@@ -122,7 +136,7 @@ def _in_child(job: Job, mask: set[int | signal.Signals]) -> None:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # SIGINT and SIGTERM: set by run_job
-        _redirect_output(job)
+        _redirect_output(output)
         _release_sockets()
         # A crash dump (segfault) belongs in the task's log, not on a descriptor of the kernel's.
         if faulthandler.is_enabled():
@@ -134,7 +148,7 @@ def _in_child(job: Job, mask: set[int | signal.Signals]) -> None:
         asyncio.set_event_loop(None)
         # The kernel may have pointed signal wake-ups at its event loop's socket.
         signal.set_wakeup_fd(-1)
-        code = run_job(job)
+        code = run()
     except BaseException:
         try:
             import traceback
@@ -153,16 +167,15 @@ def _in_child(job: Job, mask: set[int | signal.Signals]) -> None:
         os._exit(code)
 
 
-def _redirect_output(job: Job) -> None:
+def _redirect_output(output: int) -> None:
     """fd 1 and 2 to the task's log (so C extensions and subprocesses are captured), stdin from /dev/null.
 
     The kernel's sys.stdout/sys.stderr send to its zmq sockets from a thread the child does not
     have; plain files on the new fds replace them.
     """
-    log = _open_log(job)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
