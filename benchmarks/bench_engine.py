@@ -16,6 +16,7 @@ so the noise of a shared machine hits both.  Each section uses a fresh home fold
 4. Store cost with 0 vs 3,000 (1,000 and 10,000: informational) finished tasks in the history: a progress
    write (``Store.patch``) and ``bg.get`` of a live task (goal: ratio <= 1.5); informational: a
    task's end (``Store.finalize``) and a cold read of a finished task (as by another process).
+   Informational: a progress write with 100 and 1,000 tasks live at once (base: 1 live).
 
     .venv/bin/python benchmarks/bench_engine.py [--quick] [--json OUT.json]
 
@@ -334,6 +335,32 @@ def bench_store(sizes: list[int], calls: int, ends: int) -> dict:
     return out
 
 
+def bench_live(sizes: list[int], calls: int) -> dict:
+    """A progress write (``Store.patch``) with 1, 100, 1,000 tasks live at once: ``live.json`` holds
+    every live task and each write rewrites it.  Wall time and this process's CPU time per write."""
+    from tinydb.table import Document
+
+    stores = {}
+    for size in sizes:
+        store = store_for(fresh_home())
+        records = [make_record() for _ in range(size)]
+        with store._locked():  # one write for all (one admit each would rewrite the file each time)
+            store._live.insert_multiple([Document(r, r["id"]) for r in records])
+        stores[size] = (store, [r["id"] for r in records])
+
+    def write(size):
+        store, ids = stores[size]
+        task_id = random.choice(ids)
+        t0, c0 = perf(), time.process_time()
+        store.patch(task_id, {"percent": random.random() * 100, "message": f"tick t={time.time():.3f}"})
+        return perf() - t0, time.process_time() - c0
+
+    timed = interleaved({s: functools.partial(write, s) for s in sizes}, calls)
+    return {size: {"patch_ms": 1e3 * median(w for w, _ in timed[size]),
+                   "patch_cpu_ms": 1e3 * statistics.mean(c for _, c in timed[size]),
+                   "live_bytes": (stores[size][0].home / "live.json").stat().st_size} for size in sizes}
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -372,6 +399,14 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
         row(f"4 Store.finalize (task end) @{size} vs 0", st[size]["finalize_ms"], st[0]["finalize_ms"], "ms", "info")
         row(f"4 cold get(finished task) @{size} vs 0", st[size]["cold_get_finished_ms"],
             st[0]["cold_get_finished_ms"], "ms", "info")
+    lv = res.get("live")
+    if lv:
+        one = lv[min(lv)]
+        for size in sorted(lv)[1:]:
+            row(f"4 Store.patch with {size} tasks live (base: {min(lv)} live)", lv[size]["patch_ms"], one["patch_ms"],
+                "ms", "info")
+            row(f"4 ... its CPU time, {size} live (base: {min(lv)} live)", lv[size]["patch_cpu_ms"], one["patch_cpu_ms"],
+                "ms", "info")
     return rows
 
 
@@ -383,7 +418,8 @@ def main() -> None:
     q = args.quick
     cfg = dict(start_rounds=12 if q else 40, n=200_000 if q else 2_000_000, reps=5 if q else 9,
                updates=500_000 if q else 1_000_000, vis_samples=15 if q else 50,
-               store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 1000, 3000, 10000])
+               store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 1000, 3000, 10000],
+               live_sizes=[1, 100, 1000], live_calls=30 if q else 60)
     t_all = perf()
     res = {}
     sections = {
@@ -392,6 +428,7 @@ def main() -> None:
         "visibility": lambda: bench_visibility(cfg["vis_samples"]),
         "visibility_busy": lambda: bench_visibility(cfg["vis_samples"], busy=True),
         "store": lambda: bench_store(cfg["sizes"], cfg["store_calls"], cfg["store_ends"]),
+        "live": lambda: bench_live(cfg["live_sizes"], cfg["live_calls"]),
     }
     try:
         for i, (key, fn) in enumerate(sections.items(), 1):

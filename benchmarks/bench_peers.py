@@ -26,7 +26,7 @@ noise of a shared machine hits all of them alike.  One Dask ``LocalCluster`` (2 
 
     .venv/bin/python benchmarks/bench_peers.py [--quick] [--json OUT.json]
 
-A full run takes about 3 minutes, --quick about 1.5.
+A full run takes about 4 minutes, --quick about 1.
 
 Top-level code stays light: multiprocessing's spawn context and Dask's worker processes import
 this file again (as ``__mp_main__``), and that import would otherwise be counted in their start.
@@ -370,6 +370,13 @@ def spawned(seconds):
     finally:
         bg.configure(start_method="fork")
 
+def pid_of(status, timeout=10.0):
+    # the pid may be recorded by the task itself, with its first report
+    end = time.time() + timeout
+    while status.refresh().pid is None and time.time() < end:
+        time.sleep(0.005)
+    return status.pid
+
 print(os.getpid(), len(data))
 """
 
@@ -408,9 +415,9 @@ def bench_memory(rounds: int, hold: float) -> dict:
         setup_s = perf() - t0
         # start the child with a cell, then sample it from here while it sleeps (the cell has returned)
         starts = {
-            "bg.run fork": f"s = bg.run(hold, {hold}); print(s.refresh().pid)",
+            "bg.run fork": f"s = bg.run(hold, {hold}); print(pid_of(s))",
             "os.fork": f"print(bare_fork({hold}))",
-            "bg.run spawn": f"s = spawned({hold}); print(s.refresh().pid)",
+            "bg.run spawn": f"s = spawned({hold}); print(pid_of(s))",
         }
         ends = {
             "bg.run fork": "assert s.wait(timeout=60) and s.state == 'complete', s",
@@ -520,7 +527,7 @@ def main() -> None:
                     help="run only these sections (for development; the report needs all three)")
     args = ap.parse_args()
     q = args.quick
-    cfg = dict(start_rounds=10 if q else 30, tasks=1000, tp_rounds=1 if q else 3, mem_rounds=1 if q else 3,
+    cfg = dict(start_rounds=10 if q else 40, tasks=1000, tp_rounds=1 if q else 3, mem_rounds=1 if q else 3,
                mem_hold_s=2.0)
     t_all, load0 = perf(), os.getloadavg()[0]
     res: dict = {}

@@ -70,7 +70,12 @@ def machine_info() -> dict:
             versions[name] = version(name)
         except Exception:
             versions[name] = None
+    import hashlib
+
     changed = _git("status", "--porcelain")
+    package = sorted((ROOT / "nbbgtask").glob("*.py"))
+    source = hashlib.sha256(b"".join(p.read_bytes() for p in package)).hexdigest()[:16]
+    lib_changed = _git("status", "--porcelain", "--", "nbbgtask")
     return {
         "cpu_model": cpu_model,
         "logical_cpus": os.cpu_count(),
@@ -84,6 +89,8 @@ def machine_info() -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
         "git_changed_files": changed.splitlines() if changed else [],
+        "nbbgtask_changed_files": lib_changed.splitlines() if lib_changed else [],
+        "nbbgtask_source_sha256_16": source,
         "versions": versions,
     }
 
@@ -228,6 +235,8 @@ def summary(res: dict) -> list[dict]:
         add("store", f"bg.get of a live task with {size:,} finished (base: 0)", eng,
             f"4 bg.get(live task) @{size} vs 0")
     add("store", "a task's end (finalize) with 10,000 finished (base: 0)", eng, "4 Store.finalize (task end) @10000")
+    add("store", "progress write with 100 tasks live (base: 1 live)", eng, "4 Store.patch with 100 tasks live")
+    add("store", "progress write with 1,000 tasks live (base: 1 live)", eng, "4 Store.patch with 1000 tasks live")
     add("100 bars", "kernel CPU added by 100 live bars", wid, "1 kernel CPU added by")
     add("100 bars", "kernel CPU with 100 live bars (base: no bars)", wid, "1 kernel CPU, ")
     add("100 bars", "cell round trip with 100 bars (base: no bars)", wid, "1 cell '1' round trip, 100 bars (base: no bars)")
@@ -262,13 +271,16 @@ def notes(res: dict, machine: dict) -> list[str]:
             f"already-running process on the worker (a forked child of a warm per-worker process, or the "
             f"worker thread itself when cancel-by-signal is not needed).")
         fork_ratio = start["bg.run fork"]["median_ms"] / start["os.fork"]["median_ms"]
+        eng_start = eng.get("results", {}).get("start", {})
+        small = (f" (a bare fork: {num(eng_start['fork']['median_ms'])} ms in `bench_engine.py`, "
+                 f"{num(start['os.fork']['median_ms'])} ms in `bench_peers.py`)") if "fork" in eng_start else ""
         out.append(
-            f"Start latency is measured twice: by `bench_engine.py` (a bare `os.fork` in a small process; "
-            f"its goal is ≤ 2×) and by `bench_peers.py` (the same process also hosts the Dask scheduler "
-            f"and client threads, which makes every fork there dearer). Here `bg.run` was "
-            f"{ratio(fork_ratio)} a bare fork. The p95 of the fast methods is several times their median on "
-            f"this shared machine; compare medians.")
+            f"Start latency is measured twice: by `bench_engine.py`, in a small process (its goal: `bg.run` "
+            f"≤ 2× a bare `os.fork`), and by `bench_peers.py`, in a process that also hosts the Dask scheduler "
+            f"and two clients, which is bigger to copy{small}. In `bench_peers.py`, `bg.run` took "
+            f"{ratio(fork_ratio)} a bare fork. Compare medians: the p95 of every method is well above its median on this shared machine.")
     if tp:
+        live1000 = find_row(eng, "4 Store.patch with 1000 tasks live")
         nb, mp_ = tp["bg.run + result()"], tp["mp.Process per task"]
         r = nb["median_s"] / mp_["median_s"]
         verdict = "meets" if r <= 1.0 else "misses"
@@ -277,13 +289,16 @@ def notes(res: dict, machine: dict) -> list[str]:
             f"`bg.run` + `result()` against {num(mp_['median_s'])} s with one `multiprocessing.Process` per "
             f"task ({ratio(r)}; goal ≤ 1.0×). Almost all of it is spent in the 1,000 `bg.run` calls "
             f"themselves ({num(nb['submit_median_s'])} s; starting the 1,000 Processes took "
-            f"{num(mp_['submit_median_s'])} s). Each `bg.run` writes the store twice under its file lock "
-            f"(`Store.admit` from `_supervisor.submit`, then `Store.patch` of the pid in `_launcher.start`), "
-            f"each write rewrites `live.json`, which holds every live task, while the tasks that already "
-            f"ended take the same lock to move themselves to the history (`Store.finalize`, fsynced); it also "
-            f"asks psutil for the child's start time. A pool (`ProcessPoolExecutor`, Dask) reuses its "
-            f"workers and keeps no per-task record, so it is one to two orders of magnitude faster on "
-            f"trivial tasks; nbbgtask is for long tasks where a start costs milliseconds against minutes."
+            f"{num(mp_['submit_median_s'])} s). Each `bg.run` records its task in the store under the "
+            f"store's file lock, and every write rewrites `live.json`, which holds every live task"
+            + (f" (a progress write cost {num(live1000['value'])} ms with 1,000 tasks live against "
+               f"{num(live1000['baseline'])} ms with one, `bench_engine.py`)" if live1000 else "")
+            + "; meanwhile the tasks that have ended take the same lock to move themselves to the history "
+            "(`Store.finalize`, which fsyncs). A pool (`ProcessPoolExecutor`, Dask) reuses its "
+            "workers and keeps no per-task record; on trivial tasks nbbgtask took "
+            f"{ratio(nb['median_s'] / tp['dask client.submit']['median_s'])} Dask's time and "
+            f"{ratio(nb['median_s'] / tp['ProcessPoolExecutor']['median_s'])} the pool's. nbbgtask is made for "
+            "long tasks, where a start that costs milliseconds is small against the work."
             + (f" Only {tp['rounds']} round was measured (--quick)." if tp.get("rounds", 0) < 2 else ""))
     if mem:
         out.append(
@@ -293,27 +308,108 @@ def notes(res: dict, machine: dict) -> list[str]:
             f"({num(mem['bg.run fork']['rss_mb'])} MB) counts the shared pages too: summing RSS over tasks "
             f"overstates what they use. A spawned task does not hold the kernel's data at all "
             f"(USS {num(mem['bg.run spawn']['uss_mb'])} MB) but must be sent what it needs.")
+    wtab = {r["figure"]: r for r in wid.get("table", [])}
+
+    def w(prefix: str) -> dict | None:
+        return next((r for f, r in wtab.items() if f.startswith(prefix)), None)
+
+    covered = ["1 start: bg.run dask", "2 1000 tasks"]
+    rtt, lat, tasks_cpu = w("1 cell '1' round trip, 100 bars (base: no bars)"), w("2 change -> bar value on client, p95"), \
+        w("1 CPU of the ")
+    if rtt and lat and tasks_cpu:
+        covered += ["1 cell '1' round trip", "2 change -> bar value"]
+        added = w("1 kernel CPU added by")
+        machine_cpu = w("1 machine CPU, no bars")
+        text = (f"**100 live bars**: the CPU they add to the kernel was {num(added['value'])} % of a core "
+                f"(goal < 2 %, {'met' if added['result'] == 'PASS' else 'missed'}); the round trip of a cell was "
+                f"{num(rtt['value'])} ms with the bars against {num(rtt['baseline'])} ms without "
+                f"({ratio(rtt['ratio'])}, goal ≤ 1.2×: {'met' if rtt['result'] == 'PASS' else 'missed'}). ")
+        both = rtt["result"] == "PASS"
+        rnd = w("1 refresher: one round, wall median")
+        text += ("Both phases run the same 100 reporting tasks, and those used "
+                 f"{num(tasks_cpu['value'])} % of a core between them" +
+                 (f" (the whole machine: {num(machine_cpu['value'])} % busy without bars)" if machine_cpu else "") +
+                 f" on this {machine['logical_cpus']}-CPU machine, so the kernel's threads wait for CPU"
+                 + (f": a refresher round took {num(rnd['value'])} ms of wall time for {num(rnd['baseline'])} ms "
+                    f"of CPU" if rnd else "")
+                 + (". The round-trip figure swings widely from run to run under such load"
+                    if not both else "")
+                 + (f". A round-trip ratio below 1 ({ratio(rtt['ratio'])} here) means the no-bar phases happened "
+                    f"to be the slower ones: noise, not a speed-up" if rtt["ratio"] < 0.8 else "") + ". ")
+        et = {r["figure"]: r for r in eng.get("table", [])}
+        p100 = next((r for f, r in et.items() if f.startswith("4 ... its CPU time, 100 live")), None)
+        p1000 = next((r for f, r in et.items() if f.startswith("4 ... its CPU time, 1000 live")), None)
+        if p100:
+            text += (f"Each progress write rewrites the whole `live.json`: it cost {num(p100['value'])} ms of CPU "
+                     f"with 100 tasks live against {num(p100['baseline'])} ms with one"
+                     + (f" ({num(p1000['value'])} ms with 1,000)" if p1000 else "")
+                     + " (`bench_engine.py`), and every task writes about twice a second. ")
+        age50, age95 = w("1 message a bar shows: age on arrival, p50"), w("1 message a bar shows: age on arrival, p95")
+        gap = w("1 refresher: s between rounds")
+        if age50 and age95 and gap and rnd:
+            text += (f"The bars also lag: the refresher holds itself to half a percent of a core (`BUDGET = 0.005`, "
+                     f"at most `MAX_PAUSE = 5` s between rounds, `nbbgtask/_refresher.py`); with 100 bars a round "
+                     f"took {num(rnd['baseline'])} ms of its CPU, so rounds came every {num(gap['value'])} s, and "
+                     f"the message a bar showed was {num(age50['value'] / 1e3)} s old on arrival at p50 "
+                     f"({num(age95['value'] / 1e3)} s at p95). Averages over a few 10–15 s windows: a difference "
+                     f"of a fraction of a percent of a core is within the noise.")
+        out.append(text)
+        ref = wid.get("results", {}).get("latency", {}).get("refresher", {})
+        lat_text = (f"**Bar latency** (one task that changes its percent every 250–350 ms, one bar, a kernel of its "
+                    f"own): a change reached the bar on the client within {num(lat['value'])} ms at p95 (goal ≤ "
+                    f"300 ms: {'met' if lat['result'] == 'PASS' else 'missed'}).")
+        if ref.get("round_interval_s_median") is not None:
+            lat_text += (f" The refresher's rounds came every {num(ref['round_interval_s_median'])} s at the median "
+                         f"and at most {num(ref['round_interval_s_max'])} s apart, a round costing "
+                         f"{num(ref['round_wall_ms_median'])} ms")
+            lat_text += (": a gap that long after so cheap a round (the next is due 0.1 s later) means the "
+                         "refresher thread did not get to run on time; the machine was busy (see the load below)."
+                         if ref["round_interval_s_max"] > 0.5 else ".")
+        out.append(lat_text)
+    es = eng.get("results", {}).get("start", {})
+    erow = find_row(eng, "1 start: bg.run -> task code (median)")
+    if es and erow and erow["result"] == "FAIL":
+        covered.append("1 start: ")
+        own = es["run"]["median_ms"] - es["fork"]["median_ms"]
+        peer_ratio = (f"; in `bench_peers.py`, in the same run, `bg.run` took "
+                      f"{ratio(start['bg.run fork']['median_ms'] / start['os.fork']['median_ms'])} a bare fork"
+                      if start else "")
+        out.append(
+            f"**`bg.run` start missed its goal in `bench_engine.py`**: {num(es['run']['median_ms'])} ms against "
+            f"{num(es['fork']['median_ms'])} ms for a bare `os.fork` ({ratio(erow['ratio'])}, goal ≤ 2×; "
+            f"`initiate`: {num(es['initiate']['median_ms'])} ms){peer_ratio}. nbbgtask's own part of a start was "
+            f"{num(own)} ms: recording the task in the store (under the file lock) before the fork, then, in the "
+            f"child before the task's code, a new session, output to the log file, the inherited sockets "
+            f"released and the progress thread started. The ratio moves with the machine's load from run to run.")
     for bench, key in ((eng, "engine"), (wid, "widgets"), (peers, "peers")):
         for r in bench.get("table", []):
-            if r.get("result") == "FAIL" and not r["figure"].startswith(("1 start: bg.run dask", "2 1000 tasks")):
+            if r.get("result") == "FAIL" and not r["figure"].startswith(tuple(covered)):
                 out.append(f"**Missed** ({BENCHES[key]}): {r['figure']}: {num(r['value'])} {r['unit']} "
                            f"against {num(r['baseline'])} (goal {r['goal']}).")
-    wr = wid.get("results", {})
-    if wr.get("bars"):
-        out.append("The kernel-CPU and round-trip figures of the 100 bars are averages over a few 10–15 s "
-                   "windows on a shared machine; a difference of a fraction of a percent of a core is within "
-                   "the noise (compare the two no-bar phases in the JSON).")
     if start:
         noisy = [k for k, v in start.items() if v["p95_ms"] > 3 * v["median_ms"]]
-        if noisy:
+        if len(noisy) > len(start) / 2:
+            out.append(f"In this run the p95 of {len(noisy)} of the {len(start)} start methods was more than 3× "
+                       f"their median: the machine was busy throughout (see the load below). Their medians are "
+                       f"still comparable, the measurements being interleaved.")
+        elif noisy:
             out.append(f"Noisy start figures (p95 more than 3× the median): {', '.join(noisy)}.")
-    for r in wid.get("table", []):
-        if r["figure"].startswith("1 bg.run() call, ") and r["ratio"] == r["ratio"] and r["ratio"] > 5:
-            out.append(
-                f"`bench_widgets.py` also saw one `bg.run()` call take {num(r['value'])} ms while 100 tasks "
-                f"report every 50 ms, against {num(r['baseline'])} ms with none ({ratio(r['ratio'])}; "
-                f"informational there). Starting a task takes the store's file lock twice, and the progress "
-                f"writes of the running tasks hold that same lock in turn; under that load a start waits.")
+    table = {r["figure"]: r for r in wid.get("table", [])}
+    run_row = next((r for f, r in table.items() if f.startswith("1 bg.run() call, ")), None)
+    cpu_row = next((r for f, r in table.items() if f.startswith("1 CPU of the ")), None)
+    if run_row and run_row["ratio"] == run_row["ratio"] and run_row["ratio"] > 5:
+        out.append(
+            f"`bench_widgets.py` also saw one `bg.run()` call in the kernel take {num(run_row['value'])} ms while "
+            f"100 tasks report every 50 ms, against {num(run_row['baseline'])} ms with none "
+            f"({ratio(run_row['ratio'])}; informational there)"
+            + (f", while those 100 tasks used {num(cpu_row['value'])} % of a core between them" if cpu_row else "")
+            + ". Each progress write rewrites the whole `live.json` under the store's file lock (its cost grows "
+              "with the number of live tasks), and starting a task needs that lock too.")
+    # the engine's start figure next to the other start notes
+    miss = [n for n in out if n.startswith("**`bg.run` start missed")]
+    if miss and len(out) > 2:
+        out.remove(miss[0])
+        out.insert(2, miss[0])
     load = machine.get("loadavg_start")
     if load:
         out.append(f"The machine is a shared {machine['logical_cpus']}-CPU virtual machine; its load average "
@@ -365,8 +461,10 @@ def render(doc: dict) -> str:
         f"- **Machine**: {m['cpu_model']}, {m['logical_cpus']} logical CPUs ({m['physical_cores']} cores "
         f"reported), {m['ram_gb']} GB RAM; {m['os']}, Linux {m['kernel']}; {m['python']}",
         f"- **Code**: commit `{(m['git_commit'] or 'unknown')[:12]}`"
-        + (f" with {len(m['git_changed_files'])} changed files in the working tree" if m["git_changed_files"]
-           else " (clean working tree)"),
+        + (f"; nbbgtask's own files differ from it in the working tree: "
+           f"{', '.join('`' + f.split()[-1] + '`' for f in m['nbbgtask_changed_files'])}"
+           if m.get("nbbgtask_changed_files") else "; nbbgtask's files as committed")
+        + f" (source hash `{m.get('nbbgtask_source_sha256_16', '?')}`)",
         "",
     ]
     failed = [k for k, b in res.items() if b.get("exit_code") or b.get("error")]
@@ -422,7 +520,7 @@ def render(doc: dict) -> str:
     lines += ["## What the figures mean", "", EXPLAIN]
     lines += ["## Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     lines += ["## Every figure", "",
-              "As each benchmark printed it; `info` rows have no goal. Sections: "
+              "Every row each benchmark printed; rows without a goal are informational. Sections: "
               + ", ".join(f"`{v}`" for v in BENCHES.values()) + ".", ""]
     for key, bench in res.items():
         lines += [f"### {BENCHES[key]}", ""]
@@ -464,8 +562,8 @@ def in_short(res: dict) -> str | None:
     o = er.get("overheads")
     if o:
         parts.append(f"`bg.track` costs {num(o['track_ns'])} ns per item ({ratio(o['track_ns'] / o['tqdm_ns'])} "
-                     f"tqdm's overhead), `status.update()` {num(o['update_item_ns'])} ns "
-                     f"({ratio(o['update_item_ns'] / o['tqdm_ns'])}).")
+                     f"tqdm's overhead); a `status.update()` call per item {num(o['update_item_ns'])} ns "
+                     f"({ratio(o['update_item_ns'] / o['tqdm_ns'])} tqdm's).")
     nb = t["bg.run + result()"]["median_s"]
     parts.append(f"1,000 trivial tasks, each with a persistent status, take {num(nb)} s end to end: "
                  f"{ratio(nb / t['mp.Process per task']['median_s'])} one `multiprocessing.Process` per task.")

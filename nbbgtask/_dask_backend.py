@@ -144,7 +144,7 @@ class DaskBackend:
         data = msg.get("result")
         if data is not None:
             path = result_path(self.home, task_id)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -212,6 +212,14 @@ def _await_final(home: Path, task_id: str, grace: float) -> None:
 def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
     """The backend for ``client`` (or a new client of ``address``), or a clear error."""
     global _backend
+    current = _backend
+    if (
+        current is not None
+        and current.home == home
+        and current.client.status == "running"
+        and (current.client is client or (client is None and _same_address(current.address, address)))
+    ):
+        return current  # configure() again with the same cluster: one client, one subscription
     owns = client is None
     if client is None:
         try:
@@ -225,9 +233,17 @@ def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
                 f"cannot reach the Dask scheduler at {address}: {exc}. Tasks still run here with the "
                 f"local backend; check the address and that the scheduler is up"
             ) from None
-    if _backend is None or _backend.client is not client or _backend.home != home:
-        _backend = DaskBackend(client, home, owns_client=owns)
+    if current is not None:
+        current.close()  # another cluster or home: the old subscription would record events twice
+    _backend = DaskBackend(client, home, owns_client=owns)
     return _backend
+
+
+def _same_address(a: str | None, b: str | None) -> bool:
+    def plain(address: str | None) -> str:
+        return (address or "").removeprefix("tcp://").replace("localhost", "127.0.0.1")
+
+    return plain(a) == plain(b)
 
 
 def backend() -> DaskBackend | None:

@@ -196,3 +196,15 @@ y = guard.acquire()
     text = "\\n".join(failing["error"]["traceback"])
     assert failing["error"]["ename"] == "TaskFailed" and "NameError" in text and "y = guard.acquire()" in text
     kernel.ok("bg.configure(backend='local')")
+
+
+def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
+    from nbbgtask import _dask_backend
+
+    first = _dask_backend.backend()
+    for _ in range(3):
+        bg.configure(backend="dask", address=on_dask.scheduler_address)
+    assert _dask_backend.backend() is first
+    status = bg.run(print, "once")
+    status.wait(60)
+    assert status.log() == "once\n"
