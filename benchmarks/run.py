@@ -262,14 +262,13 @@ def notes(res: dict, machine: dict) -> list[str]:
             f"**nbbgtask on Dask {verdict} its start goal** ({num(dask)} ms vs {num(plain)} ms for a plain "
             f"`client.submit`, {ratio(dask / plain)}; goal ≤ 1.5×). A plain `client.submit` runs the function "
             f"in a worker thread that is already up. nbbgtask's worker side (`run_on_worker` in "
-            f"`nbbgtask/_dask_worker.py`) starts a fresh interpreter for every task "
-            f"(`subprocess.Popen([sys.executable, '-m', 'nbbgtask._dask_worker', ...])`), so that a cancel "
-            f"can stop the task for real and its output can be captured; that interpreter then imports "
-            f"nbbgtask and unpickles the job before the task's first line. A bare `python -c` alone took "
-            f"{num(fresh)} ms on this machine, and the spawn-mode `bg.run` (the same kind of path, locally) "
-            f"{num(start['bg.run spawn']['median_ms'])} ms. Meeting 1.5× would need the task to run in an "
-            f"already-running process on the worker (a forked child of a warm per-worker process, or the "
-            f"worker thread itself when cancel-by-signal is not needed).")
+            f"`nbbgtask/_dask_worker.py`) forks a child of the worker for every task, so that a cancel can "
+            f"stop the task for real and its output can be captured, and waits until the child has left "
+            f"the worker's process group; the job is unpickled in the child, and the kernel first records "
+            f"the task in its store. Forking the worker process, bigger than a small script, costs a few "
+            f"milliseconds of its own (a bare `os.fork` of this benchmark's process: "
+            f"{num(start['os.fork']['median_ms'])} ms). Meeting 1.5× would need a warm process per worker "
+            f"that runs tasks without a new fork each.")
         fork_ratio = start["bg.run fork"]["median_ms"] / start["os.fork"]["median_ms"]
         eng_start = eng.get("results", {}).get("start", {})
         small = (f" (a bare fork: {num(eng_start['fork']['median_ms'])} ms in `bench_engine.py`, "
