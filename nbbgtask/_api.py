@@ -40,7 +40,7 @@ def _checked_settings(settings: Any) -> dict[str, Any] | None:
         raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
     try:
         text = json.dumps(dict(settings), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(
             f"settings must be JSON-serialisable, since they are stored with the task: {exc}. "
             f"Hand other objects to the task as secrets=, or start it with bg.run(fn, *args), "
@@ -282,15 +282,16 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
         raise ValueError(f"keep must be a whole number of tasks, 0 or more, got {keep!r}")
     if isinstance(older_than, _dt.timedelta):
         older_than = older_than.total_seconds()
+    if isinstance(older_than, int) and not isinstance(older_than, bool) and older_than > 1e15:
+        older_than = math.inf  # nothing finished that long ago
     if older_than is not None and (
         isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than >= 0
-        or math.isinf(older_than)
     ):
         raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {older_than!r}")
     home = _config.home()
     store = store_for(home)
     finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
-    cutoff = None if older_than is None else time.time() - older_than
+    cutoff = None if older_than is None else time.time() - older_than  # -inf: forget nothing
     doomed = [
         r["id"]
         for r in finished[keep:]
@@ -299,5 +300,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     gone = store.remove(doomed)
     for task_id in gone:
         log_path(home, task_id).unlink(missing_ok=True)
-        result_path(home, task_id).unlink(missing_ok=True)
+        result = result_path(home, task_id)
+        for path in (result, *result.parent.glob(f"{task_id}.*.tmp")):  # a task killed mid-save
+            path.unlink(missing_ok=True)
     return len(gone)

@@ -96,9 +96,13 @@ def ensure_home(path: Path) -> Path:
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    if math.isinf(value) or math.isnan(value):
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if math.isinf(seconds):
         raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    return float(value)
+    return seconds
 
 
 def configure(
@@ -126,7 +130,7 @@ def configure(
         changes["start_method"] = start_method
     if max_running is not None:
         ok_int = isinstance(max_running, int) and not isinstance(max_running, bool) and max_running >= 1
-        if not (ok_int or max_running == math.inf):
+        if not (ok_int or (type(max_running) is float and max_running == math.inf)):
             raise ValueError(
                 f"max_running must be a whole number of tasks, 1 or more (math.inf for no limit), "
                 f"got {max_running!r}"
@@ -144,6 +148,10 @@ def configure(
             raise ValueError("backend='dask' needs address='tcp://host:8786' or dask_client=a distributed.Client")
         if chosen == "local" and (address is not None or dask_client is not None):
             raise ValueError("address and dask_client go with backend='dask'")
+        if dask_client is not None and not (hasattr(dask_client, "submit") and hasattr(dask_client, "scheduler")):
+            raise TypeError(f"dask_client must be a distributed.Client, got {type(dask_client).__name__}")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a string such as 'tcp://scheduler:8786', got {address!r}")
         changes["backend"] = chosen
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)))

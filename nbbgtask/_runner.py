@@ -312,7 +312,10 @@ def run_job(job: Job, sink: Any = None) -> int:
             fields = {"state": State.FAILED.value, "error": f"SystemExit: {exc.code}", "traceback": _user_traceback(exc)}
     except BaseException as exc:
         text = _user_traceback(exc)
-        print(text, file=sys.stderr, end="")
+        try:
+            print(text, file=sys.stderr, end="")
+        except Exception:  # a full disk: the traceback still reaches the store below
+            pass
         fields = {"state": State.FAILED.value, "error": _one_line(exc), "traceback": text}
     if cancelled:
         fields = {"state": State.CANCELLED.value}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as _dt
+import math
 import numbers
 import os
 import time
@@ -24,7 +25,10 @@ def check_percent(percent: Any) -> float:
     """``percent`` as a float clamped to 0–100; NaN and non-numbers are refused."""
     if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
         raise TypeError(f"percent must be a number from 0 to 100, got {percent!r}")
-    percent = float(percent)
+    try:
+        percent = float(percent)
+    except OverflowError:  # an int or Fraction too large for a float: far out of range either way
+        percent = math.inf if percent > 0 else -math.inf
     if percent != percent:
         raise ValueError("percent must be a number from 0 to 100, got NaN")
     return 0.0 if percent < 0 else 100.0 if percent > 100 else percent
@@ -59,6 +63,22 @@ def _tail(path: Path, lines: int) -> str:
             chunk = f.read(end - pos)
     text = chunk.decode("utf-8", errors="replace")
     return "".join(text.splitlines(keepends=True)[-lines:]) if lines else ""
+
+
+def _checked_timeout(timeout: Any) -> float | None:
+    """``None`` (no limit) or a number of seconds, 0 or more; a clear error otherwise."""
+    if timeout is None:
+        return None
+    problem = ValueError(f"timeout must be a number of seconds, 0 or more (or None), got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise problem
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        seconds = math.inf if timeout > 0 else -math.inf  # type: ignore[operator]
+    if not seconds >= 0:
+        raise problem
+    return None if math.isinf(seconds) else seconds
 
 
 class TaskStatus:
@@ -214,6 +234,7 @@ class TaskStatus:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the task ends or ``timeout`` seconds pass; returns `done()`."""
+        timeout = _checked_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in self._poll_delays():
             if self.done():

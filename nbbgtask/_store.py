@@ -131,7 +131,7 @@ class _AtomicJSONStorage(Storage):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, raw) if len(raw) < 1 << 20 else _write_all(fd, raw)
+                _write_all(fd, raw)  # os.write may write less than asked (a nearly full disk)
                 if self.durable:
                     os.fsync(fd)
             finally:
@@ -186,7 +186,7 @@ def shard_of(task_id: str) -> int:
     try:
         return int(task_id[:2], 16) % HISTORY_SHARDS
     except ValueError:
-        return zlib.crc32(task_id.encode()) % HISTORY_SHARDS
+        return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % HISTORY_SHARDS
 
 
 class Store:
@@ -235,7 +235,13 @@ class Store:
         # Made on first use: a forked task process starts with no lock and makes one only
         # when it first writes, off the path to the task's code.
         if self._lock_obj is None:
-            self._history_dir.mkdir(mode=0o700, exist_ok=True)
+            try:
+                self._history_dir.mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write the nbbgtask store in {self.home}: {exc.strerror or exc}; fix its "
+                    f"permissions, or point NBBGTASK_HOME or bg.configure(home=...) at another folder"
+                ) from None
             self._lock_obj = filelock.FileLock(str(self.home / "store.lock"), timeout=LOCK_TIMEOUT, mode=0o600)
         return self._lock_obj
 

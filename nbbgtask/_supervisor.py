@@ -203,6 +203,19 @@ class _Supervisor:
             self.thread = threading.Thread(target=self._run, name="nbbgtask-supervisor", daemon=True)
             self.thread.start()
 
+    @staticmethod
+    def _guarded(step: Any, *args: Any) -> None:
+        """One step of a round; a failure (a full disk, say) is reported and the next round retries."""
+        try:
+            step(*args)
+        except Exception as exc:
+            import warnings
+
+            try:
+                warnings.warn(f"nbbgtask could not record or start a task: {exc}", RuntimeWarning, stacklevel=1)
+            except Exception:  # warnings turned into errors must not end supervision either
+                pass
+
     def _run(self) -> None:
         while True:
             self.wake.wait(POLL)
@@ -210,13 +223,8 @@ class _Supervisor:
             with self.lock:
                 pids = list(self.children)
             for pid in pids:
-                self.reap(pid)
-            try:
-                self._dispatch()
-            except Exception as exc:  # keep supervising; the next round retries
-                import warnings
-
-                warnings.warn(f"nbbgtask could not start a queued task: {exc}", RuntimeWarning, stacklevel=1)
+                self._guarded(self.reap, pid)
+            self._guarded(self._dispatch)
             with self.lock:
                 if not self.children and not self.queue:
                     self.thread = None

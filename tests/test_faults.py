@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 from nbbgtask import _config, _store, _supervisor
@@ -45,15 +47,6 @@ def _record(test: str, **figures):
     if target:
         with open(target, "a") as f:
             f.write(line + "\n")
-
-
-def _wait_for(predicate, timeout=10.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _store_files(home: Path) -> list[Path]:
@@ -98,9 +91,41 @@ def _thread_crashes():
         threading.excepthook = previous
 
 
+def _sigkill(pid) -> bool:
+    """SIGKILL the task process ``pid``; False if it is gone.  psutil checks that the pid still
+    names the same process, and None (never psutil.Process(None): that is this process) is refused."""
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        psutil.Process(pid).kill()
+    except psutil.NoSuchProcess:
+        return False
+    return True
+
+
+def _task_pid(status) -> int | None:
+    """The task's pid: from the store once the task has reported it (its first report), else from
+    this process's supervisor while the child is not yet reaped; None if neither knows it."""
+    pid = status.refresh().pid
+    if pid is None:
+        with _supervisor.supervisor().lock:
+            pid = next((p for p, entry in _supervisor.supervisor().children.items() if entry[1] == status.id), None)
+    return pid
+
+
+def _death_said(status) -> str:
+    """How the error of a SIGKILLed task reads: "precise" (names the signal), or "vague" - the
+    known race of two threads reaping one child (see
+    test_a_task_reaped_by_two_threads_at_once_still_says_how_it_died).  Anything else fails."""
+    if "killed by signal 9 (SIGKILL)" in status.error:
+        return "precise"
+    assert re.match(r"the task process \d+ ended without reporting", status.error), status.error
+    return "vague"
+
+
 def _supervisor_idle(timeout=10.0) -> bool:
     """This process's supervisor has reaped every task process it started."""
-    return _wait_for(lambda: not _supervisor.supervisor().children, timeout)
+    return until(lambda: not _supervisor.supervisor().children, timeout)
 
 
 def _limit_file_size(limit: int) -> None:
@@ -164,6 +189,11 @@ def _as_nobody(fn, *args) -> dict:
     return json.loads(b"".join(chunks) or b"{}")
 
 
+def _sleeper(seconds=30):
+    print("go", flush=True)
+    time.sleep(seconds)
+
+
 # -- 1. SIGKILL storm ----------------------------------------------------------------------------
 
 
@@ -209,26 +239,29 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
         statuses = [bg.run(_steady, k, run_for, str(go), name=f"storm-{k}") for k in range(n_tasks)]
         victims = rng.sample(range(n_tasks), n_killed)
         schedule = sorted((rng.uniform(0.05, 1.2), k) for k in victims)
+        assert until(lambda: all(st.refresh().pid for st in statuses), 30)  # each has reported once
         go.touch()
         all_started = time.monotonic()
         hit_running = 0
         for at, k in schedule:
             time.sleep(max(0.0, all_started + at - time.monotonic()))
-            proc = psutil.Process(statuses[k].refresh().pid)  # psutil checks the pid is still that process
-            if proc.status() != psutil.STATUS_ZOMBIE:
+            pid = statuses[k].refresh().pid
+            assert pid is not None  # every task reported it before "go"
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 hit_running += 1
-            proc.kill()
+            _sigkill(pid)
         last_kill = time.monotonic()
-        assert _wait_for(lambda: all(s.done() for s in statuses), timeout=10), [s.state for s in statuses]
+        assert until(lambda: all(s.done() for s in statuses), timeout=15), [s.state for s in statuses]
         all_done = time.monotonic()
     finally:
         stop.set()
         watcher.join(10)
     states = {s.id: s.state for s in statuses}
+    vague = 0
     for k, status in enumerate(statuses):
         if k in victims:
             assert status.state == "failed", status
-            assert "killed by signal 9 (SIGKILL)" in status.error
+            vague += _death_said(status) == "vague"
         else:
             assert (status.state, status.result(), status.percent) == ("complete", k, 100.0)
     assert not bg.tasks(state=["queued", "running"])
@@ -236,26 +269,61 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
     assert set(records) == set(states)  # every task is in the store, once finished
     assert json.loads((home / "live.json").read_text())["tasks"] == {}
     assert read_errors == [] and reads[0] > 5
-    assert all_done - last_kill < 5.0
+    assert all_done - last_kill < 10.0  # about 0.5 s when the machine is not overloaded
     _record(
         "sigkill_storm", tasks=n_tasks, killed=n_killed, killed_while_running=hit_running,
         failed=sum(s == "failed" for s in states.values()), complete=sum(s == "complete" for s in states.values()),
+        failed_error_without_the_signal=vague,
         still_running=0, lost=0, reader_passes=reads[0], reader_errors=len(read_errors),
         seconds_last_kill_to_all_done=round(all_done - last_kill, 2), seconds_total=round(all_done - started, 2),
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="library bug: nbbgtask/_supervisor.py _Supervisor.reap is not atomic: while one thread "
+    "has reaped the child and not yet recorded its death, another (a read's reconcile) gets "
+    "ChildProcessError and records 'ended without reporting' instead of the signal",
+)
+def test_a_task_reaped_by_two_threads_at_once_still_says_how_it_died(home, monkeypatch):
+    status = bg.run(_sleeper)
+    assert until(lambda: status.refresh().pid is not None and "go" in status.log())
+    pid = status.pid
+    real_waitpid = os.waitpid
+    held = threading.Event()
+
+    def slow_waitpid(target, options):
+        got = real_waitpid(target, options)
+        if target == pid and got[0] == pid and not held.is_set():
+            held.set()
+            time.sleep(0.5)  # the supervisor thread, between reaping and recording
+        return got
+
+    monkeypatch.setattr(os, "waitpid", slow_waitpid)
+    os.kill(pid, signal.SIGKILL)
+    assert held.wait(5)
+    assert status.wait(5)  # this thread reaps too, and records first
+    monkeypatch.undo()
+    assert _supervisor_idle()
+    _record("reap_race", error=status.refresh().error)
+    assert "killed by signal 9 (SIGKILL)" in status.error
 
 
 # -- 2. task processes SIGKILLed while they write the store -----------------------------------------
 
 
 def _fast_writer(seconds):
-    """Progress as fast as the writer thread takes it, then a result (and so a finalize)."""
+    """Progress as fast as the writer thread takes it (the loop lets go of the GIL now and then,
+    or the writer thread would hardly ever run), then a result, and so a finalize."""
     status = bg.current()
     end = time.monotonic() + seconds
     i = 0
     while time.monotonic() < end:
         i += 1
         status.update(percent=i % 100, message=f"write {i}")
+        if i % 5 == 0:
+            time.sleep(0.0001)
     return i
 
 
@@ -270,21 +338,19 @@ def test_task_processes_killed_at_random_moments_never_damage_the_store(home):
     before = _history_ids(home)
     assert len(before) == 10
     outcomes = {"failed": 0, "complete": 0}
-    worst = 0.0
+    worst, vague = 0.0, 0
     for round_ in range(25):
         status = bg.run(_fast_writer, rng.uniform(0.0, 0.05), name="victim")
-        pid = status.refresh().pid
         time.sleep(rng.uniform(0.0, 0.06))
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).kill()
+        _sigkill(_task_pid(status))  # None if it has already ended and been reaped: nothing to kill
         killed = time.monotonic()
-        assert status.wait(5), status
+        assert status.wait(10), status
         worst = max(worst, time.monotonic() - killed)
         outcomes[status.state.value] += 1
         if status.state == "failed":
-            assert "killed by signal 9 (SIGKILL)" in status.error
+            vague += _death_said(status) == "vague"
         else:
-            assert status.state == "complete" and status.result() > 0
+            assert status.state == "complete" and status.result() >= 0  # how many updates it made
         _assert_store_intact(home)
         history = _history_ids(home)
         assert {k: history[k] for k in before} == before  # nothing finished earlier is lost or changed
@@ -293,7 +359,7 @@ def test_task_processes_killed_at_random_moments_never_damage_the_store(home):
     assert [s.refresh().result() for s in earlier] == list(range(10))
     _record(
         "random_kills_of_writing_tasks", kills=25, ended_failed=outcomes["failed"],
-        ended_complete_before_the_kill=outcomes["complete"], finished_before=10,
+        ended_complete_before_the_kill=outcomes["complete"], failed_error_without_the_signal=vague, finished_before=10,
         finished_after=len(_history_ids(home)), lost=0, damaged_files=0, worst_seconds_kill_to_done=round(worst, 2),
     )
 
@@ -367,13 +433,19 @@ def test_task_processes_killed_at_exact_points_of_a_store_write(home):
         bg.run(lambda k=k: k, name="earlier").wait(30)
     before = _history_ids(home)
     results = {point: [] for point in KILL_POINTS}
+    vague = 0
     for _ in range(5):
         for point, expected in KILL_POINTS.items():
-            status = bg.run(_doomed_writer, point, rng.randint(1, 6), 0.3, name="doomed")
-            assert status.wait(10), status
+            # Progress points: killed at the 1st to 10th progress write.  The others: killed in
+            # the finalize that follows 0 to 0.1 s of progress.
+            progress = point.startswith("progress")
+            seconds = 5.0 if progress else rng.uniform(0.0, 0.1)
+            nth = rng.randint(1, 10) if progress else 1
+            status = bg.run(_doomed_writer, point, nth, seconds, name="doomed")
+            assert status.wait(30), status
             assert status.state == expected, (point, status, status.log())
             if expected == "failed":
-                assert "killed by signal 9 (SIGKILL)" in status.error
+                vague += _death_said(status) == "vague"
             else:
                 assert status.result() > 0
             _assert_store_intact(home)
@@ -386,9 +458,18 @@ def test_task_processes_killed_at_exact_points_of_a_store_write(home):
     leftovers = [p.name for p in (home / "results").iterdir() if p.suffix == ".tmp"]
     _record(
         "kills_at_exact_write_points", kills=25, points={p: len(v) for p, v in results.items()},
-        outcomes={p: sorted(set(v)) for p, v in results.items()}, finished_before=len(before),
+        outcomes={p: sorted(set(v)) for p, v in results.items()}, failed_error_without_the_signal=vague,
+        finished_before=len(before),
         finished_after=len(_history_ids(home)), lost=0, damaged_files=0, orphaned_result_temp_files=len(leftovers),
     )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds a descriptor's file through /proc")
+def test_a_task_killed_while_saving_its_result_leaves_nothing_once_pruned(home):
+    status = bg.run(_doomed_writer, "result file written, not yet renamed", 1, 0.0)
+    assert status.wait(10) and status.state == "failed"
+    assert bg.prune() == 1
+    assert sorted(p.name for p in (home / "results").iterdir()) == []
 
 
 # -- 3. the kernel SIGKILLed while its tasks run -----------------------------------------------------
@@ -408,7 +489,7 @@ print(*[s.id for s in running], queued.id, queued.state)
 """
 
 
-def test_tasks_outlive_a_sigkilled_kernel(kernel, home):
+def test_tasks_outlive_a_sigkilled_kernel(kernel, home, request):
     """SIGKILL the kernel while two tasks run and one waits queued: the running ones finish and a
     new kernel reads their results; the queued one ends failed saying why, none stays running."""
     from kernel_driver import Kernel
@@ -445,7 +526,7 @@ def test_tasks_outlive_a_sigkilled_kernel(kernel, home):
     assert live == []
     _assert_store_intact(home)
     _record(
-        "kernel_sigkilled", kernel=python.parent.parent.name, tasks_running=2, tasks_queued=1,
+        "kernel_sigkilled", kernel=request.node.callspec.params["kernel"], tasks_running=2, tasks_queued=1,
         results_read_from_new_kernel=len(results), queued_ended=late.split(":")[0],
         seconds_kill_to_results=round(answered_at - killed_at, 2), still_running=0,
     )
@@ -525,14 +606,6 @@ def _chatty():
     return "printed everything"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: nbbgtask/_runner.py run_job prints the task's traceback to the log "
-    "(print(text, file=sys.stderr) in its `except BaseException` branch) without guarding it; when "
-    "the log cannot be written (disk full) that print raises again, run_job never records the "
-    "outcome, the process exits 70 and the task ends 'exited with code 70 without reporting (see "
-    "its log)' - the log that could not be written - instead of the task's own error",
-)
 def test_a_log_that_cannot_be_written_fails_the_task_with_the_reason(home):
     status = bg.run(_chatty)
     assert status.wait(30)
@@ -543,31 +616,24 @@ def test_a_log_that_cannot_be_written_fails_the_task_with_the_reason(home):
     assert "File too large" in status.error
 
 
-
 def _finish_on_a_full_disk(mode):
     """(rlimit) limit this process's writes to just over the size of its history shard, so the
-    finalize's rewrite of that shard runs out of room part way; (tmpfs) wait until the test has
-    filled the disk.  Returns nothing, so no result file takes the last free page."""
+    finalize's rewrite of that shard runs out of room part way; (tmpfs) the test fills the disk.
+    Either way it waits for the test's signal, and returns nothing, so no result file takes the
+    last free page."""
     me = bg.current()
     home = _config.home()
     if mode == "rlimit":
         _limit_file_size(os.path.getsize(home / "history" / f"{_store.shard_of(me.id):02d}.json") + 100)
-    else:
-        while not (home / "go").exists():
-            time.sleep(0.01)
+    while not (home / "go").exists():
+        time.sleep(0.01)
     bg.progress(50, "about to finish")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: nbbgtask/_store.py _AtomicJSONStorage.write calls os.write(fd, raw) once "
-    "and ignores its return value for files under 1 MiB; on a nearly full disk (or RLIMIT_FSIZE) "
-    "write() stores only part of the bytes, the truncated temp file is renamed over the history "
-    "shard, and the next reader sets the shard aside as damaged: every finished task in it is "
-    "lost, and the task that finished ends 'failed ... ended without reporting'",
-)
 @pytest.mark.parametrize("mode", ["rlimit", "tmpfs"])
 def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
+    """The disk runs out while a task's finalize rewrites its history shard (640 finished tasks
+    in the history): the store stays intact, no finished task is lost, the task ends."""
     original = home
     if mode == "tmpfs":
         disk = request.getfixturevalue("small_disk")
@@ -578,13 +644,17 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
         with warnings.catch_warnings(record=True) as caught, _thread_crashes() as crashes:
             warnings.simplefilter("always")
             status = bg.run(_finish_on_a_full_disk, mode)
+            assert until(lambda: status.refresh().pid is not None)  # reported once: the handle knows its pid
             if mode == "tmpfs":
-                assert _wait_for(lambda: status.refresh().pid is not None)
                 filler = _fill(disk, leave=4096)
-                (home / "go").touch()
-            waited = status.wait(15)
+            (home / "go").touch()
+            try:
+                waited = status.wait(15)
+            except bg.StoreError:  # recording a dead task needs room too: fine while the disk is full
+                waited = False
             if filler is not None:
                 filler.unlink()
+            waited = waited or status.wait(15)
             assert _supervisor_idle()
             _store.forget_instances()
             listed = bg.tasks()
@@ -621,22 +691,15 @@ STARTER = textwrap.dedent("""
         print(json.dumps([type(exc).__name__, str(exc)]))
 """)
 
-_SHORT_WRITE = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: nbbgtask/_store.py _AtomicJSONStorage.write ignores a short os.write(); "
-    "with less room left than live.json needs, bg.run() does not raise: it renames a truncated "
-    "live.json into place, and the next reader sets it aside as damaged, dropping every running "
-    "task's record",
-)
 
 
 @pytest.mark.parametrize(
     "mode, room",
     [
         ("rlimit", "none"),
-        pytest.param("rlimit", "4 KiB", marks=_SHORT_WRITE),
+        ("rlimit", "4 KiB"),
         ("tmpfs", "none"),
-        pytest.param("tmpfs", "4 KiB", marks=_SHORT_WRITE),
+        ("tmpfs", "4 KiB"),
     ],
 )
 def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, room, home, request):
@@ -646,7 +709,8 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
         disk = request.getfixturevalue("small_disk")
         home = _use_home(disk / "home")
     sleepers = [bg.run(time.sleep, 20, name=f"sleeper-{k}-" + "x" * 200) for k in range(10)]
-    pids = [s.refresh().pid for s in sleepers]
+    assert until(lambda: all(s.refresh().pid for s in sleepers), 30)  # each has reported once
+    pids = [s.pid for s in sleepers]
     before = json.loads((home / "live.json").read_bytes())["tasks"]
     assert os.path.getsize(home / "live.json") > 4096 + 1024
     leave = 0 if room == "none" else 4096
@@ -659,14 +723,13 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
                 [sys.executable, "-c", STARTER, str(home), str(limit)], capture_output=True, text=True, timeout=60
             )
             outcome, message = json.loads(out.stdout.strip().splitlines()[-1])
-            raw = (home / "live.json").read_bytes()
+            raw = (home / "live.json").read_bytes() if (home / "live.json").exists() else b""
             damaged = sorted(p.name for p in home.rglob("*") if ".damaged-" in p.name)
     finally:
         if filler is not None:
             filler.unlink()
         for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+            _sigkill(pid)
         with warnings.catch_warnings(record=True), _thread_crashes():
             warnings.simplefilter("always")
             _supervisor_idle()
@@ -676,7 +739,7 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
             live_json_parses=_parses(raw), damaged_files=damaged)
     assert outcome == "StoreError", (outcome, message, out.stderr[-2000:])
     assert "No space left on device" in message or "File too large" in message
-    assert json.loads(raw)["tasks"] == before  # the store is unchanged
+    assert _parses(raw) and json.loads(raw)["tasks"] == before  # the store is unchanged
     assert not damaged
 
 
@@ -688,20 +751,10 @@ def _parses(raw: bytes) -> bool:
     return True
 
 
-def _sleeper(seconds=30):
-    print("go", flush=True)
-    time.sleep(seconds)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: nbbgtask/_supervisor.py _Supervisor._run calls self.reap(pid) outside "
-    "its try/except; a StoreError while reap() records a dead task (disk full, lock timeout) "
-    "ends the supervisor thread, and nothing restarts it until this process starts another "
-    "task: a task it queued (max_running) stays 'queued' for good",
-)
 @pytest.mark.parametrize("mode", ["tmpfs", "simulated"])
 def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, request, monkeypatch):
+    """One task runs and one waits queued (max_running=1); the running one is SIGKILLed while the
+    store cannot be written.  Once there is room again, the queued one starts."""
     original = home
     if mode == "tmpfs":
         disk = request.getfixturevalue("small_disk")
@@ -710,7 +763,7 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
     first = bg.run(_sleeper)
     second = bg.run(lambda: "second ran")
     assert second.state == "queued"
-    assert _wait_for(lambda: first.refresh().pid is not None and "go" in first.log())
+    assert until(lambda: first.refresh().pid is not None and "go" in first.log())
     filler = None
     try:
         with _thread_crashes() as crashes:
@@ -726,12 +779,12 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
 
                 monkeypatch.setattr(_store.Store, "finalize", finalize)
             os.kill(first.pid, signal.SIGKILL)
-            assert _wait_for(lambda: first.pid not in _supervisor.supervisor().children, 5)
+            assert until(lambda: first.pid not in _supervisor.supervisor().children, 5)
             time.sleep(0.3)
             if filler is not None:
                 filler.unlink()
             monkeypatch.undo()
-            started = _wait_for(lambda: second.done(), timeout=5)
+            started = until(lambda: second.done(), timeout=3)
         _record(f"store_error_while_reaping_{mode}", first=first.refresh().state.value,
                 second=second.refresh().state.value, supervisor_thread_crashes=crashes)
         assert first.state == "failed"
@@ -770,6 +823,7 @@ def _damage(kind: str, path: Path, task_id: str) -> None:
 
 _HAND_EDITED = pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="library bug: nbbgtask/_store.py _AtomicJSONStorage._parse checks only that the file is "
     "JSON whose top-level values are objects; records are never checked, so a hand-edited or "
     "otherwise damaged record (not an object, fields missing, unknown state, non-numeric schema) "
@@ -797,9 +851,9 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
     """Kinds of damage test_store.py does not cover (it truncates the file): every public call
     either works (the damaged file set aside, with a warning) or raises a StoreError."""
     finished = bg.run(lambda: "old")
-    running = bg.run(_sleeper, 3)
+    running = bg.run(_sleeper, 1)
     finished.wait(30)
-    assert _wait_for(lambda: running.refresh().pid is not None)
+    assert until(lambda: running.refresh().pid is not None)
     path = home / "live.json" if which == "live" else home / "history" / f"{_store.shard_of(finished.id):02d}.json"
     _damage(kind, path, running.id if which == "live" else finished.id)
     _store.forget_instances()
@@ -826,7 +880,10 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
             if not _parses(p.read_bytes()) or p == path:
                 p.unlink()
         _store.forget_instances()
-        _supervisor_idle()
+        with contextlib.suppress(Exception):
+            running.wait(5)
+        bg.run(print).wait(5)  # a new task restarts a crashed supervisor thread, which reaps the rest
+        _supervisor_idle(5)
     _record(f"damaged_store_{which}", kind=kind, outcomes=outcomes, warned=len(caught), thread_crashes=crashes)
     assert all(v == "ok" or v.startswith("clear") for v in outcomes.values()), outcomes
     assert outcomes["run"] == "ok" and outcomes["running task ends"] == "ok"
@@ -834,11 +891,36 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
     assert crashes == []
 
 
-def _in_read_only_home(base: str, variant: str) -> dict:
-    home = Path(base) / variant
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="library bug: nbbgtask/_status.py TaskStatus.refresh, when store.get() finds no record, "
+    "reconciles the handle's own cached copy, expecting the task to write it again; but a task that "
+    "has ended (its history shard damaged and set aside) never will, and the handle bg.run() returned "
+    "has no pid (the task records it itself), so _supervisor.reconcile sees a live owner (this "
+    "process) and keeps it 'running' for good: wait() never returns, while bg.get() says TaskNotFound",
+)
+def test_a_handle_whose_record_was_lost_does_not_stay_running_forever(home):
+    status = bg.run(lambda: "done")  # this handle is never refreshed before the damage
+    assert until(lambda: not _supervisor.supervisor().children and bg.get(status.id).state == "complete")
+    (home / "history" / f"{_store.shard_of(status.id):02d}.json").write_bytes(b"\0" * 512)  # disk trouble
+    _store.forget_instances()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with pytest.raises(bg.TaskNotFound):
+            bg.get(status.id)  # the record is gone...
+        try:
+            ended = status.wait(2)  # ...so the handle must not say "running" for ever
+        except bg.TaskNotFound:
+            ended = True
+    _record("handle_of_a_lost_record", ended=ended, state=status.state.value)
+    assert ended, status
+
+
+def _in_read_only_home(home: str) -> dict:
+    """In a child running as the home's (ordinary) owner: make the home read-only and use it."""
+    home = Path(home)
     bg.configure(home=home)
-    if variant == "used":
-        bg.run(lambda: "before").wait(30)
     os.chmod(home, 0o500)
     found: dict = {}
     try:
@@ -862,25 +944,25 @@ def _in_read_only_home(base: str, variant: str) -> dict:
     "variant",
     [
         "used",
-        pytest.param(
-            "fresh",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="library bug: nbbgtask/_store.py Store._lock creates home/history with a bare "
-                "mkdir() (and filelock then creates store.lock) outside any OSError handling; in a "
-                "home that was configured but never written, and is not writable, bg.run() and "
-                "bg.prune() raise a bare PermissionError (EROFS/ENOSPC likewise) instead of StoreError",
-            ),
-        ),
+        "fresh",
     ],
 )
 def test_a_home_that_became_unwritable_gives_store_error_and_stays_readable(variant):
     """The home was usable when configured and is read-only now (a chmod, a read-only mount)."""
-    base = tempfile.mkdtemp(prefix="nbbgtask-readonly-")
+    base = Path(tempfile.mkdtemp(prefix="nbbgtask-readonly-"))
+    home = base / "home"
     try:
-        if os.geteuid() == 0:
-            os.chown(base, 65534, 65534)
-        found = _as_nobody(_in_read_only_home, base, variant)
+        if variant == "used":  # a task ran and finished there
+            _use_home(home)
+            bg.run(lambda: "before").wait(30)
+        else:  # configured (folders made), never written
+            _config.ensure_home(home)
+        _config.reset()
+        _store.forget_instances()
+        if os.geteuid() == 0:  # the child runs as nobody: give the home to nobody
+            for path in [base, *base.rglob("*")]:
+                os.chown(path, 65534, 65534)
+        found = _as_nobody(_in_read_only_home, str(home))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     _record(f"unwritable_home_{variant}", **found)
@@ -908,7 +990,7 @@ def test_a_reused_owner_pid_or_a_zombie_pid_does_not_keep_a_task_alive(home):
     live_owner = put("queued", pid=None, owner_pid=me.pid, owner_started=me.create_time())
     zombie = subprocess.Popen(["true"])
     try:
-        assert _wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 5)
+        assert until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 5)
         zombie_task = put("running", pid=zombie.pid, pid_started=psutil.Process(zombie.pid).create_time())
         assert bg.get(reused_owner).state == "failed"
         assert bg.get(reused_owner).error.startswith("NotStarted: the process that queued it")
@@ -931,6 +1013,7 @@ def _timed(fn):
 
 
 def test_a_10000_task_history_stays_usable_and_prunable(home):
+    """Listing, lookups, a new task and prune stay correct and quick with 10,048 finished tasks."""
     total = _fill_history(home, per_shard=157)  # 10,048 finished tasks and the template
     assert total > 10_000
     every, t_tasks_cold = _timed(bg.tasks)
@@ -954,8 +1037,8 @@ def test_a_10000_task_history_stays_usable_and_prunable(home):
     assert pruned == total + 1 - 5000
     assert len(bg.tasks()) == 5000
     pruned_old, t_prune_old = _timed(lambda: bg.prune(older_than=3600))
-    assert pruned_old == 4999  # every filler finished hours ago; the new task stays
-    assert [s.result() for s in bg.tasks()] == ["new"]
+    assert pruned_old == 4998  # the fillers finished hours ago; the template and the new task stay
+    assert [s.result() for s in bg.tasks()] == ["new", "template"]
     _assert_store_intact(home)
     _record(
         "history_10000", tasks=total, seconds_tasks_cold=round(t_tasks_cold, 3), seconds_tasks_warm=round(t_tasks_warm, 3),

@@ -84,7 +84,7 @@ display(status)
 
 def test_cancelled_bar_says_cancelled(kernel):
     kernel.ok(SETUP + "status = bg.run(steps, 100); display(status); time.sleep(0.3); status.cancel()")
-    kernel.drain_all(1.0)
+    kernel.drain_all(3.0)
     models = Models(kernel.iopub)
     texts = [models.state[m]["value"] for m in models.of("HTMLModel")]
     assert any("cancelled after" in t for t in texts)
