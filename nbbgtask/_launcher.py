@@ -15,16 +15,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _store, _supervisor
-from ._runner import Job, run_job
+from ._runner import Job, exit_child, run_job
 from ._status import log_path
 
 __all__ = ["fork_detached", "prepare", "start"]
-
-#: exit code of a task process whose own bookkeeping failed (the supervisor records it)
-EXIT_INTERNAL = 70
 
 
 def _open_log(job: Job) -> int:
@@ -126,9 +123,8 @@ def _await_own_session(pid: int) -> None:
         pass  # already gone: the supervisor records how
 
 
-def _in_child(run: Callable[[], int], output: int, mask: set[int | signal.Signals]) -> None:
-    code = EXIT_INTERNAL
-    try:
+def _in_child(run: Callable[[], int], output: int, mask: set[int | signal.Signals]) -> NoReturn:
+    def main() -> int:
         # Jupyter interrupts, restarts and shuts a kernel down by signalling its whole process
         # group: a session of its own keeps the task out of that.
         os.setsid()
@@ -148,23 +144,9 @@ def _in_child(run: Callable[[], int], output: int, mask: set[int | signal.Signal
         asyncio.set_event_loop(None)
         # The kernel may have pointed signal wake-ups at its event loop's socket.
         signal.set_wakeup_fd(-1)
-        code = run()
-    except BaseException:
-        try:
-            import traceback
+        return run()
 
-            traceback.print_exc()
-        except BaseException:
-            pass
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        # Returning, raising or sys.exit() would run on as a copy of the kernel: atexit handlers
-        # would end IPython's shared history session and delete the kernel's connection file.
-        os._exit(code)
+    exit_child(main)
 
 
 def _redirect_output(output: int) -> None:

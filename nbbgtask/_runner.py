@@ -333,16 +333,21 @@ def run_job(job: Job, sink: Any = None) -> int:
 
 
 def exit_child(main: Callable[[], int]) -> NoReturn:
-    """Run the entry point of a task's own interpreter (spawn, Dask), then end it with ``os._exit``.
+    """Run the entry point of a task's own process (forked or spawned), then end it with ``os._exit``.
 
     A failure before the job could even start (its module not importable here, say) is printed
-    to the task's log, and the exit code then tells the parent the task never reported.
+    to the task's log, and the exit code (70) tells the parent the task never reported.  Returning,
+    raising or sys.exit() instead would let a forked task run on as a copy of the kernel: atexit
+    handlers would end IPython's shared history session and delete the kernel's connection file.
     """
     code = 70
     try:
         code = main()
     except BaseException:
-        traceback.print_exc()
+        try:
+            traceback.print_exc()
+        except BaseException:  # no room for the log: the exit code still says it
+            pass
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
