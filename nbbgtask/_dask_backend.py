@@ -137,7 +137,7 @@ class DaskBackend:
     def _finish(self, task_id: str, msg: dict[str, Any]) -> None:
         fields: dict[str, Any] = {
             k: msg[k]
-            for k in ("state", "percent", "message", "error", "traceback", "has_result", "result_type", "finished", "cancel_requested")
+            for k in ("state", "percent", "message", "error", "traceback", "has_result", "result_type", "result_inline", "finished", "cancel_requested")
             if k in msg
         }
         fields.setdefault("finished", time.time())

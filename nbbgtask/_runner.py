@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import inspect
 import os
@@ -66,6 +67,9 @@ class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
 
+#: a pickled result up to this size is kept in the task's record, not a file of its own (a file
+#: costs a create, a rename and an fsync: more than a trivial task's whole run)
+INLINE_RESULT = 512
 #: seconds of progress-write interval per live task (100 live tasks: each writes every 0.5 s)
 WRITE_SHARE = 0.005
 
@@ -78,9 +82,9 @@ class StoreSink:
         self._store = store_for(job.home)
 
     def interval(self, base: float) -> float:
-        """Seconds until the next progress write: longer when many tasks share the live file,
-        so that together they keep well short of saturating its lock."""
-        return max(base, WRITE_SHARE * self._store.live_count)
+        """Seconds until the next progress write: longer when many tasks are live,
+        so that together their writes keep to a small share of the machine."""
+        return max(base, WRITE_SHARE * self._store.live_count())
 
     def progress(self, fields: dict[str, Any] | None) -> bool:
         """Record ``fields`` (or only look, if ``None``); ``True`` if a cancel was requested."""
@@ -269,6 +273,8 @@ def _save_result(sink: Any, value: Any) -> dict[str, Any]:
         data = cloudpickle.dumps(value)
     except Exception as exc:
         raise TypeError(f"the task's return value (a {kind}) cannot be pickled: {exc}") from exc
+    if len(data) <= INLINE_RESULT:
+        return {"has_result": True, "result_type": kind, "result_inline": base64.b64encode(data).decode("ascii")}
     sink.save_result(data)
     return {"has_result": True, "result_type": kind}
 

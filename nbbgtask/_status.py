@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import datetime as _dt
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _config
-from ._errors import NbbgtaskError, TaskCancelled, TaskFailed
+from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
 from ._states import State
 
 if TYPE_CHECKING:
@@ -209,13 +210,20 @@ class TaskStatus:
         if self._reporter is not None or self.state.is_final:
             return self  # a final record never changes
         from ._store import store_for
-        from ._supervisor import reconcile
+        from ._supervisor import may_still_report, reconcile
 
         store = store_for(self._home)
         record = store.get(self.id)
-        # A live record that vanished was in a damaged store that was replaced: the task
-        # writes it again on its next report, and meanwhile its process is still checked.
-        self._record = reconcile(store, record if record is not None else self._record)
+        if record is None:
+            # A live record that vanished was in a damaged file that was set aside: the task
+            # writes it again on its next report, if it still runs.
+            if not may_still_report(self._record):
+                raise TaskNotFound(
+                    f"task {self.id[:8]}'s record is gone from the store at {self._home}: it was "
+                    f"pruned, or the file that held it was damaged and set aside (see the warning)"
+                )
+            record = self._record
+        self._record = reconcile(store, record)
         return self
 
     def is_running(self) -> bool:
@@ -275,13 +283,17 @@ class TaskStatus:
             return None
         import cloudpickle
 
-        path = result_path(self._home, self.id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise NbbgtaskError(
-                f"the result of task {self.id[:8]} is gone: {path} was deleted"
-            ) from None
+        inline = self._record.get("result_inline")
+        if inline is not None:
+            data = base64.b64decode(inline)
+        else:
+            path = result_path(self._home, self.id)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise NbbgtaskError(
+                    f"the result of task {self.id[:8]} is gone: {path} was deleted"
+                ) from None
         try:
             return cloudpickle.loads(data)
         except Exception as exc:

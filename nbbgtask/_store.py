@@ -1,11 +1,13 @@
 """The status store: task records in TinyDB files shared by kernels, task processes and the CLI.
 
-This is the only module that imports TinyDB.  What changes often is kept small: ``live.json``
-holds queued and running tasks (rewritten on every progress write), and finished tasks move to
-the history, spread over ``history/NN.json`` shards by id, so that ending a task rewrites a
-sixty-fourth of the history, not all of it.  Every read-modify-write happens under one file
-lock, and every write replaces its file atomically, so readers never take the lock and never
-see a torn file.
+This is the only module that imports TinyDB.  Each queued or running task has a small file of
+its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to the
+history, spread over ``history/NN.json`` shards by id, so that ending a task rewrites a
+sixty-fourth of the history.  A read-modify-write takes one of 64 stripe locks
+(``locks/NN.lock``, chosen by id as the history shard is), so tasks that report or end at the
+same moment seldom wait for each other.  Only admission under a ``max_running`` limit takes the
+store-wide ``store.lock``, to count the running tasks.  Every write replaces its file
+atomically, so readers take no lock and never see a torn file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -21,53 +24,100 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import filelock
 from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
 from ._errors import StoreDamagedWarning, StoreError
+from ._locks import FileLock, LockTimeout
 from ._states import State
 
-__all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances"]
+__all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances", "shard_of"]
 
 #: Bumped when a record's layout changes incompatibly; recorded in every store file.
-SCHEMA_VERSION = 1
+#: 2: live tasks in ``live/<id>.json`` (1 kept them all in ``live.json``).
+SCHEMA_VERSION = 2
 #: Seconds to wait for another process's read-modify-write before giving up.
 LOCK_TIMEOUT = 30.0
 #: Seconds between tries for a busy lock (filelock's default, 0.05, made starting a task wait
 #: hundreds of milliseconds while many tasks were reporting).
 LOCK_POLL = 0.002
-#: How many files the history is spread over (by task id).
+#: How many files the history is spread over (by task id); also the number of stripe locks.
 HISTORY_SHARDS = 64
+#: A folder changed less than this long ago may change again within the same timestamp tick
+#: (file times are taken from a coarse clock), so `Store.version` does not vouch for it yet.
+SETTLE_NS = 50_000_000
 
 _TASKS = "tasks"
+#: what a task id may look like to have a live file (ours are 32 hex digits)
+_FILE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
 _META = "_meta"
 _RANK = {State.QUEUED: 0, State.RUNNING: 1}
+_STATES = frozenset(s.value for s in State)
+_NUMBER = (int, float)
+#: what a record's fields must be, where present (``None`` is allowed for all but the first four)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "name": (str,),
+    "state": (str,),
+    "created": _NUMBER,
+    "started": _NUMBER,
+    "finished": _NUMBER,
+    "percent": _NUMBER,
+    "message": (str,),
+    "pid": (int,),
+    "error": (str,),
+    "traceback": (str,),
+    "settings": (dict,),
+    "result_inline": (str,),
+}
+_REQUIRED = ("id", "name", "state", "created")
 
 
 class _Damaged(Exception):
-    pass
+    """A store file that cannot be used as it is; ``salvage`` holds what can be kept of it."""
+
+    def __init__(self, reason: str, salvage: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.salvage = salvage
+
+
+def _record_fault(key: str, record: Any) -> str | None:
+    """Why ``record`` (stored under ``key``) is not a task record, or ``None`` if it is one."""
+    if not isinstance(record, dict):
+        return f"record {key!r} is a {type(record).__name__}, not an object"
+    for field in _REQUIRED:
+        if record.get(field) is None:
+            return f"record {key!r} has no {field!r}"
+    for field, kinds in _FIELDS.items():
+        value = record.get(field)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"record {key!r} has a {type(value).__name__} for {field!r}"
+    if record["id"] != key:
+        return f"record {key!r} says its id is {record['id']!r}"
+    if record["state"] not in _STATES:
+        return f"record {key!r} has an unknown state {record['state']!r}"
+    return None
 
 
 class _AtomicJSONStorage(Storage):
     """TinyDB storage: writes replace the file atomically; reads are cached.
 
     ``trust_stat``: a file whose (inode, size, mtime) did not change is not re-read; used for the
-    history shards, which are rarely written.  The live file is small, so it is always re-read
-    and only re-parsed when its bytes changed.  Under the store lock the first read parses the
-    file anew and later reads in the same lock session reuse that copy, so a read-modify-write
-    never starts from a stale or shared copy and never parses twice.
+    history shards, which are rarely written.  A live file is small, so it is always re-read
+    and only re-parsed when its bytes changed.  Under its lock the first read parses the file
+    anew and later reads in the same lock session reuse that copy, so a read-modify-write never
+    starts from a stale or shared copy and never parses twice.
 
-    ``durable``: fsync before the rename.  The history needs it; the live file does not, since
-    no task is left running after the machine stops.
+    ``durable``: fsync before the rename.  The history needs it; live files do not, since no
+    task is left running after the machine stops.
     """
 
     def __init__(self, path: str, trust_stat: bool = False, durable: bool = False) -> None:
         self.path = path
         self.trust_stat = trust_stat
         self.durable = durable
-        #: set by the store while it holds the lock (and only then)
+        #: set by the store while it holds this file's lock (and only then)
         self.session: dict[str, Any] | None = None
         self.in_session = False
         # (stat signature, bytes, parsed), replaced whole so threads never see a mixed triple
@@ -82,12 +132,22 @@ class _AtomicJSONStorage(Storage):
             raise _Damaged(f"not valid JSON ({exc})") from None
         if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
             raise _Damaged("not a TinyDB document")
-        version = data.get(_META, {}).get("1", {}).get("schema", SCHEMA_VERSION)
+        meta = data.get(_META, {}).get("1", {})
+        version = meta.get("schema", SCHEMA_VERSION) if isinstance(meta, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _Damaged(f"its schema version is {version!r}, not a number")
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"the nbbgtask store {self.path} was written by a newer nbbgtask (schema "
                 f"{version}, this one knows {SCHEMA_VERSION}); upgrade nbbgtask or use another home"
             )
+        tasks = data.get(_TASKS, {})
+        faults = {key: fault for key, rec in tasks.items() if (fault := _record_fault(key, rec))}
+        if faults:
+            kept = {key: rec for key, rec in tasks.items() if key not in faults}
+            first = next(iter(faults.values()))
+            more = f" and {len(faults) - 1} more" if len(faults) > 1 else ""
+            raise _Damaged(f"{first}{more}", salvage={**data, _TASKS: kept})
         return data
 
     def _read_file(self) -> tuple[tuple[int, int, int], bytes] | None:
@@ -126,7 +186,8 @@ class _AtomicJSONStorage(Storage):
         data[_META] = {"1": {"schema": SCHEMA_VERSION}}
         raw = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
         directory, name = os.path.split(self.path)
-        # Only the lock holder writes, so one temp name per file is enough.
+        # Only the holder of the file's lock (or the maker of a new task's file) writes it, so
+        # one temp name per file is enough.
         tmp = os.path.join(directory, f".{name}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -146,9 +207,12 @@ class _AtomicJSONStorage(Storage):
                 f"cannot write the nbbgtask store {self.path}: {exc.strerror or exc}. "
                 f"The store is unchanged; free some space or fix the folder's permissions."
             ) from None
-        # ``data`` came from a parse made under the lock, so no reader shares it yet.
-        self.session = data
-        self._cache = (None, raw, data)
+        if self.in_session:
+            # ``data`` came from a parse made under the lock, so no reader shares it yet.
+            self.session = data
+            self._cache = (None, raw, data)
+        else:
+            self._cache = (None, None, None)
 
     def close(self) -> None:
         pass
@@ -189,37 +253,70 @@ def shard_of(task_id: str) -> int:
         return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % HISTORY_SHARDS
 
 
+def _open_table(path: str, **storage: Any) -> Any:
+    # Typed Any: TinyDB's hints say document ids are ints, ours are strings (see _TaskTable).
+    return _DB(path, storage=_AtomicJSONStorage, **storage).table(_TASKS, cache_size=0)
+
+
+def _storage(table: Table) -> _AtomicJSONStorage:
+    return table.storage  # type: ignore[return-value]
+
+
+def _live_name_ok(name: str) -> bool:
+    return name.endswith(".json") and not name.startswith(".")
+
+
 class Store:
     """Task records under one home folder.  One instance per home per process (`store_for`)."""
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
-        self._depth = threading.local()
-        self._lock_obj: filelock.FileLock | None = None
-        self._history_dir = self.home / "history"
-        self._live_db = _DB(str(self.home / "live.json"), storage=_AtomicJSONStorage)
-        # Typed Any: TinyDB's hints say document ids are ints, ours are strings (see _TaskTable).
-        self._live: Any = self._live_db.table(_TASKS, cache_size=0)
+        # Plain strings: these paths are joined on every write, and pathlib costs more than the write's Python.
+        self._live_dir = os.path.join(self.home, "live")
+        self._history_dir = os.path.join(self.home, "history")
+        self._lock_dir = os.path.join(self.home, "locks")
+        self._ready = False
+        self._global: FileLock | None = None
+        self._stripes: dict[int, FileLock] = {}
         self._shards: dict[int, Any] = {}
-        self._shards_lock = threading.Lock()
-        #: how many tasks were live at this process's last progress write
-        self.live_count = 0
+        #: live files' tables, kept while the task is live so that unchanged files are not re-parsed
+        self._live: dict[str, Any] = {}
+        self._tables_lock = threading.Lock()
+
+    # -- files and tables ----------------------------------------------------------------------
 
     def _shard(self, index: int) -> Any:
         table = self._shards.get(index)
         if table is None:
-            with self._shards_lock:
+            with self._tables_lock:
                 table = self._shards.get(index)
                 if table is None:
-                    path = self._history_dir / f"{index:02d}.json"
-                    db = _DB(str(path), storage=_AtomicJSONStorage, trust_stat=True, durable=True)
-                    table = self._shards[index] = db.table(_TASKS, cache_size=0)
-                    if self._depth_now():
-                        self._enter(table)
+                    path = os.path.join(self._history_dir, f"{index:02d}.json")
+                    table = self._shards[index] = _open_table(path, trust_stat=True, durable=True)
         return table
 
     def _history(self, task_id: str) -> Any:
         return self._shard(shard_of(task_id))
+
+    def _live_table(self, task_id: str) -> Any:
+        table = self._live.get(task_id)
+        if table is None:
+            with self._tables_lock:
+                table = self._live.get(task_id)
+                if table is None:
+                    table = self._live[task_id] = _open_table(self._live_path(task_id))
+        return table
+
+    def _live_path(self, task_id: str) -> str:
+        return os.path.join(self._live_dir, task_id + ".json")
+
+    def _may_be_live(self, task_id: str) -> bool:
+        """``task_id`` could name a live file, and it exists (an id from a user is never a path)."""
+        return _FILE_ID.match(task_id) is not None and os.path.exists(self._live_path(task_id))
+
+    def _forget_live(self, task_id: str) -> None:
+        with self._tables_lock:
+            self._live.pop(task_id, None)
 
     def _existing_shards(self) -> list[Table]:
         try:
@@ -228,88 +325,119 @@ class Store:
             return []
         return [self._shard(int(n[:-5])) for n in sorted(names) if n.endswith(".json") and n[:-5].isdigit()]
 
-    # -- the one path through which every read-modify-write goes ---------------------------
+    def _live_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self._live_dir)
+        except FileNotFoundError:
+            return []
+        return [n[:-5] for n in names if _live_name_ok(n)]
 
-    @property
-    def _lock(self) -> filelock.FileLock:
-        # Made on first use: a forked task process starts with no lock and makes one only
-        # when it first writes, off the path to the task's code.
-        if self._lock_obj is None:
-            try:
-                self._history_dir.mkdir(mode=0o700, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot write the nbbgtask store in {self.home}: {exc.strerror or exc}; fix its "
-                    f"permissions, or point NBBGTASK_HOME or bg.configure(home=...) at another folder"
-                ) from None
-            self._lock_obj = filelock.FileLock(str(self.home / "store.lock"), timeout=LOCK_TIMEOUT, mode=0o600)
-        return self._lock_obj
+    def _make_folders(self) -> None:
+        # On first write: a forked task process makes nothing until it first writes, off the path
+        # to the task's code, and a read-only home can still be read.
+        if self._ready:
+            return
+        try:
+            for folder in (self._live_dir, self._history_dir, self._lock_dir):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the nbbgtask store in {self.home}: {exc.strerror or exc}; fix its "
+                f"permissions, or point NBBGTASK_HOME or bg.configure(home=...) at another folder"
+            ) from None
+        self._ready = True
 
-    def _depth_now(self) -> int:
-        return getattr(self._depth, "n", 0)
+    # -- the locks through which every read-modify-write goes ---------------------------------
 
-    def _tables(self) -> list[Table]:
-        return [self._live, *self._shards.values()]
+    def _stripe_lock(self, index: int) -> FileLock:
+        lock = self._stripes.get(index)
+        if lock is None:
+            self._make_folders()
+            with self._tables_lock:
+                path = os.path.join(self._lock_dir, f"{index:02d}.lock")
+                lock = self._stripes.setdefault(index, FileLock(path, LOCK_TIMEOUT, LOCK_POLL))
+        return lock
+
+    def _global_lock(self) -> FileLock:
+        if self._global is None:
+            self._make_folders()
+            self._global = FileLock(os.path.join(self.home, "store.lock"), LOCK_TIMEOUT, LOCK_POLL)
+        return self._global
 
     @staticmethod
-    def _enter(table: Table) -> None:
-        storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
-        storage.session, storage.in_session = None, True
-
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        depth = self._depth_now()
-        if depth:  # re-entered by the same thread (setting a damaged file aside mid-write)
-            self._depth.n = depth + 1
-            try:
-                yield
-            finally:
-                self._depth.n = depth
-            return
-        lock = self._lock
+    def _held(lock: FileLock) -> Iterator[None]:
         try:
-            lock.acquire(poll_interval=LOCK_POLL)
-        except filelock.Timeout:
+            lock.acquire()
+        except LockTimeout:
             raise StoreError(
-                f"waited {LOCK_TIMEOUT:.0f} s for the nbbgtask store lock {lock.lock_file}; "
+                f"waited {LOCK_TIMEOUT:.0f} s for the nbbgtask store lock {lock.path}; "
                 f"another process holds it (a stopped or hung process?)"
             ) from None
-        self._depth.n = 1
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the nbbgtask store lock {lock.path}: {exc.strerror or exc}; fix the "
+                f"folder's permissions, or point NBBGTASK_HOME or bg.configure(home=...) elsewhere"
+            ) from None
         try:
-            for table in self._tables():
-                self._enter(table)
             yield
         finally:
-            for table in self._tables():
-                storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
-                storage.session, storage.in_session = None, False
-            self._depth.n = 0
             lock.release()
+
+    @contextlib.contextmanager
+    def _session(self, *tables: Table) -> Iterator[None]:
+        """Read-modify-write ``tables``: each is parsed anew once, then the copy is reused."""
+        entered = [t for t in tables if not _storage(t).in_session]
+        for table in entered:
+            storage = _storage(table)
+            storage.session, storage.in_session = None, True
+        try:
+            yield
+        finally:
+            for table in entered:
+                storage = _storage(table)
+                storage.session, storage.in_session = None, False
+
+    @contextlib.contextmanager
+    def _task(self, task_id: str) -> Iterator[tuple[Any, Any]]:
+        """Hold ``task_id``'s stripe lock; yields its live table and its history shard, in session."""
+        index = shard_of(task_id)
+        live, shard = self._live_table(task_id), self._shard(index)
+        with self._held(self._stripe_lock(index)), self._session(live, shard):
+            yield live, shard
 
     def _guard(self, table: Table, op: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one table operation; a damaged file is set aside once and the operation retried."""
         try:
             return op(*args, **kwargs)
         except _Damaged as exc:
-            self._set_aside(table, str(exc))
+            self._set_aside(table, exc)
             return op(*args, **kwargs)
 
-    def _set_aside(self, table: Table, reason: str) -> None:
-        storage: _AtomicJSONStorage = table.storage  # type: ignore[assignment]
-        with self._locked():
+    def _set_aside(self, table: Table, damage: _Damaged) -> None:
+        """Keep a damaged file aside for inspection and put in its place what can be saved of it."""
+        storage = _storage(table)
+        name = os.path.basename(storage.path)
+        index = shard_of(name[:-5]) if storage.path.startswith(self._live_dir) else int(name[:2])
+        with self._held(self._stripe_lock(index)), self._session(table):
             storage.session = None
             try:
                 storage.read()
                 return  # someone else already replaced it
-            except _Damaged:
-                pass
+            except _Damaged as again:
+                damage = again
             stamp = time.strftime("%Y%m%dT%H%M%S")
             aside = f"{storage.path}.damaged-{stamp}-{os.getpid()}"
             os.replace(storage.path, aside)
             storage.session = None
+            kept = ""
+            if damage.salvage and damage.salvage.get(_TASKS):
+                storage.write(damage.salvage)
+                kept = f"; its {len(damage.salvage[_TASKS])} sound record(s) were kept"
+            storage.session = None
         warnings.warn(
-            f"the nbbgtask store file {storage.path} was damaged ({reason}); it was kept as "
-            f"{aside} for inspection and a fresh store was started",
+            f"the nbbgtask store file {storage.path} was damaged ({damage}); it was kept as "
+            f"{aside} for inspection{kept or ' and a fresh file was started'}",
             StoreDamagedWarning,
             stacklevel=4,
         )
@@ -317,25 +445,55 @@ class Store:
     # -- reads (no lock: every file is replaced whole) --------------------------------------
 
     def version(self) -> tuple[Any, ...]:
-        """Changes whenever a file is rewritten (a rename changes its folder): two stat calls."""
+        """Changes whenever a file is written (a write renames into its folder): two stat calls.
+
+        A folder changed within the last `SETTLE_NS` may change again with the same time stamp,
+        so then the answer is new on every call, and a caller that compares it re-reads.
+        """
         sig: list[Any] = []
-        for path in (self._live_db.storage.path, self._history_dir):  # type: ignore[attr-defined]
+        now = time.time_ns()
+        for path in (self._live_dir, self._history_dir):
             try:
                 st = os.stat(path)
-                sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except FileNotFoundError:
                 sig.append(None)
+                continue
+            if now - st.st_mtime_ns < SETTLE_NS:
+                return (now, os.getpid(), threading.get_ident(), time.perf_counter_ns())
+            sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(sig)
 
-    def get(self, task_id: str) -> dict[str, Any] | None:
-        rec = self._guard(self._live, self._live.get, doc_id=task_id)
-        if rec is None:
-            shard = self._history(task_id)
-            rec = self._guard(shard, shard.get, doc_id=task_id)
+    def _read_live(self, task_id: str) -> dict[str, Any] | None:
+        table = self._live_table(task_id)
+        rec = self._guard(table, table.get, doc_id=task_id)
+        if rec is None and not os.path.exists(self._live_path(task_id)):
+            self._forget_live(task_id)
         return dict(rec) if rec is not None else None
 
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        # A finished task (the common case) has no live file, and no table is made for it.
+        rec = self._read_live(task_id) if self._may_be_live(task_id) else None
+        if rec is None:
+            shard = self._history(task_id)
+            found = self._guard(shard, shard.get, doc_id=task_id)
+            rec = dict(found) if found is not None else None
+        return rec
+
     def live(self) -> list[dict[str, Any]]:
-        return [dict(d) for d in self._guard(self._live, self._live.all)]
+        ids = self._live_ids()
+        listed = set(ids)
+        with self._tables_lock:
+            for gone in [i for i in self._live if i not in listed]:
+                del self._live[gone]
+        return [rec for task_id in ids if (rec := self._read_live(task_id)) is not None]
+
+    def is_live(self, task_id: str) -> bool:
+        """``task_id`` has a live file (one stat; a task that has ended has none)."""
+        return self._may_be_live(task_id)
+
+    def live_count(self) -> int:
+        """How many tasks are queued or running now (one listing of a folder)."""
+        return len(self._live_ids())
 
     def history(self) -> list[dict[str, Any]]:
         return [dict(d) for shard in self._existing_shards() for d in self._guard(shard, shard.all)]
@@ -350,34 +508,43 @@ class Store:
     # -- writes ------------------------------------------------------------------------------
 
     def _count_running(self) -> int:
-        return sum(1 for d in self._live.all() if d["state"] == State.RUNNING.value)
+        return sum(1 for r in self.live() if r["state"] == State.RUNNING.value)
+
+    def _create(self, doc: dict[str, Any]) -> None:
+        """Write a new task's live file (nobody else knows its id yet, so no lock is needed)."""
+        if not _FILE_ID.match(doc["id"]):
+            raise ValueError(f"a task id must be letters, digits, '-' or '_', not {doc['id']!r}")
+        self._make_folders()
+        # A TinyDB file with one table of one record, written whole: there is nothing to read
+        # yet, and no table is made for it until someone reads it.
+        _AtomicJSONStorage(self._live_path(doc["id"])).write({_TASKS: {doc["id"]: doc}})
 
     def insert(self, record: Mapping[str, Any]) -> None:
         """Add a new live task as it is (the Dask backend: "queued" until a worker starts it)."""
-        with self._locked():
-            self._guard(self._live, self._live.insert, Document(record, record["id"]))  # type: ignore[arg-type]
+        self._create(dict(record))
 
     def admit(self, record: Mapping[str, Any], limit: float) -> State:
         """Add a new task, "running" if fewer than ``limit`` run now (across processes), else "queued"."""
-        with self._locked():
-            running = self._guard(self._live, self._count_running) if limit != float("inf") else 0
-            state = State.RUNNING if running < limit else State.QUEUED
+        if limit == float("inf"):
+            self._create({**record, "state": State.RUNNING.value, "started": time.time()})
+            return State.RUNNING
+        with self._held(self._global_lock()):
+            state = State.RUNNING if self._count_running() < limit else State.QUEUED
             doc = {**record, "state": state.value}
             if state is State.RUNNING:
                 doc["started"] = time.time()
-            self._guard(self._live, self._live.insert, Document(doc, record["id"]))  # type: ignore[arg-type]
+            self._create(doc)
         return state
 
     def promote(self, task_id: str, limit: float) -> bool | None:
         """Queued → running if a slot is free: ``True`` done, ``None`` no slot yet, ``False`` not queued."""
-        with self._locked():
-            doc = self._guard(self._live, self._live.get, doc_id=task_id)
+        with self._held(self._global_lock()):
+            doc = self._read_live(task_id)
             if doc is None or doc["state"] != State.QUEUED.value:
                 return False
             if self._count_running() >= limit:
                 return None
-            self._live.update({"state": State.RUNNING.value, "started": time.time()}, doc_ids=[task_id])
-        return True
+            return self.patch(task_id, {"state": State.RUNNING.value, "started": time.time()}) is not None
 
     def patch(
         self, task_id: str, fields: Mapping[str, Any], *, recreate: Mapping[str, Any] | None = None
@@ -385,20 +552,20 @@ class Store:
         """Merge ``fields`` into a live record and return it; ``None`` if it is not live.
 
         ``recreate``: the full record to write back if the live one has vanished (a damaged
-        store was replaced) and the task has not finished meanwhile.
+        file was set aside) and the task has not finished meanwhile.
         """
-        with self._locked():
-            done = self._guard(self._live, self._live.update, lambda d: _merge(d, fields), doc_ids=[task_id])
-            if not done:
-                shard = self._history(task_id)
+        with self._task(task_id) as (live, shard):
+            doc = self._guard(live, live.get, doc_id=task_id)
+            if doc is None:
                 if recreate is None or self._guard(shard, shard.get, doc_id=task_id):
+                    self._forget_live(task_id)
                     return None
                 doc = dict(recreate)
-                _merge(doc, fields)
-                self._live.insert(Document(doc, task_id))  # type: ignore[arg-type]
-            rec = self._live.get(doc_id=task_id)
-            self.live_count = len(self._live)
-        return dict(rec) if rec is not None else None
+            else:
+                doc = dict(doc)
+            _merge(doc, fields)
+            live.upsert(Document(doc, task_id))  # type: ignore[arg-type]
+        return doc
 
     def finalize(
         self, task_id: str, fields: Mapping[str, Any], *, fallback: Mapping[str, Any] | None = None
@@ -409,17 +576,18 @@ class Store:
         """
         if not State(fields["state"]).is_final:
             raise ValueError(f"finalize needs a final state, got {fields['state']!r}")
-        shard = self._history(task_id)
-        with self._locked():
+        with self._task(task_id) as (live, shard):
             final = self._guard(shard, shard.get, doc_id=task_id)
             if final is None:
-                current = self._guard(self._live, self._live.get, doc_id=task_id) or fallback
+                current = self._guard(live, live.get, doc_id=task_id) or fallback
                 if current is None:
                     return None
                 final = {**current, **fields}
                 shard.insert(Document(final, task_id))  # type: ignore[arg-type]
             # History first, then live: a reader that misses it in one finds it in the other.
-            self._live.remove(doc_ids=[task_id])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._live_path(task_id))
+        self._forget_live(task_id)
         return dict(final)
 
     def remove(self, task_ids: Iterable[str]) -> list[str]:
@@ -427,12 +595,17 @@ class Store:
         for task_id in task_ids:
             by_shard.setdefault(shard_of(task_id), []).append(task_id)
         gone: list[str] = []
-        with self._locked():
-            for index, ids in by_shard.items():
-                shard = self._shard(index)
+        for index, ids in by_shard.items():
+            shard = self._shard(index)
+            with self._held(self._stripe_lock(index)), self._session(shard):
                 gone += self._guard(shard, shard.remove, doc_ids=ids)
-                gone += self._guard(self._live, self._live.remove, doc_ids=ids)
-        return gone
+                for task_id in ids:
+                    if self._may_be_live(task_id):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self._live_path(task_id))
+                            gone.append(task_id)
+                    self._forget_live(task_id)
+        return list(dict.fromkeys(gone))
 
 
 _instances: dict[Path, Store] = {}

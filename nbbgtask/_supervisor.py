@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ._runner import Job
 
-__all__ = ["read_record", "reconcile", "cancel", "submit", "HOST", "process_start_time"]
+__all__ = ["may_still_report", "read_record", "reconcile", "cancel", "submit", "HOST", "process_start_time"]
 
 HOST = socket.gethostname()
 #: seconds between the supervisor thread's rounds (reaping children, starting queued tasks)
@@ -78,6 +78,8 @@ class _Supervisor:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.children: dict[int, tuple[Path, str, subprocess.Popen[bytes] | None]] = {}
+        #: exit codes of children collected but whose end is not recorded yet (None: unknown)
+        self.exits: dict[int, int | None] = {}
         self.queue: deque[Job] = deque()
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
@@ -92,28 +94,37 @@ class _Supervisor:
         self._ensure_thread()
 
     def reap(self, pid: int) -> bool:
-        """Collect ``pid`` if it is our child and has ended; record its death.  ``True`` if ended."""
+        """Collect ``pid`` if it is our child and has ended; record its death.  ``True`` if ended.
+
+        Several threads may call this for one child at once (the supervisor's round, a read's
+        reconcile, a cancel): the exit status is taken under the lock and kept, and the child
+        stays ours until its end is recorded, so every caller records the same cause of death,
+        and none, finding the process gone, records a vaguer one.
+        """
         with self.lock:
             entry = self.children.get(pid)
-        if entry is None:
-            return False
-        home, task_id, popen = entry
-        try:
-            if popen is not None:
-                code = popen.poll()
-                if code is None:
-                    return False
+            if entry is None:
+                return False
+            home, task_id, popen = entry
+            if pid in self.exits:
+                code = self.exits[pid]
             else:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done == 0:
-                    return False
-                code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # someone else reaped it; its record says how it ended
-            code = None
-        with self.lock:
-            self.children.pop(pid, None)
+                try:
+                    if popen is not None:
+                        code = popen.poll()
+                        if code is None:
+                            return False
+                    else:
+                        done, status = os.waitpid(pid, os.WNOHANG)  # never blocks
+                        if done == 0:
+                            return False
+                        code = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:  # reaped by someone else; its record says how it ended
+                    code = None
+                self.exits[pid] = code
         store = store_for(home)
-        record = store.get(task_id)
+        # A task that recorded its end has no live file: one stat, and nothing to read.
+        record = store.get(task_id) if store.is_live(task_id) else None
         if record is not None and not State(record["state"]).is_final:
             if record.get("cancel_requested"):
                 fields = {"state": State.CANCELLED.value}
@@ -122,6 +133,9 @@ class _Supervisor:
             else:
                 fields = {"state": State.FAILED.value, "error": describe_exit(pid, code)}
             store.finalize(task_id, {**fields, "finished": time.time()})
+        with self.lock:
+            self.children.pop(pid, None)
+            self.exits.pop(pid, None)
         self.wake.set()
         return True
 
@@ -290,6 +304,27 @@ def reconcile(store: Any, record: dict[str, Any]) -> dict[str, Any]:
     else:
         fields = {"state": State.FAILED.value, "error": error, "finished": time.time()}
     return store.finalize(record["id"], fields, fallback=record) or record
+
+
+def may_still_report(record: dict[str, Any]) -> bool:
+    """For a live record that has vanished from the store (its file damaged and set aside, say):
+    can the task still write it again?  Only if its process lives on (or it waits in this
+    process's queue); if it has ended, the record is gone for good."""
+    if State(record["state"]).is_final:
+        return False
+    if record.get("host") != HOST or record.get("backend", "local") != "local":
+        return True  # on another machine or a cluster: nothing here can tell
+    with _supervisor.lock:
+        if any(job.task_id == record["id"] for job in _supervisor.queue):
+            return True
+    pid = record.get("pid") or _supervisor.pid_of(record["id"])
+    if pid is not None:
+        return _supervisor.is_child(pid) or _supervisor.alive(pid, record.get("pid_started"))
+    if record.get("owner_pid") == os.getpid():
+        return False  # we started it, and it is no longer our child: it has ended
+    owner = record.get("owner_pid")
+    started = record.get("started") or record.get("created") or 0.0
+    return owner is not None and _supervisor.alive(owner, record.get("owner_started")) and time.time() - started < PID_GRACE
 
 
 def read_record(home: Path, task_id: str) -> dict[str, Any] | None:

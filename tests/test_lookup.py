@@ -53,7 +53,12 @@ def test_get_returns_an_equal_handle(home):
 
 
 def test_prune_forgets_finished_tasks_with_their_logs_and_results(home):
-    old = _finished("a", "b", "c")
+    # Results this big get a file of their own (small ones are kept in the record).
+    old = [bg.run(lambda k=k: k * 1000, name=k) for k in "abc"]
+    for status in old:
+        status.wait(30)
+        time.sleep(0.01)  # distinct end times
+    assert all((home / "results" / f"{status.id}.pkl").exists() for status in old)
     running = bg.run(time.sleep, 5)
     assert bg.prune(keep=1) == 2
     assert [s.id for s in bg.tasks()] == [running.id, old[2].id]
@@ -62,7 +67,7 @@ def test_prune_forgets_finished_tasks_with_their_logs_and_results(home):
             bg.get(status.id)
         assert not (home / "logs" / f"{status.id}.log").exists()
         assert not (home / "results" / f"{status.id}.pkl").exists()
-    assert (home / "results" / f"{old[2].id}.pkl").exists()
+    assert bg.get(old[2].id).result() == "c" * 1000
     assert bg.prune() == 1
     assert [s.id for s in bg.tasks()] == [running.id]
 

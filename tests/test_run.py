@@ -228,7 +228,7 @@ def test_update_from_outside_the_task_is_refused(home):
 
 
 def _no_process_started(home):
-    return not (home / "live.json").exists() and not (home / "history").exists()
+    return not (home / "live").exists() and not (home / "history").exists()
 
 
 def test_settings_that_are_not_json_raise_type_error_before_starting(home):

@@ -19,9 +19,12 @@ from nbbgtask import _config, _store
 
 def test_home_is_private_to_its_owner(home):
     bg.run(print, "hello").wait(30)
+    running = bg.run(time.sleep, 5)
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     files = [p for p in home.rglob("*")]
-    assert any(p.name == "live.json" for p in files) and any(p.suffix == ".log" for p in files)
+    names = {str(p.relative_to(home)) for p in files}
+    assert {f"live/{running.id}.json", "history", "locks", f"logs/{running.id}.log"} <= names
+    assert any(p.parent.name == "locks" for p in files)
     for path in files:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
@@ -94,30 +97,36 @@ def test_configure_checks_everything_before_changing_anything(home):
 
 
 def _files(home):
-    return [home / "live.json", *sorted((home / "history").glob("*.json"))]
+    """The store's files now (a live file vanishes when its task ends, so read with care)."""
+    return [*sorted((home / "live").glob("*.json")), *sorted((home / "history").glob("*.json"))]
 
 
 def test_a_schema_version_is_recorded(home):
     bg.run(print).wait(30)
-    assert len(_files(home)) == 2
+    bg.run(time.sleep, 5)
+    assert len(_files(home)) == 2  # one live file, one history shard
     for path in _files(home):
         data = json.loads(path.read_text())
         assert data["_meta"]["1"]["schema"] == _store.SCHEMA_VERSION
 
 
-def test_a_store_from_a_newer_version_is_refused_clearly(home):
-    (home / "live.json").write_text(json.dumps({"_meta": {"1": {"schema": 99}}, "tasks": {}}))
+@pytest.mark.parametrize("which", ["live", "history"])
+def test_a_store_from_a_newer_version_is_refused_clearly(home, which):
+    bg.run(print).wait(30)  # makes the folders
+    path = home / "live" / "0123abcd.json" if which == "live" else home / "history" / "07.json"
+    path.write_text(json.dumps({"_meta": {"1": {"schema": 99}}, "tasks": {}}))
     with pytest.raises(bg.StoreError, match="newer nbbgtask"):
         bg.tasks()
-    (home / "live.json").unlink()
+    path.unlink()
 
 
 @pytest.mark.parametrize("which", ["live", "history"])
 def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, which):
     done = bg.run(lambda: 1)
     done.wait(30)
+    running = bg.run(time.sleep, 1)
     _store.forget_instances()  # as a new process would
-    path = home / "live.json" if which == "live" else home / "history" / f"{_store.shard_of(done.id):02d}.json"
+    path = home / "live" / f"{running.id}.json" if which == "live" else home / "history" / f"{_store.shard_of(done.id):02d}.json"
     name, folder = path.name, path.parent
     path.write_text('{"tasks": {"abc": {"id": "ab')
     with pytest.warns(bg.StoreDamagedWarning, match=f"{name} was damaged") as caught:
@@ -127,6 +136,8 @@ def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, which):
     assert kept[0].read_text() == '{"tasks": {"abc": {"id": "ab'
     assert (which == "live") == (done.id in [s.id for s in listed])
     assert bg.run(lambda: 2).result(timeout=30) == 2
+    assert running.result(timeout=30) is None  # its end is recorded, whichever file was damaged
+    assert bg.get(running.id).state == "complete"
 
 
 def test_a_running_task_recreates_its_record_after_the_live_store_is_replaced(home):
@@ -141,14 +152,16 @@ def test_a_running_task_recreates_its_record_after_the_live_store_is_replaced(ho
 
     status = bg.run(steady)
     time.sleep(0.2)
-    with _store.store_for(home)._locked():  # not in the middle of the task's own write
-        (home / "live.json").write_text("garbage")
+    store = _store.store_for(home)
+    with store._held(store._stripe_lock(_store.shard_of(status.id))):  # not in the task's own write
+        (home / "live" / f"{status.id}.json").write_text("garbage")
     # Whichever process reads it first (this one, or the task's writer thread) sets it aside.
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always", bg.StoreDamagedWarning)
         bg.tasks()
     assert status.result(timeout=30) == "done"
-    assert [p for p in home.iterdir() if p.name.startswith("live.json.damaged-")]
+    assert [p for p in (home / "live").iterdir() if p.name.startswith(f"{status.id}.json.damaged-")]
+    assert bg.get(status.id).state == "complete"
 
 
 def test_progress_writes_are_throttled(home):
@@ -192,9 +205,12 @@ READER = textwrap.dedent("""
     reads = errors = 0
     while not os.path.exists(stop):
         try:
-            for path in [os.path.join(home, "live.json")] + glob.glob(os.path.join(home, "history", "*.json")):
-                if os.path.exists(path):
-                    json.loads(open(path, "rb").read())
+            for path in glob.glob(os.path.join(home, "live", "*.json")) + glob.glob(os.path.join(home, "history", "*.json")):
+                try:
+                    raw = open(path, "rb").read()
+                except FileNotFoundError:  # a live file goes when its task ends
+                    continue
+                json.loads(raw)
             bg.tasks()
             reads += 1
         except Exception as exc:
@@ -229,7 +245,7 @@ def test_twenty_writers_and_a_reader_never_corrupt_the_store(home, tmp_path):
     assert reads > 10
     final = {s.id: s for s in bg.tasks()}
     assert all(final[s.id].state == "complete" and final[s.id].percent == 100 for s in statuses)
-    assert json.loads((home / "live.json").read_text())["tasks"] == {}
+    assert list((home / "live").iterdir()) == []
 
 
 def test_a_writer_killed_mid_write_never_damages_the_store(home):
@@ -265,6 +281,6 @@ def test_a_writer_killed_mid_write_never_damages_the_store(home):
         proc.wait()
         proc.stdout.close()
         for path in _files(home):
-            json.loads(path.read_text())
+            json.loads(path.read_text())  # no task ends here, so no live file vanishes meanwhile
     assert [bg.get(s.id).state for s in finished] == ["complete"] * 5
     assert not [p for p in home.rglob("*") if "damaged" in p.name]
