@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import gc
 import io
 import os
 import pickle
 import signal
+import socket
 import stat
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -64,6 +65,10 @@ def start(job: Job) -> None:
 
 
 def _fork(job: Job) -> int:
+    # The task pickles its result with cloudpickle: imported here (once per process) rather than
+    # in every task, where it cost about 37 ms of CPU each.
+    import cloudpickle  # noqa: F401
+
     log = _open_log(job)
     try:
         return fork_detached(lambda: run_job(job), log)
@@ -72,7 +77,7 @@ def _fork(job: Job) -> int:
 
 
 def fork_detached(run: Callable[[], int], output: int) -> int:
-    """Fork a child that leaves this process's group and session, sends its fds 1 and 2 to
+    """Fork a child that leaves this process's group (and session, under a terminal), sends its fds 1 and 2 to
     ``output``, keeps none of this process's sockets, and exits with ``run()``; its pid.
 
     Used for a task forked from a kernel, and for a task forked from a Dask worker.
@@ -87,47 +92,90 @@ def fork_detached(run: Callable[[], int], output: int) -> int:
     # Frozen objects are skipped by the child's garbage collector, so it does not write to (and
     # so copy) every page of the kernel's heap; see the note on gc.freeze in Python's docs.
     gc.freeze()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings() if _FORK_WARNS else contextlib.nullcontext():
         # Python 3.12+ warns when a process with threads forks (a kernel has about nine), since
         # a lock held by another thread stays locked in the child.  The child runs only the
         # runner and the task: the runner takes none of the kernel's locks (see _in_child), and
         # our own locks are renewed after the fork; code in the task that needs a lock another
         # kernel thread may hold should use start_method="spawn".
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
+        if _FORK_WARNS:
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
         # Until the child has a session of its own, the kernel's group signals would reach it:
         # it is born with them blocked, and drops any that arrived before it left the group.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+        session = _has_terminal()
+        # With a terminal, the child tells on this pair when it has a session of its own.  A
+        # socket pair, not a pipe: a child another thread forks meanwhile drops its copies with
+        # the other sockets (_release_sockets), so it cannot keep it open and make the wait long.
+        waiting, telling = socket.socketpair() if session else (None, None)
         try:
             pid = os.fork()
             if pid == 0:
-                _in_child(run, output, blocked)  # never returns
+                if waiting is not None:
+                    waiting.close()
+                _in_child(run, output, blocked, telling)  # never returns
+            if not session:
+                # Both sides make the child a group leader (as shells do for their jobs), so it
+                # is out of the kernel's group when this returns, with no wait for it to run.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.setpgid(pid, pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if telling is not None:
+                telling.close()
     gc.unfreeze()
-    _await_own_session(pid)
+    if waiting is not None:
+        with waiting:
+            _await_own_session(waiting)
     return pid
 
 
+def _has_terminal() -> bool:
+    """This process has a controlling terminal (a script or IPython in a terminal, not a kernel
+    that Jupyter started: those have none)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+#: Python warns on a fork with threads running from 3.12 on
+_FORK_WARNS = sys.version_info >= (3, 12)
 #: what Jupyter sends a kernel's whole process group (interrupt, restart, shutdown, hang-up)
 _GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
-def _await_own_session(pid: int) -> None:
-    """Return once the child has left this process group: from then on no interrupt, restart or
-    SIGKILL aimed at the kernel's group can reach the task (a few microseconds, as a rule)."""
-    deadline = time.monotonic() + 1.0
-    try:
-        while os.getpgid(pid) == os.getpgrp() and time.monotonic() < deadline:
-            os.sched_yield() if hasattr(os, "sched_yield") else time.sleep(0)
-    except ProcessLookupError:
-        pass  # already gone: the supervisor records how
+def _await_own_session(waiting: socket.socket) -> None:
+    """Return once the child has a session of its own: from then on no interrupt, restart or
+    SIGKILL aimed at the caller's group can reach the task.
+
+    Blocking on a socket rather than polling the child's group leaves the CPU to the child, which
+    is what it waits for (polling took milliseconds per task on a busy two-core machine).  The
+    answer is a byte, or the end of the stream if the child died first (the supervisor then
+    records how); a second at most, in case a child forked meanwhile by another thread still
+    holds the other end.
+    """
+    waiting.settimeout(1.0)
+    with contextlib.suppress(OSError):  # a timeout included
+        waiting.recv(1)
 
 
-def _in_child(run: Callable[[], int], output: int, mask: set[int | signal.Signals]) -> NoReturn:
+def _in_child(
+    run: Callable[[], int], output: int, mask: set[int | signal.Signals], telling: socket.socket | None
+) -> NoReturn:
     def main() -> int:
         # Jupyter interrupts, restarts and shuts a kernel down by signalling its whole process
-        # group: a session of its own keeps the task out of that.
-        os.setsid()
+        # group: a group of its own keeps the task out of that.  Under a terminal, a session of
+        # its own too: a program in the task that asks the terminal for a password then fails at
+        # once, instead of being stopped for good as a background job.
+        if telling is None:
+            os.setpgid(0, 0)
+        else:
+            os.setsid()
+            with telling, contextlib.suppress(OSError):
+                telling.send(b"\0")
         for sig in _GROUP_SIGNALS:  # ignoring a pending signal discards it
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -207,11 +210,66 @@ def _zombie_children():
     return zombies
 
 
+def _who_am_i():
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY))
+        terminal = "opened"
+    except OSError as exc:
+        terminal = errno.errorcode[exc.errno]
+    return os.getpgrp(), os.getsid(0), os.getpid(), terminal
+
+
+def _caller_has_terminal():
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+        return True
+    except OSError:
+        return False
+
+
 def test_task_leaves_the_callers_process_group(home):
-    status = bg.run(lambda: (os.getpgrp(), os.getsid(0), os.getpid()))
-    pgrp, sid, pid = status.result(timeout=30)
-    assert pgrp == sid == pid
-    assert pgrp != os.getpgrp()
+    pgrp, sid, pid, terminal = bg.run(_who_am_i).result(timeout=30)
+    assert pgrp == pid != os.getpgrp()
+    if _caller_has_terminal():  # pytest run from a terminal: the task gets a session too
+        assert sid == pid and terminal == "ENXIO"
+    else:  # as under Jupyter: a group of its own is enough, and there is no terminal to lose
+        assert sid == os.getsid(0) and terminal == "ENXIO"
+
+
+def test_under_a_terminal_the_task_gets_a_session_and_no_terminal(home, tmp_path):
+    """A caller with a controlling terminal (a script or IPython in a terminal): the task has a
+    session of its own, so a program in it that asks the terminal for a password fails at once
+    (ENXIO) instead of being stopped for good as a background job."""
+    script = tmp_path / "in_a_terminal.py"
+    script.write_text(textwrap.dedent(f"""
+        import errno, fcntl, json, os, termios
+        import nbbgtask as bg
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty on stdin becomes this session's terminal
+        def who():
+            try:
+                os.close(os.open("/dev/tty", os.O_RDONLY))
+                terminal = "opened"
+            except OSError as exc:
+                terminal = errno.errorcode[exc.errno]
+            return os.getpgrp(), os.getsid(0), os.getpid(), terminal
+        bg.configure(home={str(home)!r})
+        caller_terminal = os.path.exists("/dev/tty") and os.isatty(0)
+        print(json.dumps([caller_terminal, os.getsid(0), *bg.run(who).result(timeout=30)]), flush=True)
+    """))
+    leader, follower = pty.openpty()
+    try:
+        caller = subprocess.run(
+            [sys.executable, str(script)], stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, timeout=60, text=True,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert caller.returncode == 0, caller.stderr
+    caller_terminal, caller_sid, pgrp, sid, task_pid, terminal = json.loads(caller.stdout.strip().splitlines()[-1])
+    assert caller_terminal is True
+    assert pgrp == sid == task_pid != caller_sid
+    assert terminal == "ENXIO"
 
 
 def test_signals_to_the_callers_process_group_do_not_reach_the_task(home, tmp_path):
