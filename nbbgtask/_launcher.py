@@ -20,13 +20,13 @@ from typing import Any, NoReturn
 
 from . import _store, _supervisor
 from ._runner import Job, exit_child, run_job
-from ._status import log_path
 
 __all__ = ["fork_detached", "prepare", "start"]
 
 
 def _open_log(job: Job) -> int:
-    return os.open(log_path(job.home, job.task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    path = os.path.join(job.home, "logs", job.task_id + ".log")  # log_path's, without pathlib's cost
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 def prepare(job: Job) -> None:
@@ -132,13 +132,22 @@ def fork_detached(run: Callable[[], int], output: int) -> int:
 
 def _has_terminal() -> bool:
     """This process has a controlling terminal (a script or IPython in a terminal, not a kernel
-    that Jupyter started: those have none)."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    that Jupyter started: those have none).  Asked once per session."""
+    sid = os.getsid(0)
+    known = _TERMINAL.get(sid)
+    if known is None:
+        try:
+            os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+            known = True
+        except OSError:
+            known = False
+        _TERMINAL.clear()
+        _TERMINAL[sid] = known
+    return known
+
+
+#: session id -> whether it has a controlling terminal
+_TERMINAL: dict[int, bool] = {}
 
 
 #: Python warns on a fork with threads running from 3.12 on

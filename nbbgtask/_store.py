@@ -184,7 +184,7 @@ class _AtomicJSONStorage(Storage):
 
     def write(self, data: dict[str, Any]) -> None:
         data[_META] = {"1": {"schema": SCHEMA_VERSION}}
-        raw = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+        raw = _encode(data).encode()
         directory, name = os.path.split(self.path)
         # Only the holder of the file's lock (or the maker of a new task's file) writes it, so
         # one temp name per file is enough.
@@ -216,6 +216,10 @@ class _AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         pass
+
+
+#: one encoder for every write (json.dumps would make a new one each time)
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _write_all(fd: int, raw: bytes) -> None:

@@ -284,3 +284,24 @@ def test_a_writer_killed_mid_write_never_damages_the_store(home):
             json.loads(path.read_text())  # no task ends here, so no live file vanishes meanwhile
     assert [bg.get(s.id).state for s in finished] == ["complete"] * 5
     assert not [p for p in home.rglob("*") if "damaged" in p.name]
+
+
+def test_a_hand_edited_record_is_set_aside_and_the_rest_of_its_file_kept(home):
+    """One bad record (an unknown state, as a hand edit might leave) in a history shard: the file
+    is kept aside as it was, and its sound records are written back, so nothing else is lost."""
+    statuses = []
+    while len(statuses) < 2 or _store.shard_of(statuses[-1].id) != _store.shard_of(statuses[0].id):
+        statuses.append(bg.run(lambda n=len(statuses): n))  # until two share a shard
+        statuses[-1].wait(30)
+    first, last = statuses[0], statuses[-1]
+    shard = home / "history" / f"{_store.shard_of(first.id):02d}.json"
+    data = json.loads(shard.read_text())
+    data["tasks"][first.id]["state"] = "exploded"
+    shard.write_text(json.dumps(data))
+    _store.forget_instances()  # as a new process would
+    with pytest.warns(bg.StoreDamagedWarning, match=r"unknown state 'exploded'.*sound record"):
+        listed = {s.id for s in bg.tasks()}
+    assert last.id in listed and first.id not in listed
+    assert bg.get(last.id).result() == len(statuses) - 1
+    kept = [p for p in shard.parent.iterdir() if p.name.startswith(f"{shard.name}.damaged-")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["tasks"][first.id]["state"] == "exploded"
