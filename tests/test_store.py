@@ -12,6 +12,7 @@ import time
 import warnings
 
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 from nbbgtask import _config, _store
@@ -203,6 +204,7 @@ READER = textwrap.dedent("""
     home, stop = sys.argv[1], sys.argv[2]
     bg.configure(home=home)
     reads = errors = 0
+    open(stop + ".ready", "w").close()
     while not os.path.exists(stop):
         try:
             for path in glob.glob(os.path.join(home, "live", "*.json")) + glob.glob(os.path.join(home, "history", "*.json")):
@@ -229,12 +231,16 @@ def test_twenty_writers_and_a_reader_never_corrupt_the_store(home, tmp_path):
 
     def work(k):
         status = bg.current()
-        for i in range(2000):
-            status.update(percent=i / 20, message=f"{k}:{i}")
+        end = time.monotonic() + 1.5  # long enough for the reader to read many times
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            status.update(percent=min(99.0, i / 20), message=f"{k}:{i}")
             if i % 20 == 0:
                 time.sleep(0.001)
         return k
 
+    assert until(lambda: (tmp_path / "stop.ready").exists(), 60)
     statuses = [bg.run(work, k) for k in range(20)]
     results = [s.result(timeout=120) for s in statuses]
     stop.touch()
@@ -291,7 +297,7 @@ def test_a_hand_edited_record_is_set_aside_and_the_rest_of_its_file_kept(home):
     is kept aside as it was, and its sound records are written back, so nothing else is lost."""
     statuses = []
     while len(statuses) < 2 or _store.shard_of(statuses[-1].id) != _store.shard_of(statuses[0].id):
-        statuses.append(bg.run(lambda n=len(statuses): n))  # until two share a shard
+        statuses.append(bg.run(int, len(statuses)))  # until two share a shard
         statuses[-1].wait(30)
     first, last = statuses[0], statuses[-1]
     shard = home / "history" / f"{_store.shard_of(first.id):02d}.json"
