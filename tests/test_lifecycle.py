@@ -259,7 +259,7 @@ def test_under_a_terminal_the_task_gets_a_session_and_no_terminal(home, tmp_path
     leader, follower = pty.openpty()
     try:
         caller = subprocess.run(
-            [sys.executable, str(script)], stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, str(script)], stdin=follower, capture_output=True,
             start_new_session=True, timeout=60, text=True,
         )
     finally:
