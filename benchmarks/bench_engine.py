@@ -16,7 +16,8 @@ so the noise of a shared machine hits both.  Each section uses a fresh home fold
 4. Store cost with 0 vs 3,000 (1,000 and 10,000: informational) finished tasks in the history: a progress
    write (``Store.patch``) and ``bg.get`` of a live task (goal: ratio <= 1.5); informational: a
    task's end (``Store.finalize``) and a cold read of a finished task (as by another process).
-   Informational: a progress write with 100 and 1,000 tasks live at once (base: 1 live).
+   Informational: a progress write with 100 and 1,000 tasks live at once (base: 1 live); each
+   live task has a file of its own, which is all a progress write rewrites.
 
     .venv/bin/python benchmarks/bench_engine.py [--quick] [--json OUT.json]
 
@@ -24,22 +25,20 @@ A full run takes about a minute, --quick about 15 s.
 """
 
 import argparse
-import datetime as dt
 import functools
 import io
-import json
 import os
-import platform
 import random
 import secrets
 import select
 import shutil
 import statistics
 import struct
-import sys
 import tempfile
 import time
 import warnings
+
+import common
 
 import nbbgtask as bg
 from nbbgtask import _supervisor
@@ -266,8 +265,9 @@ def make_record(state: str = "running", **extra) -> dict:
 
 
 def fill_history(store: Store, count: int) -> None:
-    """``count`` finished tasks in one write.  Store has no bulk API, and one insert + finalize
-    per task would rewrite the whole history each time (O(count^2))."""
+    """``count`` finished tasks, one write per history shard, each under that shard's stripe lock.
+    Store has no bulk API, and one insert + finalize per task would rewrite its shard each time
+    (O(count^2 / shards))."""
     from tinydb.table import Document
 
     from nbbgtask._store import shard_of
@@ -276,8 +276,8 @@ def fill_history(store: Store, count: int) -> None:
     for _ in range(count):
         rec = make_record("complete", percent=100.0, finished=time.time())
         by_shard.setdefault(shard_of(rec["id"]), []).append(Document(rec, rec["id"]))
-    with store._locked():
-        for index, docs in by_shard.items():
+    for index, docs in by_shard.items():
+        with store._held(store._stripe_lock(index)), store._session(store._shard(index)):
             store._shard(index).insert_multiple(docs)
 
 
@@ -335,30 +335,46 @@ def bench_store(sizes: list[int], calls: int, ends: int) -> dict:
     return out
 
 
-def bench_live(sizes: list[int], calls: int) -> dict:
-    """A progress write (``Store.patch``) with 1, 100, 1,000 tasks live at once: ``live.json`` holds
-    every live task and each write rewrites it.  Wall time and this process's CPU time per write."""
-    from tinydb.table import Document
+def live_dir_bytes(home) -> int:
+    """The bytes of every live file (``live/*.json``); a file that vanishes meanwhile counts 0."""
+    total = 0
+    for path in (home / "live").glob("*.json"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
-    stores = {}
+
+def bench_live(sizes: list[int], calls: int) -> dict:
+    """A progress write (``Store.patch``) with 1, 100, 1,000 tasks live at once.  Each live task has
+    its own file, ``live/<id>.json``, and a write rewrites only that file (under its id's stripe
+    lock), so its cost should not grow with the number of live tasks.  Wall time and this
+    process's CPU time per write; the bytes of the file the last write rewrote, and of all of them."""
+    stores, last = {}, {}
     for size in sizes:
         store = store_for(fresh_home())
         records = [make_record() for _ in range(size)]
-        with store._locked():  # one write for all (one admit each would rewrite the file each time)
-            store._live.insert_multiple([Document(r, r["id"]) for r in records])
+        for r in records:  # one small file each
+            store.insert(r)
         stores[size] = (store, [r["id"] for r in records])
 
     def write(size):
         store, ids = stores[size]
-        task_id = random.choice(ids)
+        task_id = last[size] = random.choice(ids)
         t0, c0 = perf(), time.process_time()
         store.patch(task_id, {"percent": random.random() * 100, "message": f"tick t={time.time():.3f}"})
         return perf() - t0, time.process_time() - c0
 
     timed = interleaved({s: functools.partial(write, s) for s in sizes}, calls)
-    return {size: {"patch_ms": 1e3 * median(w for w, _ in timed[size]),
-                   "patch_cpu_ms": 1e3 * statistics.mean(c for _, c in timed[size]),
-                   "live_bytes": (stores[size][0].home / "live.json").stat().st_size} for size in sizes}
+    out = {}
+    for size in sizes:
+        store = stores[size][0]
+        out[size] = {"patch_ms": 1e3 * median(w for w, _ in timed[size]),
+                     "patch_cpu_ms": 1e3 * statistics.mean(c for _, c in timed[size]),
+                     "live_file_bytes": os.path.getsize(store._live_path(last[size])),
+                     "live_dir_bytes": live_dir_bytes(store.home), "live_files": store.live_count()}
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -368,9 +384,8 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
     s, o, v, st = res["start"], res["overheads"], res["visibility"], res["store"]
     rows = []
 
-    def row(figure, value, base, unit, goal, ok=None):
-        rows.append(dict(figure=figure, value=value, baseline=base, ratio=value / base if base else float("nan"),
-                         unit=unit, goal=goal, result="-" if ok is None else "PASS" if ok else "FAIL"))
+    def row(*args, **kwargs):
+        rows.append(common.make_row(*args, **kwargs))
 
     fork = s["fork"]["median_ms"]
     for kind in ("run", "initiate"):
@@ -407,6 +422,8 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
                 "ms", "info")
             row(f"4 ... its CPU time, {size} live (base: {min(lv)} live)", lv[size]["patch_cpu_ms"], one["patch_cpu_ms"],
                 "ms", "info")
+            row(f"4 ... one task's live file, {size} live (base: {min(lv)} live)", lv[size]["live_file_bytes"],
+                one["live_file_bytes"], "bytes", "info")
     return rows
 
 
@@ -420,7 +437,7 @@ def main() -> None:
                updates=500_000 if q else 1_000_000, vis_samples=15 if q else 50,
                store_calls=100 if q else 300, store_ends=3 if q else 7, sizes=[0, 1000, 3000, 10000],
                live_sizes=[1, 100, 1000], live_calls=30 if q else 60)
-    t_all = perf()
+    t_all, load0 = perf(), os.getloadavg()[0]
     res = {}
     sections = {
         "start": lambda: bench_start(cfg["start_rounds"]),
@@ -438,25 +455,11 @@ def main() -> None:
         for path in _HOMES:
             shutil.rmtree(path, ignore_errors=True)
     rows = build_rows(res, cfg["sizes"])
-    head = f"{'figure':<46} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<8} {'goal':<22} result"
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        print(f"{r['figure']:<46} {r['value']:>9.3f} {r['baseline']:>9.3f} {r['ratio']:>7.2f}  "
-              f"{r['unit']:<8} {r['goal']:<22} {r['result']}")
+    common.print_table(rows)
     total = perf() - t_all
-    print(f"\n{'quick' if q else 'full'} run, {total:.0f} s; {platform.python_implementation()} "
-          f"{platform.python_version()}, {os.cpu_count()} cpus, {platform.platform()}")
+    print("\n" + common.run_line(q, total, load0))
     if args.json:
-        import tinydb
-        import tqdm
-
-        machine = {"platform": platform.platform(), "python": sys.version, "cpu_count": os.cpu_count(),
-                   "date": dt.datetime.now(dt.timezone.utc).isoformat(), "nbbgtask": bg.__version__,
-                   "tinydb": tinydb.__version__, "tqdm": tqdm.__version__}
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "config": cfg, "seconds": total, "results": res, "table": rows},
-                      f, indent=2, default=str)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, common.machine(load0, ("tinydb", "tqdm", "psutil")), cfg, total, res, rows)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ this file again (as ``__mp_main__``), and that import would otherwise be counted
 """
 
 import argparse
-import datetime as dt
-import json
+
+# Unused here since the table and the machine block moved to common.py, but kept: a spawned child
+# imports this file again, and dropping them would make the spawn baselines cheaper than before.
+import datetime  # noqa: F401
+import json  # noqa: F401
 import os
-import platform
+import platform  # noqa: F401
 import random
 import select
 import shutil
@@ -454,13 +457,12 @@ def bench_memory(rounds: int, hold: float) -> dict:
 
 
 def build_rows(res: dict) -> list[dict]:
-    rows = []
-    nan = float("nan")
+    from common import make_row  # not at the top: see this file's docstring
 
-    def row(figure, value, base, unit, goal, ok=None):
-        ratio = value / base if base and base == base and value == value else nan
-        rows.append(dict(figure=figure, value=value, baseline=base, ratio=ratio, unit=unit, goal=goal,
-                         result="-" if ok is None else "PASS" if ok else "FAIL"))
+    rows = []
+
+    def row(*args, **kwargs):
+        rows.append(make_row(*args, **kwargs))
 
     s = res["start"]
 
@@ -496,12 +498,6 @@ def build_rows(res: dict) -> list[dict]:
     return rows
 
 
-def fmt(x, width):
-    if isinstance(x, float) and x != x:
-        return f"{'-':>{width}}"
-    return f"{x:>{width}.3f}" if abs(x) < 1e5 else f"{x:>{width}.0f}"
-
-
 def leftover_children() -> list[dict]:
     """Our own descendants still alive (there should be none): killed, and reported.  Not counted:
     multiprocessing's resource tracker, which ends by itself when this process exits."""
@@ -520,6 +516,8 @@ def leftover_children() -> list[dict]:
 
 
 def main() -> None:
+    import common  # not at the top: see this file's docstring
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     ap.add_argument("--json", metavar="OUT.json", help="also write all figures and machine info here")
@@ -564,31 +562,14 @@ def main() -> None:
         fork = res["start"]["os.fork"]["median_ms"]
         for name, v in sorted(res["start"].items(), key=lambda kv: kv[1]["median_ms"]):
             print(f"{name:<26} {v['median_ms']:>10.2f} {v['p95_ms']:>9.2f} {v['median_ms'] / fork:>10.1f}")
-    if rows:
-        head = f"{'figure':<58} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<5} {'goal':<13} result"
-        print("\n" + head + "\n" + "-" * len(head))
-        for r in rows:
-            print(f"{r['figure']:<58} {fmt(r['value'], 9)} {fmt(r['baseline'], 9)} {fmt(r['ratio'], 7)}  "
-                  f"{r['unit']:<5} {r['goal']:<13} {r['result']}")
-    print(f"\n{'quick' if q else 'full'} run, {total:.0f} s; {platform.python_implementation()} "
-          f"{platform.python_version()}, {os.cpu_count()} cpus, {platform.platform()}; "
-          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    common.print_table(rows)
+    print("\n" + common.run_line(q, total, load0))
     if args.json:
-        import distributed
-        import psutil
+        import multiprocessing
 
-        import nbbgtask
-
-        machine = {"platform": platform.platform(), "python": sys.version, "cpu_count": os.cpu_count(),
-                   "memory_gb": psutil.virtual_memory().total / 2**30, "loadavg_start": load0,
-                   "loadavg_end": os.getloadavg(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                   "nbbgtask": nbbgtask.__version__, "distributed": distributed.__version__,
-                   "psutil": psutil.__version__,
-                   "process_pool_context": __import__("multiprocessing").get_start_method()}
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "config": cfg, "seconds": total, "results": res, "table": rows},
-                      f, indent=2, default=str)
-        print(f"wrote {args.json}")
+        machine = common.machine(load0, ("distributed", "dask", "psutil"),
+                                 process_pool_context=multiprocessing.get_start_method())
+        common.write_json(args.json, machine, cfg, total, res, rows)
 
 
 if __name__ == "__main__":

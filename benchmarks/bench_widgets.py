@@ -31,10 +31,8 @@ tasks).
 """
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import queue
 import random
 import re
@@ -47,6 +45,7 @@ import threading
 import time
 from pathlib import Path
 
+import common  # this folder (benchmarks/) is on sys.path when a script in it is run
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -287,7 +286,7 @@ class Session:
             "comm_msg_per_s": (self.counts["comm_msg"] - m0["comm_msg"]) / wall,
             "iopub_per_s": (self.counts["iopub"] - m0["iopub"]) / wall,
             "bar_value_updates_per_s": (len(self.float_updates) - n0) / wall,
-            "live_json_bytes": live_bytes(self.home),
+            "live_files_bytes": live_bytes(self.home),
             **{k: v for k, v in round_stats(rounds, wall).items() if k not in ("intervals_s", "walls_ms", "cpus_ms")},
         }
 
@@ -321,10 +320,19 @@ class Session:
 
 
 def live_bytes(home: str) -> int:
+    """The bytes of every live task's file, ``live/*.json`` (a file that ends meanwhile counts 0)."""
+    total = 0
     try:
-        return os.path.getsize(os.path.join(home, "live.json"))
-    except OSError:
+        with os.scandir(os.path.join(home, "live")) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
         return 0
+    return total
 
 
 def round_stats(rounds: list, wall: float) -> dict:
@@ -512,34 +520,12 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def source_fingerprint() -> dict:
-    """Which nbbgtask code was measured: the commit, whether the working tree differs, a hash."""
-    import hashlib
-    import subprocess
-
-    import nbbgtask
-
-    pkg = Path(nbbgtask.__file__).parent
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pkg.glob("*.py")))).hexdigest()[:16]
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=pkg, capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return None
-
-    return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--porcelain", "--", "."),
-            "sha256_16": digest}
-
-
 def build_rows(res: dict) -> list[dict]:
     rows = []
-    nan = float("nan")
+    nan = common.nan
 
-    def row(figure, value, base, unit, goal, ok=None):
-        ratio = value / base if base and base == base and value == value else nan
-        rows.append(dict(figure=figure, value=value, baseline=base, ratio=ratio, unit=unit, goal=goal,
-                         result="-" if ok is None else "PASS" if ok else "FAIL"))
+    def row(*args, **kwargs):
+        rows.append(common.make_row(*args, **kwargs))
 
     b = res["bars"]
     ph = b["phases"]
@@ -623,12 +609,6 @@ def build_rows(res: dict) -> list[dict]:
     return rows
 
 
-def fmt(x, width):
-    if isinstance(x, float) and x != x:
-        return f"{'-':>{width}}"
-    return f"{x:>{width}.3f}" if abs(x) < 1e5 else f"{x:>{width}.0f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer phases and samples (same task counts)")
@@ -657,33 +637,12 @@ def main() -> None:
         for path in _DIRS:
             shutil.rmtree(path, ignore_errors=True)
     rows = build_rows(res)
-    head = f"{'figure':<54} {'value':>9} {'baseline':>9} {'ratio':>7}  {'unit':<7} {'goal':<18} result"
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        print(f"{r['figure']:<54} {fmt(r['value'], 9)} {fmt(r['baseline'], 9)} {fmt(r['ratio'], 7)}  "
-              f"{r['unit']:<7} {r['goal']:<18} {r['result']}")
+    common.print_table(rows)
     total = perf() - t_all
-    print(f"\n{'quick' if q else 'full'} run, {total:.0f} s; {platform.python_implementation()} "
-          f"{platform.python_version()}, {os.cpu_count()} cpus, {platform.platform()}; "
-          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print("\n" + common.run_line(q, total, load0))
     if args.json:
-        import ipykernel
-        import ipywidgets
-        import jupyter_client
-
-        import nbbgtask
-
-        machine = {"platform": platform.platform(), "python": sys.version, "cpu_count": os.cpu_count(),
-                   "memory_gb": psutil.virtual_memory().total / 2**30, "loadavg_start": load0,
-                   "loadavg_end": os.getloadavg(),
-                   "date": dt.datetime.now(dt.timezone.utc).isoformat(), "nbbgtask": nbbgtask.__version__,
-                   "ipykernel": ipykernel.__version__, "ipywidgets": ipywidgets.__version__,
-                   "jupyter_client": jupyter_client.__version__, "psutil": psutil.__version__}
-        machine["nbbgtask_source"] = source_fingerprint()
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "config": cfg, "seconds": total, "results": res, "table": rows},
-                      f, indent=2, default=str)
-        print(f"wrote {args.json}")
+        machine = common.machine(load0, ("ipykernel", "ipywidgets", "jupyter_client", "psutil"))
+        common.write_json(args.json, machine, cfg, total, res, rows)
 
 
 if __name__ == "__main__":
