@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import select
 import signal
 import socket
 import threading
@@ -72,6 +73,56 @@ def describe_exit(pid: int, code: int) -> str:
     return f"the task process {pid} exited with code {code} without reporting (see its log)"
 
 
+class _ExitWatch:
+    """Which children may have ended, without asking each one every round.
+
+    On Linux (5.3+) each child gets a pidfd in one epoll, which the supervisor thread waits on:
+    a child that ends wakes it at once, and a round costs nothing per running child (asking all
+    of 100 children each 0.1 s was about 1 % of a core).  Where pidfds are missing every child
+    is asked each round.
+    """
+
+    def __init__(self) -> None:
+        self._epoll: Any = None
+        self._fds: dict[int, int] = {}  # pidfd -> pid
+        self._by_pid: dict[int, int] = {}  # pid -> pidfd
+        self.polled: set[int] = set()  # children without a pidfd
+
+    def add(self, pid: int) -> None:
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no epoll or pidfd here, or the child is gone already
+            self.polled.add(pid)
+            return
+        self._fds[fd], self._by_pid[pid] = pid, fd
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def discard(self, pid: int) -> None:
+        self.polled.discard(pid)
+        fd = self._by_pid.pop(pid, None)
+        if fd is not None:
+            del self._fds[fd]
+            self._epoll.unregister(fd)
+            os.close(fd)
+
+    def wait(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` seconds; the children that have ended, or may have."""
+        if self._epoll is None or (self.polled and not self._fds):
+            time.sleep(timeout)
+            return list(self.polled)
+        ready = self._epoll.poll(timeout)
+        return [self._fds[fd] for fd, _ in ready if fd in self._fds] + list(self.polled)
+
+    def close(self) -> None:
+        """In a forked child: the parent's pidfds and epoll are of no use to it."""
+        for fd in self._fds:
+            os.close(fd)
+        if self._epoll is not None:
+            self._epoll.close()
+
+
 class _Supervisor:
     """One per process: owns the children this process started and the tasks it queued."""
 
@@ -85,12 +136,14 @@ class _Supervisor:
         self.wake = threading.Event()
         self._atexit = False
         self._liveness: dict[tuple[int, Any], tuple[bool, float]] = {}
+        self.exit_watch = _ExitWatch()
 
     # -- children ---------------------------------------------------------------------------
 
     def watch(self, pid: int, home: Path, task_id: str, popen: subprocess.Popen[bytes] | None) -> None:
         with self.lock:
             self.children[pid] = (home, task_id, popen)
+            self.exit_watch.add(pid)
         self._ensure_thread()
 
     def reap(self, pid: int) -> bool:
@@ -122,6 +175,7 @@ class _Supervisor:
                 except ChildProcessError:  # reaped by someone else; its record says how it ended
                     code = None
                 self.exits[pid] = code
+                self.exit_watch.discard(pid)
         store = store_for(home)
         # A task that recorded its end has no live file: one stat, and nothing to read.
         record = store.get(task_id) if store.is_live(task_id) else None
@@ -232,11 +286,13 @@ class _Supervisor:
 
     def _run(self) -> None:
         while True:
-            self.wake.wait(POLL)
+            # Woken by a child's end; else once a round, to start queued tasks and to retry
+            # recording ends that failed (a full disk, say).
+            ended = self.exit_watch.wait(0 if self.wake.is_set() else POLL)
             self.wake.clear()
             with self.lock:
-                pids = list(self.children)
-            for pid in pids:
+                pending = list(self.exits)
+            for pid in dict.fromkeys([*ended, *pending]):
                 self._guarded(self.reap, pid)
             self._guarded(self._dispatch)
             with self.lock:
@@ -255,6 +311,7 @@ def supervisor() -> _Supervisor:
 def reset_after_fork() -> None:
     """A forked task owns none of its parent's children, queue or thread."""
     global _supervisor
+    _supervisor.exit_watch.close()
     _supervisor = _Supervisor()
 
 
