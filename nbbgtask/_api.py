@@ -298,6 +298,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
         if cutoff is None or (r.get("finished") or r["created"]) < cutoff
     ]
     gone = store.remove(doomed)
+    store.sweep()  # temp files of tasks whose start was cut short by a kill
     for task_id in gone:
         log_path(home, task_id).unlink(missing_ok=True)
         result = result_path(home, task_id)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from ._errors import StoreError
 from ._states import State
 from ._status import TaskStatus, check_percent, result_path
 from ._store import store_for
@@ -67,6 +68,8 @@ class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
 
+#: a task process's exit code when it ended but could not record how (sysexits' EX_IOERR)
+EXIT_UNRECORDED = 74
 #: a pickled result up to this size is kept in the task's record, not a file of its own (a file
 #: costs a create, a rename and an fsync: more than a trivial task's whole run)
 INLINE_RESULT = 512
@@ -333,7 +336,14 @@ def run_job(job: Job, sink: Any = None) -> int:
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
     if job.record.get("backend", "local") == "local":
         fields.update(own_process())
-    sink.finish(fields)
+    try:
+        sink.finish(fields)
+    except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
+        try:
+            print(f"nbbgtask: the task ended {fields['state']}, but that could not be recorded: {exc}", file=sys.stderr)
+        except Exception:
+            pass
+        return EXIT_UNRECORDED
     return 0
 
 

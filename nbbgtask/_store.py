@@ -589,10 +589,48 @@ class Store:
                 final = {**current, **fields}
                 shard.insert(Document(final, task_id))  # type: ignore[arg-type]
             # History first, then live: a reader that misses it in one finds it in the other.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._live_path(task_id))
+            self._unlink_live(task_id)
         self._forget_live(task_id)
         return dict(final)
+
+    def _unlink_live(self, task_id: str) -> bool:
+        """Remove a task's live file, and the temp file a writer killed mid-write left (only the
+        holder of the task's stripe lock calls this, so no write is under way).  ``True`` if the
+        live file was there."""
+        path = self._live_path(task_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._live_dir, f".{task_id}.json.tmp"))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sweep(self, older_than: float = 3600.0) -> int:
+        """Remove temp files in ``live/`` older than ``older_than`` seconds whose task has no live
+        file: what a process killed while it made a new task's file left.  How many were removed."""
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            names = os.listdir(self._live_dir)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if not (name.startswith(".") and name.endswith(".json.tmp")):
+                continue
+            task_id = name[1:-9]
+            if not _FILE_ID.match(task_id):
+                continue
+            with self._held(self._stripe_lock(shard_of(task_id))):
+                path = os.path.join(self._live_dir, name)
+                try:
+                    if os.path.exists(self._live_path(task_id)) or os.stat(path).st_mtime > cutoff:
+                        continue
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def remove(self, task_ids: Iterable[str]) -> list[str]:
         by_shard: dict[int, list[str]] = {}
@@ -604,10 +642,8 @@ class Store:
             with self._held(self._stripe_lock(index)), self._session(shard):
                 gone += self._guard(shard, shard.remove, doc_ids=ids)
                 for task_id in ids:
-                    if self._may_be_live(task_id):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self._live_path(task_id))
-                            gone.append(task_id)
+                    if _FILE_ID.match(task_id) and self._unlink_live(task_id):
+                        gone.append(task_id)
                     self._forget_live(task_id)
         return list(dict.fromkeys(gone))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from . import _config
+from ._runner import EXIT_UNRECORDED
 from ._states import State
 from ._store import store_for
 
@@ -70,6 +71,11 @@ def describe_exit(pid: int, code: int) -> str:
         if sig == signal.SIGKILL:
             text += " (killed, or out of memory)"
         return text
+    if code == EXIT_UNRECORDED:
+        return (
+            f"the task process {pid} ended but could not record how: writing the nbbgtask store "
+            f"failed (a full disk, or the home folder's permissions; see its log)"
+        )
     return f"the task process {pid} exited with code {code} without reporting (see its log)"
 
 

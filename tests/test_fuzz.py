@@ -428,7 +428,7 @@ def test_fuzz_wait_result_and_log_arguments(home):
 
     @FUZZ
     @given(
-        timeout=st.one_of(st.none(), st.floats(max_value=1e6), st.integers(-5, 10**6), HUGE, TEXT),
+        timeout=st.one_of(st.none(), st.floats(max_value=1e6), st.just(math.nan), st.integers(-5, 10**6), HUGE, TEXT),
         tail=st.one_of(st.none(), st.integers(-3, 10**6), HUGE, NUMBERS, TEXT),
     )
     def check(timeout, tail):

@@ -54,10 +54,11 @@ def test_get_returns_an_equal_handle(home):
 
 def test_prune_forgets_finished_tasks_with_their_logs_and_results(home):
     # Results this big get a file of their own (small ones are kept in the record).
-    old = [bg.run(lambda k=k: k * 1000, name=k) for k in "abc"]
-    for status in old:
-        status.wait(30)
-        time.sleep(0.01)  # distinct end times
+    old = []
+    for k in "abc":  # one after another: prune keeps the last to finish
+        old.append(bg.run(lambda k=k: k * 1000, name=k))
+        old[-1].wait(30)
+        time.sleep(0.01)
     assert all((home / "results" / f"{status.id}.pkl").exists() for status in old)
     running = bg.run(time.sleep, 5)
     assert bg.prune(keep=1) == 2

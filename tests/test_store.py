@@ -311,3 +311,17 @@ def test_a_hand_edited_record_is_set_aside_and_the_rest_of_its_file_kept(home):
     assert bg.get(last.id).result() == len(statuses) - 1
     kept = [p for p in shard.parent.iterdir() if p.name.startswith(f"{shard.name}.damaged-")]
     assert len(kept) == 1 and json.loads(kept[0].read_text())["tasks"][first.id]["state"] == "exploded"
+
+
+def test_prune_sweeps_temp_files_left_by_a_start_cut_short(home):
+    """A process killed while it made a new task's file leaves a temp file no task owns."""
+    bg.run(print).wait(30)
+    orphan = home / "live" / ".0123456789abcdef0123456789abcdef.json.tmp"
+    orphan.write_text('{"tasks": {')
+    fresh = home / "live" / ".fedcba9876543210fedcba9876543210.json.tmp"
+    fresh.write_text('{"tasks": {')
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    assert bg.prune() == 1
+    assert not orphan.exists()
+    assert fresh.exists()  # it may be a start under way: only old ones go
+    assert [s.name for s in bg.tasks()] == []
