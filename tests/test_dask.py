@@ -208,3 +208,209 @@ def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
     status = bg.run(print, "once")
     status.wait(60)
     assert status.log() == "once\n"
+
+
+# -- spares: a child forked ahead of time on each worker, handed the next task -----------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """A cluster of one worker with two threads: where a task runs, and in what, is known."""
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        yield cluster
+        from nbbgtask import _dask_backend
+
+        _dask_backend.close()
+
+
+@pytest.fixture
+def on_one_worker(home, one_worker):
+    settings = bg.configure(backend="dask", address=one_worker.scheduler_address)
+    yield settings.dask_client
+    bg.configure(backend="local")
+
+
+def _spare_pid(dask_worker):
+    from nbbgtask import _dask_worker
+
+    pool = _dask_worker._pools.get(dask_worker.id)
+    spare = None if pool is None else pool._spare
+    return None if spare is None else spare.pid
+
+
+def _ready_spare(client):
+    """The pid of the one worker's idle spare, once it has one (after a first task made it)."""
+    pids = []
+
+    def ready():
+        pids[:] = list(client.run(_spare_pid).values())
+        return pids[0] is not None
+
+    if not ready():
+        assert bg.run(os.getpid).result(timeout=60)
+        assert until(ready, timeout=30), "no spare was forked after the first task"
+    return pids[0]
+
+
+def _worker_pid(client):
+    [pid] = client.run(os.getpid).values()
+    return pid
+
+
+def _next_spare(client, not_this):
+    """Wait for the worker's next spare (not ``not_this``); its pid."""
+    pids = []
+
+    def fresh():
+        pids[:] = list(client.run(_spare_pid).values())
+        return pids[0] not in (None, not_this)
+
+    assert until(fresh, timeout=30), f"no new spare after {not_this}"
+    return pids[0]
+
+
+def _setenv(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def test_a_task_runs_in_the_ready_spare_and_a_new_one_follows(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    status = bg.run(os.getpid)
+    assert status.result(timeout=60) == spare == status.pid
+    assert psutil.Process(_next_spare(on_one_worker, spare)).ppid() == _worker_pid(on_one_worker)
+
+
+def test_a_spare_runs_its_task_in_the_workers_environment_and_folder_of_that_moment(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    on_one_worker.run(_setenv, "NBBGTASK_TEST_MARK", "set after the spare was forked")
+    before = next(iter(on_one_worker.run(os.getcwd).values()))
+    on_one_worker.run(os.chdir, str(tmp_path))
+    try:
+        status = bg.run(lambda: (os.getpid(), os.environ.get("NBBGTASK_TEST_MARK"), os.getcwd()))
+        assert status.result(timeout=60) == (spare, "set after the spare was forked", str(tmp_path))
+    finally:
+        on_one_worker.run(_setenv, "NBBGTASK_TEST_MARK", None)
+        on_one_worker.run(os.chdir, before)
+
+
+def test_a_task_cancelled_while_running_in_a_spare_ends_cancelled(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    status = bg.run(_steps, 600)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
+    assert status.pid == spare
+    started = time.monotonic()
+    assert status.cancel() is True
+    assert time.monotonic() - started < 5
+    assert status.state == "cancelled"
+    assert until(lambda: not psutil.pid_exists(spare), timeout=5)  # ended, and reaped by the worker
+
+
+def _meet(folder, me, other):
+    """Runs only if ``other`` runs at the same time: each waits to see the other's file."""
+    open(os.path.join(folder, me), "w").close()
+    assert until(lambda: os.path.exists(os.path.join(folder, other)), timeout=30), f"{other} never ran beside {me}"
+    return os.getpid()
+
+
+def test_two_tasks_at_once_on_one_worker_both_run_one_in_the_spare(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    first, second = bg.run(_meet, str(tmp_path), "a", "b"), bg.run(_meet, str(tmp_path), "b", "a")
+    pids = {first.result(timeout=60), second.result(timeout=60)}
+    assert len(pids) == 2 and spare in pids  # the other was forked there and then
+
+
+def test_a_killed_spare_is_replaced_and_the_next_task_still_runs(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    os.kill(spare, signal.SIGKILL)
+    status = bg.run(os.getpid)
+    assert status.result(timeout=60) not in (None, spare)
+    assert until(lambda: not psutil.pid_exists(spare), timeout=10)  # reaped, not left a zombie
+    _next_spare(on_one_worker, spare)
+
+
+def test_no_spare_outlives_its_worker(home):
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            worker = psutil.Process(_worker_pid(client))
+            assert spare in [p.pid for p in worker.children()]
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+    # The worker ended its spare and reaped it as it closed: no process, not even a zombie.
+    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+
+
+def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives_on(home):
+    """In-process workers: the spare is a child of this very process, so only the worker's own
+    clean-up (not the end of its process) can end it."""
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            assert spare in [p.pid for p in psutil.Process().children()]
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+
+
+def test_a_spare_goes_when_its_worker_is_killed(home):
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            os.kill(_worker_pid(client), signal.SIGKILL)
+
+            def gone():
+                try:
+                    return psutil.Process(spare).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
+                except psutil.NoSuchProcess:
+                    return True
+
+            # Its command pipe closed with the worker: it exits rather than run on without one.
+            assert until(gone, timeout=15)
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+
+
+def test_a_child_of_the_worker_holds_no_other_childs_pipes(tmp_path):
+    """The spare closes every pipe end of this module that is not its own (here, in this process)."""
+    from nbbgtask import _dask_worker
+
+    read, write = _dask_worker._pipe()
+    spare = _dask_worker._fork_spare()
+    try:
+        inode = os.fstat(write).st_ino
+
+        def holds_it():
+            fds = f"/proc/{spare.pid}/fd"
+            return any(os.readlink(os.path.join(fds, fd)) == f"pipe:[{inode}]" for fd in os.listdir(fds))
+
+        assert until(lambda: not holds_it(), timeout=10)
+        _dask_worker._close(write)
+        assert os.read(read, 1) == b""  # end of file: no other process holds the write end
+    finally:
+        spare.discard()
+        _dask_worker._close(read, write)
+    assert not psutil.pid_exists(spare.pid)
+
