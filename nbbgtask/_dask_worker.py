@@ -320,6 +320,9 @@ def _spare_main(commands: int, reports: int, inherited: frozenset[int]) -> int:
             os.close(fd)
         except OSError:
             pass
+    # fork_detached leaves SIGTERM ignored until run_job handles it.  Here, in a session of its
+    # own, only a cancel sends it: one that comes before run_job is ready must still stop the task.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _rehearse()
     context, payload = _read_chunk(commands), _read_chunk(commands)
     os.close(commands)

@@ -414,3 +414,17 @@ def test_a_child_of_the_worker_holds_no_other_childs_pipes(tmp_path):
         _dask_worker._close(read, write)
     assert not psutil.pid_exists(spare.pid)
 
+
+def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
+    """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
+    it must end the process, not be ignored as fork_detached leaves it."""
+    from nbbgtask import _dask_worker
+
+    spare = _dask_worker._fork_spare()
+    try:
+        time.sleep(0.2)  # its own session and signal settings are in place
+        os.kill(spare.pid, signal.SIGTERM)
+        assert until(lambda: spare.poll() is not None, timeout=10)
+        assert spare.poll() == -signal.SIGTERM
+    finally:
+        spare.discard()
