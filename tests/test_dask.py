@@ -415,6 +415,64 @@ def test_a_child_of_the_worker_holds_no_other_childs_pipes(tmp_path):
     assert not psutil.pid_exists(spare.pid)
 
 
+# -- the kernel sends the task first and records it while it travels ---------------------------------
+
+
+class _StoreWithInsert:
+    """The real store, but ``insert`` (what submit() calls once the task is sent) replaced."""
+
+    def __init__(self, store, insert):
+        self._store, self.insert = store, insert
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_what_a_task_reports_before_it_is_recorded_waits_for_the_record(on_dask, monkeypatch):
+    from nbbgtask import _dask_backend
+
+    real = _dask_backend.store_for
+
+    def slow_store(home):
+        store = real(home)
+
+        def insert(record):
+            time.sleep(1.0)  # the task starts, reports and ends meanwhile
+            store.insert(record)
+
+        return _StoreWithInsert(store, insert)
+
+    monkeypatch.setattr(_dask_backend, "store_for", slow_store)
+    status = bg.run(print, "reported early")
+    monkeypatch.undo()
+    assert status.result(timeout=30) is None
+    assert status.state == "complete" and status.pid and status.started
+    assert status.log() == "reported early\n"
+
+
+def _late_mark(path):
+    time.sleep(1.5)
+    open(path, "w").close()
+
+
+def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask, monkeypatch, tmp_path):
+    from nbbgtask import _dask_backend
+
+    real = _dask_backend.store_for
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_dask_backend, "store_for", lambda home: _StoreWithInsert(real(home), full_disk))
+    mark = tmp_path / "ran"
+    with pytest.raises(OSError, match="No space left"):
+        bg.run(_late_mark, str(mark))
+    monkeypatch.undo()
+    time.sleep(4)
+    assert not mark.exists()
+    assert bg.tasks() == []
+
+
 def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
     it must end the process, not be ignored as fork_detached leaves it."""
