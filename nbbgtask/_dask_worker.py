@@ -299,8 +299,8 @@ def _fork_spare() -> _Child:
     reports, reports_write = _pipe()
     output, output_write = _pipe()
     own = {commands_read, reports_write, output_write}
-    context = _context()
     try:
+        context = _context()
         with _fds_lock:
             inherited = frozenset(_fds - own)
             pid = fork_detached(lambda: _spare_main(commands_read, reports_write, inherited), output_write)
@@ -421,7 +421,7 @@ class _Spares:
                 old.discard()
             try:
                 fresh: _Child | None = _fork_spare()
-            except OSError:  # no memory or processes to spare now: tasks fork their own meanwhile
+            except Exception:  # no memory or processes to spare now, say: tasks fork their own meanwhile
                 with self._cond:
                     self._wanted = True
                     self._cond.wait(SPARE_CHECK)
@@ -497,12 +497,20 @@ def _start_child(payload: bytes, pool: _Spares | None) -> _Child:
         return _spawn_child(payload)
     spare = pool.take() if pool is not None else None
     if spare is not None:
-        if spare.hand_over(payload):
+        if _handed_over(spare, payload):
             return spare
         spare.discard()  # died just now, before it read the task
     child = _fork_spare()
-    child.hand_over(payload)  # if it died already, the caller sees it end and says how
+    _handed_over(child, payload)  # if it died already, the caller sees it end and says how
     return child
+
+
+def _handed_over(child: _Child, payload: bytes) -> bool:
+    try:
+        return child.hand_over(payload)
+    except BaseException:  # the worker's folder is gone, say: the child must not be left behind
+        child.discard()
+        raise
 
 
 def _spawn_child(payload: bytes) -> _Child:

@@ -298,6 +298,24 @@ def test_a_spare_runs_its_task_in_the_workers_environment_and_folder_of_that_mom
         on_one_worker.run(os.chdir, before)
 
 
+def test_a_worker_whose_folder_is_gone_fails_the_task_and_leaves_no_child_behind(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    before = next(iter(on_one_worker.run(os.getcwd).values()))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    on_one_worker.run(os.chdir, str(gone))
+    gone.rmdir()
+    try:
+        status = bg.run(os.getpid)
+        with pytest.raises(bg.TaskFailed):
+            status.result(timeout=60)
+        assert status.error.startswith("FileNotFoundError")
+        assert until(lambda: not psutil.pid_exists(spare), timeout=10)  # ended and reaped
+        assert [p.status() for p in psutil.Process(_worker_pid(on_one_worker)).children()] == []
+    finally:
+        on_one_worker.run(os.chdir, before)
+    assert bg.run(os.getpid).result(timeout=60) != spare
+
 def test_a_task_cancelled_while_running_in_a_spare_ends_cancelled(on_one_worker):
     spare = _ready_spare(on_one_worker)
     status = bg.run(_steps, 600)
