@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -27,6 +28,9 @@ __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
 TOPIC = "nbbgtask"
 #: at most this much printed output per log event
 LOG_CHUNK = 64 * 1024
+#: at most this many seconds the worker waits, after handing a child its task, before its own
+#: bookkeeping for the task (see run_on_worker)
+STAND_BACK = 0.005
 
 
 def cancel_event_name(task_id: str) -> str:
@@ -95,8 +99,14 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
 
     pool = _spares(worker) if hasattr(os, "fork") else None
     child = _start_child(payload, pool)
+    started = time.time()
     read_end = child.reports
-    emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address)
+    if pool is not None:
+        # Stand back while the child gets going: what follows (the "started" event, which sets
+        # off a store write in the kernel, and three threads) would compete with its first steps
+        # for the processor.  Any sign from the child (a report, output, its end) ends the wait.
+        select.select([read_end, child.output], [], [], STAND_BACK)
+    emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
 
