@@ -372,8 +372,9 @@ def _rehearse() -> None:
         def target() -> None:
             pass
 
-        job = pickle.loads(cloudpickle.dumps(Job(record={"id": "rehearsal"}, home=Path("."), target=target)))
-        restore(job.target, collect(job.target))
+        job = Job(record={"id": "rehearsal"}, home=Path("."), target=target, sources=collect(target))
+        job = pickle.loads(cloudpickle.dumps(job))
+        restore(job.target, job.sources)
         reporter = Reporter(job, _NoSink())
         reporter.start()
         reporter.stop()
