@@ -105,7 +105,11 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
         # Stand back while the child gets going: what follows (the "started" event, which sets
         # off a store write in the kernel, and three threads) would compete with its first steps
         # for the processor.  Any sign from the child (a report, output, its end) ends the wait.
-        select.select([read_end, child.output], [], [], STAND_BACK)
+        # (poll, not select: a worker with many connections has descriptors beyond select's reach.)
+        signs = select.poll()
+        for fd in (read_end, child.output):
+            signs.register(fd, select.POLLIN)
+        signs.poll(STAND_BACK * 1000)
     emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()

@@ -351,6 +351,35 @@ def test_a_killed_spare_is_replaced_and_the_next_task_still_runs(on_one_worker):
     _next_spare(on_one_worker, spare)
 
 
+_HELD: list[int] = []
+
+
+def _hold_descriptors(n):
+    """On the worker: open ``n`` descriptors (or let them go, n=0), as a worker with many connections has."""
+    import resource
+
+    while _HELD:
+        os.close(_HELD.pop())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n and soft < n + 200:
+        if hard != resource.RLIM_INFINITY and hard < n + 200:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 200, hard))
+    _HELD.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(n))
+    return True
+
+
+def test_a_worker_with_descriptors_beyond_a_thousand_still_runs_tasks(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    if not next(iter(on_one_worker.run(_hold_descriptors, 1100).values())):
+        pytest.skip("cannot open 1,100 descriptors here")
+    try:
+        assert bg.run(os.getpid).result(timeout=60) == spare
+        fresh = _next_spare(on_one_worker, spare)  # its pipes are numbered beyond 1,100
+        assert bg.run(os.getpid).result(timeout=60) == fresh
+    finally:
+        on_one_worker.run(_hold_descriptors, 0)
+
 def test_no_spare_outlives_its_worker(home):
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
