@@ -199,14 +199,22 @@ def bench_start(rounds: int, cluster: Cluster) -> dict:
     snippet = (f"import os, struct, time; t = time.perf_counter(); fd = os.open({path!r}, os.O_WRONLY); "
                "os.write(fd, struct.pack('d', t)); os.close(fd)")
 
-    def timed(start, finish):
-        """start() begins the work; finish(handle) waits for it to end (not timed)."""
+    def timed(start, finish, setup=None, teardown=None):
+        """start() begins the work; finish(handle) waits for it to end (not timed).  setup() and
+        teardown() run before and after, untimed (switching nbbgtask to the Dask backend and back,
+        which is configuration, not starting a task)."""
         def run():
             stamps.drain()
-            t0 = perf()
-            handle = start()
-            t1 = stamps.recv()
-            finish(handle)
+            if setup is not None:
+                setup()
+            try:
+                t0 = perf()
+                handle = start()
+                t1 = stamps.recv()
+                finish(handle)
+            finally:
+                if teardown is not None:
+                    teardown()
             return t1 - t0
         return run
 
@@ -249,13 +257,6 @@ def bench_start(rounds: int, cluster: Cluster) -> dict:
         finally:
             bg.configure(start_method="fork")
 
-    def bg_dask():
-        cluster.nbbgtask_on()
-        try:
-            return bg.run(probe, path)
-        finally:
-            bg.configure(backend="local")
-
     fns = {
         "os.fork": timed(fork_start, lambda pid: os.waitpid(pid, 0)),
         "mp.Process fork": timed(mp_start(fork_ctx), mp_join),
@@ -269,7 +270,8 @@ def bench_start(rounds: int, cluster: Cluster) -> dict:
         "bg.run fork": timed(lambda: bg.run(probe, path), bg_end),
         "initiate fork": timed(lambda: ProbeTask.initiate(settings={"path": path}), bg_end),
         "bg.run spawn": timed(bg_spawn, bg_end),
-        "bg.run dask": timed(bg_dask, bg_end),
+        "bg.run dask": timed(lambda: bg.run(probe, path), bg_end, setup=cluster.nbbgtask_on,
+                             teardown=lambda: bg.configure(backend="local")),
     }
     try:
         interleaved(fns, 2)  # warm-up: imports, first store files, the Dask connection, caches

@@ -45,6 +45,8 @@ class DaskBackend:
         self.home = home
         self.address = client.scheduler.address
         self.futures: dict[str, Any] = {}
+        #: tasks sent but not yet recorded in the store (see submit)
+        self._recording: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         client.subscribe_topic(TOPIC, self._on_event)
         # Events sent while no kernel listened (a restart) are still on the scheduler.
@@ -87,18 +89,36 @@ class DaskBackend:
                 f"the task cannot be sent to the Dask cluster, because its function, arguments or "
                 f"secrets cannot be pickled: {exc}"
             ) from None
-        store = store_for(self.home)
-        store.insert(record)
-        config = _config.settings()
-        future = self.client.submit(
-            run_on_worker,
-            payload,
-            job.task_id,
-            config.cancel_grace,
-            config.progress_interval,
-            key=f"nbbgtask-{job.task_id}",
-            pure=False,
-        )
+        # The task is sent first and recorded while it travels: the record's write (a locked,
+        # atomic file write) is then not part of its start.  Its events wait until it is recorded.
+        recorded = threading.Event()
+        with self._lock:
+            self._recording[job.task_id] = recorded
+        try:
+            config = _config.settings()
+            future = self.client.submit(
+                run_on_worker,
+                payload,
+                job.task_id,
+                config.cancel_grace,
+                config.progress_interval,
+                key=f"nbbgtask-{job.task_id}",
+                pure=False,
+            )
+            try:
+                store_for(self.home).insert(record)
+            except BaseException:
+                # Not recorded, so not to run: nobody could see, wait for or cancel it.
+                try:
+                    future.cancel()  # not started yet: Dask drops it
+                    _request_cancel(self.client, job.task_id)  # started: the worker stops it
+                except Exception:  # the store's error is the one to report
+                    pass
+                raise
+        finally:
+            with self._lock:
+                del self._recording[job.task_id]
+            recorded.set()
         # The task runs to its end even if this kernel goes away; a later kernel records it.
         fire_and_forget(future)
         with self._lock:
@@ -113,6 +133,10 @@ class DaskBackend:
             return
         store = store_for(self.home)
         task_id, kind = msg["task_id"], msg.get("kind")
+        with self._lock:
+            recording = self._recording.get(task_id)
+        if recording is not None:  # came back before submit() recorded the task: a moment
+            recording.wait(CONNECT_TIMEOUT)
         record = store.get(task_id)
         if record is None or record.get("backend") != "dask" or State(record["state"]).is_final:
             return

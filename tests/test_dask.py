@@ -208,3 +208,328 @@ def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
     status = bg.run(print, "once")
     status.wait(60)
     assert status.log() == "once\n"
+
+
+# -- spares: a child forked ahead of time on each worker, handed the next task -----------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """A cluster of one worker with two threads: where a task runs, and in what, is known."""
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        yield cluster
+        from nbbgtask import _dask_backend
+
+        _dask_backend.close()
+
+
+@pytest.fixture
+def on_one_worker(home, one_worker):
+    settings = bg.configure(backend="dask", address=one_worker.scheduler_address)
+    yield settings.dask_client
+    bg.configure(backend="local")
+
+
+def _spare_pid(dask_worker):
+    from nbbgtask import _dask_worker
+
+    pool = _dask_worker._pools.get(dask_worker.id)
+    spare = None if pool is None else pool._spare
+    return None if spare is None else spare.pid
+
+
+def _ready_spare(client):
+    """The pid of the one worker's idle spare, once it has one (after a first task made it)."""
+    pids = []
+
+    def ready():
+        pids[:] = list(client.run(_spare_pid).values())
+        return pids[0] is not None
+
+    if not ready():
+        assert bg.run(os.getpid).result(timeout=60)
+        assert until(ready, timeout=30), "no spare was forked after the first task"
+    return pids[0]
+
+
+def _worker_pid(client):
+    [pid] = client.run(os.getpid).values()
+    return pid
+
+
+def _next_spare(client, not_this):
+    """Wait for the worker's next spare (not ``not_this``); its pid."""
+    pids = []
+
+    def fresh():
+        pids[:] = list(client.run(_spare_pid).values())
+        return pids[0] not in (None, not_this)
+
+    assert until(fresh, timeout=30), f"no new spare after {not_this}"
+    return pids[0]
+
+
+def _setenv(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def test_a_task_runs_in_the_ready_spare_and_a_new_one_follows(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    status = bg.run(os.getpid)
+    assert status.result(timeout=60) == spare == status.pid
+    assert psutil.Process(_next_spare(on_one_worker, spare)).ppid() == _worker_pid(on_one_worker)
+
+
+def test_a_spare_runs_its_task_in_the_workers_environment_and_folder_of_that_moment(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    on_one_worker.run(_setenv, "NBBGTASK_TEST_MARK", "set after the spare was forked")
+    before = next(iter(on_one_worker.run(os.getcwd).values()))
+    on_one_worker.run(os.chdir, str(tmp_path))
+    try:
+        status = bg.run(lambda: (os.getpid(), os.environ.get("NBBGTASK_TEST_MARK"), os.getcwd()))
+        assert status.result(timeout=60) == (spare, "set after the spare was forked", str(tmp_path))
+    finally:
+        on_one_worker.run(_setenv, "NBBGTASK_TEST_MARK", None)
+        on_one_worker.run(os.chdir, before)
+
+
+def test_a_worker_whose_folder_is_gone_fails_the_task_and_leaves_no_child_behind(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    before = next(iter(on_one_worker.run(os.getcwd).values()))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    on_one_worker.run(os.chdir, str(gone))
+    gone.rmdir()
+    try:
+        status = bg.run(os.getpid)
+        with pytest.raises(bg.TaskFailed):
+            status.result(timeout=60)
+        assert status.error.startswith("FileNotFoundError")
+        assert until(lambda: not psutil.pid_exists(spare), timeout=10)  # ended and reaped
+        assert [p.status() for p in psutil.Process(_worker_pid(on_one_worker)).children()] == []
+    finally:
+        on_one_worker.run(os.chdir, before)
+    assert bg.run(os.getpid).result(timeout=60) != spare
+
+def test_a_task_cancelled_while_running_in_a_spare_ends_cancelled(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    status = bg.run(_steps, 600)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
+    assert status.pid == spare
+    started = time.monotonic()
+    assert status.cancel() is True
+    assert time.monotonic() - started < 5
+    assert status.state == "cancelled"
+    assert until(lambda: not psutil.pid_exists(spare), timeout=5)  # ended, and reaped by the worker
+
+
+def _meet(folder, me, other):
+    """Runs only if ``other`` runs at the same time: each waits to see the other's file."""
+    open(os.path.join(folder, me), "w").close()
+    assert until(lambda: os.path.exists(os.path.join(folder, other)), timeout=30), f"{other} never ran beside {me}"
+    return os.getpid()
+
+
+def test_two_tasks_at_once_on_one_worker_both_run_one_in_the_spare(on_one_worker, tmp_path):
+    spare = _ready_spare(on_one_worker)
+    first, second = bg.run(_meet, str(tmp_path), "a", "b"), bg.run(_meet, str(tmp_path), "b", "a")
+    pids = {first.result(timeout=60), second.result(timeout=60)}
+    assert len(pids) == 2 and spare in pids  # the other was forked there and then
+
+
+def test_a_killed_spare_is_replaced_and_the_next_task_still_runs(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    os.kill(spare, signal.SIGKILL)
+    status = bg.run(os.getpid)
+    assert status.result(timeout=60) not in (None, spare)
+    assert until(lambda: not psutil.pid_exists(spare), timeout=10)  # reaped, not left a zombie
+    _next_spare(on_one_worker, spare)
+
+
+_HELD: list[int] = []
+
+
+def _hold_descriptors(n):
+    """On the worker: open ``n`` descriptors (or let them go, n=0), as a worker with many connections has."""
+    import resource
+
+    while _HELD:
+        os.close(_HELD.pop())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n and soft < n + 200:
+        if hard != resource.RLIM_INFINITY and hard < n + 200:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 200, hard))
+    _HELD.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(n))
+    return True
+
+
+def test_a_worker_with_descriptors_beyond_a_thousand_still_runs_tasks(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    if not next(iter(on_one_worker.run(_hold_descriptors, 1100).values())):
+        pytest.skip("cannot open 1,100 descriptors here")
+    try:
+        assert bg.run(os.getpid).result(timeout=60) == spare
+        fresh = _next_spare(on_one_worker, spare)  # its pipes are numbered beyond 1,100
+        assert bg.run(os.getpid).result(timeout=60) == fresh
+    finally:
+        on_one_worker.run(_hold_descriptors, 0)
+
+def test_no_spare_outlives_its_worker(home):
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            worker = psutil.Process(_worker_pid(client))
+            assert spare in [p.pid for p in worker.children()]
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+    # The worker ended its spare and reaped it as it closed: no process, not even a zombie.
+    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+
+
+def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives_on(home):
+    """In-process workers: the spare is a child of this very process, so only the worker's own
+    clean-up (not the end of its process) can end it."""
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            assert spare in [p.pid for p in psutil.Process().children()]
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+
+
+def test_a_spare_goes_when_its_worker_is_killed(home):
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            spare = _ready_spare(client)
+            os.kill(_worker_pid(client), signal.SIGKILL)
+
+            def gone():
+                try:
+                    return psutil.Process(spare).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
+                except psutil.NoSuchProcess:
+                    return True
+
+            # Its command pipe closed with the worker: it exits rather than run on without one.
+            assert until(gone, timeout=15)
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+
+
+def test_a_child_of_the_worker_holds_no_other_childs_pipes(tmp_path):
+    """The spare closes every pipe end of this module that is not its own (here, in this process)."""
+    from nbbgtask import _dask_worker
+
+    read, write = _dask_worker._pipe()
+    spare = _dask_worker._fork_spare()
+    try:
+        inode = os.fstat(write).st_ino
+
+        def holds_it():
+            fds = f"/proc/{spare.pid}/fd"
+            return any(os.readlink(os.path.join(fds, fd)) == f"pipe:[{inode}]" for fd in os.listdir(fds))
+
+        assert until(lambda: not holds_it(), timeout=10)
+        _dask_worker._close(write)
+        assert os.read(read, 1) == b""  # end of file: no other process holds the write end
+    finally:
+        spare.discard()
+        _dask_worker._close(read, write)
+    assert not psutil.pid_exists(spare.pid)
+
+
+# -- the kernel sends the task first and records it while it travels ---------------------------------
+
+
+class _StoreWithInsert:
+    """The real store, but ``insert`` (what submit() calls once the task is sent) replaced."""
+
+    def __init__(self, store, insert):
+        self._store, self.insert = store, insert
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_what_a_task_reports_before_it_is_recorded_waits_for_the_record(on_dask, monkeypatch):
+    from nbbgtask import _dask_backend
+
+    real = _dask_backend.store_for
+
+    def slow_store(home):
+        store = real(home)
+
+        def insert(record):
+            time.sleep(1.0)  # the task starts, reports and ends meanwhile
+            store.insert(record)
+
+        return _StoreWithInsert(store, insert)
+
+    monkeypatch.setattr(_dask_backend, "store_for", slow_store)
+    status = bg.run(print, "reported early")
+    monkeypatch.undo()
+    assert status.result(timeout=30) is None
+    assert status.state == "complete" and status.pid and status.started
+    assert status.log() == "reported early\n"
+
+
+def _late_mark(path):
+    time.sleep(1.5)
+    open(path, "w").close()
+
+
+def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask, monkeypatch, tmp_path):
+    from nbbgtask import _dask_backend
+
+    real = _dask_backend.store_for
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_dask_backend, "store_for", lambda home: _StoreWithInsert(real(home), full_disk))
+    mark = tmp_path / "ran"
+    with pytest.raises(OSError, match="No space left"):
+        bg.run(_late_mark, str(mark))
+    monkeypatch.undo()
+    time.sleep(4)
+    assert not mark.exists()
+    assert bg.tasks() == []
+
+
+def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
+    """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
+    it must end the process, not be ignored as fork_detached leaves it."""
+    from nbbgtask import _dask_worker
+
+    spare = _dask_worker._fork_spare()
+    try:
+        time.sleep(0.2)  # its own session and signal settings are in place
+        os.kill(spare.pid, signal.SIGTERM)
+        assert until(lambda: spare.poll() is not None, timeout=10)
+        assert spare.poll() == -signal.SIGTERM
+    finally:
+        spare.discard()
