@@ -1,7 +1,8 @@
 """What runs on a Dask worker: the task in a child process (so a cancel can stop it for real),
 with its progress, output and outcome sent to the kernel as worker events.
 
-``run_on_worker`` is the function Dask runs.  The child is forked from the worker, with the
+``run_on_worker`` is what Dask runs (a coroutine, on the worker's event loop; the rest of the
+task's supervision runs in a thread of its own).  The child is forked from the worker, with the
 same rules as a task forked from a kernel (`_launcher.fork_detached`), ahead of time: each worker
 keeps one idle *spare* child ready and hands it the next task (see "the task's process" below).
 Where there is no fork it is ``python -m nbbgtask._dask_worker FD``.  Either way it runs the task
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
 import signal
 import socket
 import subprocess
@@ -28,8 +28,8 @@ __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
 TOPIC = "nbbgtask"
 #: at most this much printed output per log event
 LOG_CHUNK = 64 * 1024
-#: at most this many seconds the worker waits, after handing a child its task, before its own
-#: bookkeeping for the task (see run_on_worker)
+#: at most this many seconds the worker waits, after handing a spare its task, before its own
+#: bookkeeping for the task (see _first_sign)
 STAND_BACK = 0.005
 
 
@@ -86,30 +86,127 @@ class PipeSink:
         self._send("final", fields)
 
 
-def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -> str:
-    """Run a task's child process on this worker and report everything as worker events."""
-    from distributed import Event, get_client, get_worker
+async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -> str:
+    """Run a task's child process on this worker and report everything as worker events.
 
-    from ._supervisor import describe_exit
+    A coroutine, so Dask runs it on the worker's event loop as soon as the task arrives: a ready
+    spare is handed the task there and then, with no thread to wake up first (a plain function
+    waits for one of the worker's threads).  Watching the child and forwarding its reports then
+    happen in a thread of the task's own (`_supervise`).  If Dask gives the task up while it runs
+    (the worker closes, and Dask will run the task again elsewhere), its child is stopped.
+    """
+    import asyncio
+    import contextvars
+
+    from distributed import get_worker
 
     worker = get_worker()
+    pool = _spares(worker) if hasattr(os, "fork") else None
+    spare = pool.take() if pool is not None else None
+    handed: tuple[_Child, float] | None = None
+    if spare is not None:
+        if _handed_over(spare, payload, block=False):
+            handed = (spare, time.time())
+        else:
+            spare.discard()  # died just now, before it read the task
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    abandon = threading.Event()
+    running: list[_Child] = [handed[0]] if handed else []
+    context = contextvars.copy_context()  # get_worker() and get_client() work in the thread too
+
+    def supervise() -> None:
+        try:
+            state = context.run(_supervise, worker, pool, payload, handed, running, abandon, task_id, grace, interval)
+        except BaseException as exc:
+            outcome: tuple[Any, Any] = (done.set_exception, exc)
+        else:
+            outcome = (done.set_result, state)
+        try:
+            loop.call_soon_threadsafe(_settle, done, *outcome)
+        except RuntimeError:  # the loop is closed: the worker is gone, and nobody waits
+            pass
+
+    thread = threading.Thread(target=supervise, name=f"nbbgtask-{task_id[:8]}", daemon=True)
+    try:
+        if handed is not None and handed[0].commands is None:
+            await _first_sign(loop, handed[0])  # see STAND_BACK
+        thread.start()
+        return await done
+    except asyncio.CancelledError:
+        abandon.set()
+        if running:
+            _signal_group(running[0].pid, signal.SIGTERM)
+        if thread.ident is None:
+            thread.start()  # it stops and reaps the child
+        raise
+
+
+def _settle(future: Any, setter: Any, value: Any) -> None:
+    if not future.done():
+        setter(value)
+
+
+async def _first_sign(loop: Any, child: _Child) -> None:
+    """Wait while a child just handed its task gets going: what the worker does next (the
+    "started" event, which sets off the scheduler and a store write in the kernel, and a thread
+    or four) would compete with its first steps for the processor.  Any sign from the child (a
+    report, output, its end) or STAND_BACK seconds end the wait."""
+    import asyncio
+
+    sign = loop.create_future()
+
+    def seen() -> None:
+        if not sign.done():
+            sign.set_result(None)
+
+    fds = (child.reports, child.output)
+    watched = []
+    try:
+        for fd in fds:
+            loop.add_reader(fd, seen)
+            watched.append(fd)
+        await asyncio.wait({sign}, timeout=STAND_BACK)
+    except NotImplementedError:  # an event loop that cannot watch pipes: no waiting
+        pass
+    finally:
+        for fd in watched:
+            loop.remove_reader(fd)
+
+
+def _supervise(
+    worker: Any,
+    pool: _Spares | None,
+    payload: bytes,
+    handed: tuple[_Child, float] | None,
+    running: list[_Child],
+    abandon: threading.Event,
+    task_id: str,
+    grace: float,
+    interval: float,
+) -> str:
+    """In the task's own thread: start its child unless a spare has it already, forward what the
+    child reports as worker events, stop it on a cancel, and report how it ended."""
+    from distributed import Event, get_client
+
+    from ._supervisor import describe_exit
 
     def emit(kind: str, **fields: Any) -> None:
         worker.log_event(TOPIC, {"task_id": task_id, "kind": kind, "time": time.time(), **fields})
 
-    pool = _spares(worker) if hasattr(os, "fork") else None
-    child = _start_child(payload, pool)
-    started = time.time()
+    child: _Child | None = None
+    if handed is not None:
+        child, started = handed
+        if not child.finish_hand_over():  # died before it had read all of its task
+            child.discard()
+            child = None
+    if child is None:
+        child = _start_child(payload, pool)
+        started = time.time()
+        running[:] = [child]
+    if abandon.is_set():
+        _signal_group(child.pid, signal.SIGTERM)
     read_end = child.reports
-    if pool is not None:
-        # Stand back while the child gets going: what follows (the "started" event, which sets
-        # off a store write in the kernel, and three threads) would compete with its first steps
-        # for the processor.  Any sign from the child (a report, output, its end) ends the wait.
-        # (poll, not select: a worker with many connections has descriptors beyond select's reach.)
-        signs = select.poll()
-        for fd in (read_end, child.output):
-            signs.register(fd, select.POLLIN)
-        signs.poll(STAND_BACK * 1000)
     emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
@@ -141,12 +238,21 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
             elif kind == "final":
                 outcome.update(body)
 
-    # After the child started (getting the worker's client can take a while the first time), and
-    # in the task's own thread: the watcher thread could not find the client itself.
+    # In the task's own thread (with the task's context): the watcher could not find the client.
     event = Event(cancel_event_name(task_id), client=get_client())
+
+    def stop() -> None:
+        _signal_group(child.pid, signal.SIGTERM)
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(child.pid, signal.SIGKILL)
 
     def watch_cancel() -> None:
         while not stopping.is_set():
+            if abandon.is_set():
+                stop()
+                return
             try:
                 if not event.wait(timeout=0.5):
                     continue
@@ -154,11 +260,7 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
                 time.sleep(0.5)
                 continue
             outcome["cancel_requested"] = True
-            _signal_group(child.pid, signal.SIGTERM)
-            try:
-                child.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(child.pid, signal.SIGKILL)
+            stop()
             return
 
     threads = [threading.Thread(target=t, daemon=True) for t in (pump_output, pump_reports, watch_cancel)]
@@ -171,6 +273,8 @@ def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -
     for t in threads[:2]:
         t.join()
     _close(read_end, child.output)
+    if abandon.is_set():
+        return "abandoned"  # Dask runs the task again elsewhere; that run reports
     if "state" not in outcome:
         if outcome.get("cancel_requested"):
             outcome["state"] = "cancelled"
@@ -237,6 +341,7 @@ class _Child:
     ) -> None:
         self.pid, self.output, self.reports, self.commands, self._popen = pid, output, reports, commands, popen
         self.born = time.monotonic()
+        self._rest = memoryview(b"")
         #: the worker's folder, environment and sys.path when it was forked (see hand_over)
         self.context: tuple[str, dict[str, str], list[str]] | None = None
         self._code: int | None = None
@@ -265,19 +370,47 @@ class _Child:
                 time.sleep(0.01)
         return self._code
 
-    def hand_over(self, payload: bytes) -> bool:
-        """Give this spare its task; ``False`` if it is gone (it never saw the task)."""
+    def hand_over(self, payload: bytes, block: bool = True) -> bool:
+        """Give this spare its task; ``False`` if it is gone (it never saw the task).
+
+        ``block=False`` (on the worker's event loop): write only what the pipe takes at once; the
+        rest, if any, is written by `finish_hand_over`.
+        """
         assert self.commands is not None
         now = _context()
         # The task runs as if forked now: in the worker's current folder, environment and
         # sys.path, which the spare is sent only if they changed since it was forked.
         context = b"" if now == self.context else pickle.dumps(now)
+        self._rest = memoryview(b"".join(len(d).to_bytes(8, "big") + d for d in (context, payload)))
+        if block:
+            return self.finish_hand_over()
+        os.set_blocking(self.commands, False)
         try:
-            _write_all(self.commands, b"".join(len(d).to_bytes(8, "big") + d for d in (context, payload)))
+            self._rest = self._rest[os.write(self.commands, self._rest) :]
+        except BlockingIOError:
+            pass  # a full pipe: all of it is left for finish_hand_over
+        except BrokenPipeError:
+            self._rest = memoryview(b"")
+            _close(self.commands)
+            self.commands = None
+            return False
+        if not self._rest:
+            _close(self.commands)
+            self.commands = None
+        return True
+
+    def finish_hand_over(self) -> bool:
+        """Write what hand_over(block=False) left; ``False`` if the child died before it read it."""
+        if self.commands is None:
+            return True
+        try:
+            os.set_blocking(self.commands, True)
+            _write_all(self.commands, self._rest)
             return True
         except BrokenPipeError:
             return False
         finally:
+            self._rest = memoryview(b"")
             _close(self.commands)
             self.commands = None
 
@@ -298,7 +431,7 @@ def _context() -> tuple[str, dict[str, str], list[str]]:
     return os.getcwd(), dict(os.environ), list(sys.path)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -520,9 +653,9 @@ def _start_child(payload: bytes, pool: _Spares | None) -> _Child:
     return child
 
 
-def _handed_over(child: _Child, payload: bytes) -> bool:
+def _handed_over(child: _Child, payload: bytes, block: bool = True) -> bool:
     try:
-        return child.hand_over(payload)
+        return child.hand_over(payload, block)
     except BaseException:  # the worker's folder is gone, say: the child must not be left behind
         child.discard()
         raise

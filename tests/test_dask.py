@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -379,6 +380,36 @@ def test_a_worker_with_descriptors_beyond_a_thousand_still_runs_tasks(on_one_wor
         assert bg.run(os.getpid).result(timeout=60) == fresh
     finally:
         on_one_worker.run(_hold_descriptors, 0)
+
+def test_a_task_too_big_for_one_pipe_write_is_handed_to_the_spare_whole(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    big = os.urandom(3_000_000)  # far beyond a pipe's capacity: the rest is written from a thread
+    status = bg.run(lambda data: (os.getpid(), hashlib.sha256(data).hexdigest()), big)
+    assert status.result(timeout=60) == (spare, hashlib.sha256(big).hexdigest())
+
+
+def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs_it_again(home):
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            status = bg.run(_steps, 600)
+            assert until(lambda: status.refresh().percent > 0, timeout=30)
+            first_pid, first_worker = status.pid, status._record["worker"]
+            client.retire_workers([first_worker], close_workers=True)
+            # Dask runs it again on the other worker; the first run's child does not run on beside it.
+            assert until(lambda: not psutil.pid_exists(first_pid), timeout=15)
+            assert until(lambda: status.refresh().pid not in (None, first_pid), timeout=30)
+            assert status.state == "running" and status._record["worker"] != first_worker
+            assert status.message.startswith("restarted on ")
+            assert status.cancel() is True
+            assert status.state == "cancelled"
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
 
 def test_no_spare_outlives_its_worker(home):
     with distributed.LocalCluster(
