@@ -204,10 +204,11 @@ def _supervise(
         child = _start_child(payload, pool)
         started = time.time()
         running[:] = [child]
-    if abandon.is_set():
-        _signal_group(child.pid, signal.SIGTERM)
     read_end = child.reports
-    emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
+    if abandon.is_set():  # given up before it started: the run Dask starts elsewhere reports
+        _signal_group(child.pid, signal.SIGTERM)
+    else:
+        emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
     outcome: dict[str, Any] = {}
     stopping = threading.Event()
 
