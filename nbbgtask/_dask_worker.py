@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -136,7 +138,7 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
     except asyncio.CancelledError:
         abandon.set()
         if running:
-            _signal_group(running[0].pid, signal.SIGTERM)
+            running[0].signal_group(signal.SIGTERM)
         if thread.ident is None:
             thread.start()  # it stops and reaps the child
         raise
@@ -206,7 +208,7 @@ def _supervise(
         running[:] = [child]
     read_end = child.reports
     if abandon.is_set():  # given up before it started: the run Dask starts elsewhere reports
-        _signal_group(child.pid, signal.SIGTERM)
+        child.signal_group(signal.SIGTERM)
     else:
         emit("started", pid=child.pid, host=socket.gethostname(), worker=worker.address, time=started)
     outcome: dict[str, Any] = {}
@@ -243,11 +245,11 @@ def _supervise(
     event = Event(cancel_event_name(task_id), client=get_client())
 
     def stop() -> None:
-        _signal_group(child.pid, signal.SIGTERM)
+        child.signal_group(signal.SIGTERM)
         try:
             child.wait(grace)
         except subprocess.TimeoutExpired:
-            _signal_group(child.pid, signal.SIGKILL)
+            child.signal_group(signal.SIGKILL)
 
     def watch_cancel() -> None:
         while not stopping.is_set():
@@ -280,7 +282,13 @@ def _supervise(
         if outcome.get("cancel_requested"):
             outcome["state"] = "cancelled"
         else:
-            outcome.update(state="failed", error=describe_exit(child.pid, code).replace("task process", "task process on the worker"))
+            error = describe_exit(child.pid, code).replace("task process", "task process on the worker")
+            if child.lost:
+                error = (
+                    f"the task process {child.pid} on the worker ended without reporting, and how is not "
+                    f"known: the process that forked it there was lost"
+                )
+            outcome.update(state="failed", error=error)
         outcome["finished"] = time.time()
     emit("final", **outcome)
     return str(outcome["state"])
@@ -291,25 +299,34 @@ def _supervise(
 # Forking a child from a worker costs milliseconds (more, the bigger the worker), which would be
 # most of a task's start.  So each worker keeps one child forked ahead of time, idle: a *spare*,
 # waiting on a pipe.  A task is handed to the spare (its job, and the worker's cwd, environment
-# and sys.path of that moment), the spare runs that one task and exits, exactly as a child forked
-# for the task would; a new spare is forked in the background.  When no spare is ready (two tasks
-# at once on a worker with several threads, or the first task on a worker), one is forked there and
-# then and handed the task at once.
+# and sys.path of that moment); the spare runs that one task and exits, exactly as a child forked
+# for the task would, and a new spare is forked in the background.  When no spare is ready (two
+# tasks at once on a worker with several threads, the first task) one is forked there and then.
+#
+# The spares are not forked by the worker itself but by a *forker*: a small process forked from
+# the worker once (with fork_detached's rules), which does nothing but fork spares, pass on
+# signals to them and report how they end.  A fork makes parent and child share every page until
+# one of them writes it.  Forked by the worker, each new spare would make the worker copy, page by
+# page, whatever it writes next (measured: a couple of milliseconds on its next task, whatever
+# that task is), and each fork would stall the worker's threads while its page tables are copied.
+# The forker writes next to nothing: the worker copies what it writes once per forker, not once
+# per task.
 
-#: an idle spare older than this is replaced, so it does not hold on to an old copy of the
-#: worker's memory (pages the worker has since freed or changed stay in the spare)
-SPARE_MAX_AGE = 60.0
+#: a forker is replaced (by one forked from the worker as it is then) after this many seconds, so
+#: that it and its spares do not hold on to an old copy of the worker's memory
+FORKER_MAX_AGE = 60.0
 #: seconds between two looks of the keeper thread at its idle spare (still alive? too old?)
 SPARE_CHECK = 1.0
-#: seconds after a task started before the next spare is forked, so that the fork (which copies
-#: the worker's page tables) does not compete with the task's first steps
+#: seconds after a task started before the next spare is forked, so that the fork does not
+#: compete with the task's first steps for the processor
 SPARE_DELAY = 0.02
+#: seconds a spare that is let go (its pipe closed) has to leave before it is killed
+SPARE_LEAVE = 5.0
 
-# Every pipe end this module opens is listed here, and every fork from this module happens under
-# the same lock: a child forked while another task's pipes are open (a second thread, the keeper)
-# closes the ends that are not its own.  Else it would hold another task's report pipe open (so the
-# worker would not see that task end until this child ends too), or an idle spare's command pipe
-# (so that spare would not see the worker go away).
+# Every pipe end this module opens is listed here: a forker (or a child forked straight from the
+# worker) closes those that are not its own.  Else it would hold another task's report pipe open
+# (so the worker would not see that task end until the holder ends too), or an idle spare's
+# command pipe (so that spare would not see the worker go away).
 _fds_lock = threading.Lock()
 _fds: set[int] = set()
 
@@ -331,26 +348,43 @@ def _close(*fds: int | None) -> None:
 
 
 class _Child:
-    """The task's process on this worker: a forked spare, or spawned where fork is missing.
+    """The task's process on this worker: a spare (forked by a forker, or by the worker itself when
+    it has no forker), or spawned where fork is missing.
 
     ``reports`` and ``output`` are the worker's ends of its report pipe and of its fds 1 and 2;
     ``commands`` (a spare not yet handed a task) is where its task will come from.
     """
 
     def __init__(
-        self, pid: int, output: int, reports: int, commands: int | None = None, popen: subprocess.Popen[bytes] | None = None
+        self,
+        pid: int,
+        output: int,
+        reports: int,
+        commands: int | None = None,
+        popen: subprocess.Popen[bytes] | None = None,
+        forker: _Forker | None = None,
     ) -> None:
         self.pid, self.output, self.reports, self.commands, self._popen = pid, output, reports, commands, popen
-        self.born = time.monotonic()
+        self.forker = forker
         self._rest = memoryview(b"")
-        #: the worker's folder, environment and sys.path when it was forked (see hand_over)
+        #: the worker's folder, environment and sys.path as this process has them (see hand_over)
         self.context: tuple[str, dict[str, str], list[str]] | None = None
+        #: its forker went away before it could say how this process ended
+        self.lost = False
         self._code: int | None = None
+        self._ended = threading.Event()
+
+    def _exited(self, code: int | None) -> None:
+        """From its forker: it ended with ``code`` (``None``: the forker was lost, so not known)."""
+        self._code, self.lost = (code, code is None)
+        self._ended.set()
 
     def poll(self) -> int | None:
-        """Its exit code if it has ended (and is reaped), else ``None``."""
+        """Its exit code once it has ended (and is reaped), else ``None`` (0 if lost)."""
         if self._popen is not None:
             return self._popen.poll()
+        if self.forker is not None:
+            return (self._code or 0) if self._ended.is_set() else None
         if self._code is None:
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
@@ -360,6 +394,10 @@ class _Child:
     def wait(self, timeout: float | None = None) -> int:
         if self._popen is not None:
             return self._popen.wait(timeout)
+        if self.forker is not None:
+            if not self._ended.wait(timeout):
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            return self._code or 0
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._code is None:
             done, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
@@ -370,6 +408,15 @@ class _Child:
             else:
                 time.sleep(0.01)
         return self._code
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to its process group (it and any processes it started)."""
+        if self.forker is not None:
+            if self.forker.signal(self.pid, sig):
+                return  # the forker, its parent, sends it only while it has not reaped it
+            if self._ended.is_set() and not self.lost:
+                return  # ended, and reaped by its forker: the pid may be someone else's by now
+        _signal_group(self.pid, sig)  # the worker's own child (not reaped yet), or its forker is lost
 
     def hand_over(self, payload: bytes, block: bool = True) -> bool:
         """Give this spare its task; ``False`` if it is gone (it never saw the task).
@@ -416,15 +463,15 @@ class _Child:
             self.commands = None
 
     def discard(self) -> None:
-        """End a spare that has no task (it runs nothing of anyone's), and reap it."""
-        _close(self.commands)
+        """Let a spare that has no task go (it runs nothing of anyone's), and see it reaped."""
+        _close(self.commands)  # end of its pipe: it leaves by itself
         self.commands = None
         if self.poll() is None:
             try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.wait()
+                self.wait(SPARE_LEAVE)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.wait(SPARE_LEAVE)
         _close(self.output, self.reports)
 
 
@@ -438,30 +485,339 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fork_spare() -> _Child:
-    """Fork an idle child of this worker, with the same rules as a task forked from a kernel."""
-    from . import _sources  # noqa: F401 - used by every task: imported once here, not in each child
-    from ._launcher import fork_detached
+# -- the forker ------------------------------------------------------------------------------------
 
+#: one message between the worker and its forker: what (one byte), a pid, a number
+_RECORD = struct.Struct("!cqq")
+
+
+def _send_record(sock: socket.socket, op: bytes, pid: int = 0, number: int = 0, fds: tuple[int, ...] = ()) -> None:
+    data = _RECORD.pack(op, pid, number)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def _recv_record(sock: socket.socket) -> tuple[bytes, int, int, list[int]] | None:
+    """The next message and the descriptors sent with it; ``None`` at the end of the connection."""
+    data, fds, _, _ = socket.recv_fds(sock, _RECORD.size, 3)
+    while data and len(data) < _RECORD.size:
+        more = sock.recv(_RECORD.size - len(data))
+        if not more:
+            data = b""
+        data += more
+    if len(data) < _RECORD.size:
+        for fd in fds:
+            os.close(fd)
+        return None
+    op, pid, number = _RECORD.unpack(data)
+    return op, pid, number, fds
+
+
+class _ForkerLost(Exception):
+    """The forker went away (killed, say): another is started for the next spare."""
+
+
+class _Forker:
+    """The worker's side of a forker (see "the task's process" above)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from ._launcher import fork_detached
+
+        # fork_detached hands the child none of the worker's sockets (it would keep the worker's
+        # ports): the forker connects back, by a path in a folder only this user can enter.
+        folder = tempfile.mkdtemp(prefix="nbbg-")
+        path = os.path.join(folder, "forker")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            listener.settimeout(30)
+            output = os.dup(2)  # what it prints (a crash, say) goes to the worker's own log
+            try:
+                with _fds_lock:
+                    inherited = frozenset(_fds)
+                    self.pid = fork_detached(lambda: _forker_main(path, inherited), output)
+            finally:
+                os.close(output)
+            try:
+                self._sock, _ = listener.accept()
+            except BaseException:
+                _kill_and_reap(self.pid)
+                raise
+        finally:
+            listener.close()
+            for remove in (lambda: os.unlink(path), lambda: os.rmdir(folder)):
+                try:
+                    remove()
+                except OSError:
+                    pass
+        self._sock.settimeout(None)
+        self.born = time.monotonic()
+        self.context = _context()
+        self.alive = True
+        self._children: dict[int, _Child] = {}
+        self._exits: dict[int, int] = {}  # ends reported before their child was adopted
+        self._table = threading.Lock()
+        self._replies: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._request = threading.Lock()
+        self._send = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="nbbgtask-forker", daemon=True)
+        self._reader.start()
+
+    def too_old(self) -> bool:
+        return time.monotonic() - self.born > FORKER_MAX_AGE
+
+    def fork(self, fds: tuple[int, int, int]) -> int:
+        """Have it fork a spare that keeps ``fds`` (its commands, reports and output ends); its pid."""
+        with self._request:
+            if not self.alive:
+                raise _ForkerLost()
+            try:
+                with self._send:
+                    _send_record(self._sock, b"F", fds=fds)
+            except OSError:
+                raise _ForkerLost() from None
+            pid = self._replies.get()
+        if pid is None:
+            raise _ForkerLost()
+        if pid < 0:
+            raise OSError(-pid, f"cannot fork a spare: {os.strerror(-pid)}")
+        return pid
+
+    def adopt(self, child: _Child) -> None:
+        with self._table:
+            code = self._exits.pop(child.pid, None)
+            if code is None and self.alive:
+                self._children[child.pid] = child
+                return
+        child._exited(code)
+
+    def signal(self, pid: int, sig: int) -> bool:
+        """Have it signal the group of its child ``pid`` (if it has not reaped it); ``False`` if it is gone."""
+        try:
+            with self._send:
+                _send_record(self._sock, b"K", pid, sig)
+            return True
+        except OSError:
+            return False
+
+    def retire(self) -> None:
+        """No more spares: it leaves once the children it has end (it still reports how they end)."""
+        try:
+            with self._send:
+                _send_record(self._sock, b"R")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """The worker closes: the forker ends its children (Dask runs given-up tasks again elsewhere)
+        and leaves; it is reaped here."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.join(SPARE_LEAVE + 5)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                got = _recv_record(self._sock)
+                if got is None:
+                    break
+                op, pid, number, fds = got
+                for fd in fds:
+                    os.close(fd)
+                if op == b"P":
+                    self._replies.put(pid)
+                elif op == b"X":
+                    with self._table:
+                        child = self._children.pop(pid, None)
+                        if child is None:
+                            self._exits[pid] = number
+                    if child is not None:
+                        child._exited(number)
+        except OSError:
+            pass
+        finally:
+            with self._table:
+                self.alive = False
+                orphans = list(self._children.values())
+                self._children.clear()
+            self._replies.put(None)
+            for child in orphans:
+                child._exited(None)
+            self._sock.close()
+            _kill_and_reap(self.pid, patience=SPARE_LEAVE)  # it ends its children first
+
+
+def _kill_and_reap(pid: int, patience: float = 0.0) -> None:
+    """Reap the child ``pid``, killing it if it has not ended within ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    try:
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.01)
+    except (ChildProcessError, ProcessLookupError):
+        pass
+
+
+def _forker_main(path: str, inherited: frozenset[int]) -> int:
+    """The forker, in its own process: fork spares on request, report how they end; when the
+    worker's end closes, end them all and leave."""
+    import select
+
+    for fd in inherited:  # the worker's pipes to its children (see _fds)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.signal(signal.SIGCHLD, _noted)  # a handler, so that a child's end writes to wake_write
+    signal.set_wakeup_fd(wake_write)
+    events = select.poll()
+    events.register(sock.fileno(), select.POLLIN)
+    events.register(wake_read, select.POLLIN)
+    children: set[int] = set()
+    retiring = False
+    while not (retiring and not children):
+        for fd, _ in events.poll():
+            if fd == wake_read:
+                while True:
+                    try:
+                        if not os.read(wake_read, 512):
+                            break
+                    except BlockingIOError:
+                        break
+                _reap(children, sock)
+                continue
+            got = _recv_record(sock)
+            if got is None:  # the worker closed, or is gone: the tasks it gave up go with it
+                for pid in children:
+                    _signal_group(pid, signal.SIGKILL)
+                for pid in children:
+                    try:
+                        os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
+                return 0
+            op, pid, number, fds = got
+            if op == b"F":
+                try:
+                    child = _fork_from_forker(fds, sock, (wake_read, wake_write))
+                except OSError as exc:
+                    _send_record(sock, b"P", -(exc.errno or 1))
+                else:
+                    children.add(child)
+                    _send_record(sock, b"P", child)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            elif op == b"K":
+                if pid in children:  # not reaped: its pid (and group) cannot be someone else's
+                    _signal_group(pid, number)
+            elif op == b"R":
+                retiring = True
+        _reap(children, sock)
+    return 0
+
+
+def _noted(signum: int, frame: Any) -> None:
+    pass
+
+
+def _reap(children: set[int], sock: socket.socket) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        try:
+            _send_record(sock, b"X", pid, os.waitstatus_to_exitcode(status))
+        except OSError:
+            pass  # the worker is gone: the next read says so
+
+
+def _fork_from_forker(fds: list[int], sock: socket.socket, wake: tuple[int, int]) -> int:
+    """In the forker: fork a spare that keeps ``fds``; return once it has its own session."""
+    from ._runner import exit_child
+
+    if len(fds) != 3:
+        raise OSError(22, "a spare needs three descriptors")
+    commands, reports, output = fds
+    pid = os.fork()
+    if pid == 0:
+
+        def main() -> int:
+            os.setsid()  # its own group: a cancel signals the task and what it started, nothing else
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sock.close()
+            for fd in wake:
+                os.close(fd)
+            os.dup2(output, 1)  # sys.stdout and sys.stderr already write to fds 1 and 2
+            os.dup2(output, 2)
+            os.close(output)
+            return _spare_main(commands, reports)
+
+        exit_child(main)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            if os.getpgid(pid) == pid:
+                break
+        except ProcessLookupError:
+            break
+        os.sched_yield()
+    return pid
+
+
+# -- spares ----------------------------------------------------------------------------------------
+
+
+def _fork_spare(forker: _Forker | None) -> _Child:
+    """An idle spare: forked by ``forker``, or (no forker) straight from the worker."""
     commands_read, commands = _pipe()
     reports, reports_write = _pipe()
     output, output_write = _pipe()
-    own = {commands_read, reports_write, output_write}
+    own = (commands_read, reports_write, output_write)
     try:
-        context = _context()
-        with _fds_lock:
-            inherited = frozenset(_fds - own)
-            pid = fork_detached(lambda: _spare_main(commands_read, reports_write, inherited), output_write)
+        if forker is not None:
+            pid = forker.fork(own)
+        else:
+            from ._launcher import fork_detached
+
+            with _fds_lock:
+                inherited = frozenset(_fds) - set(own)
+                pid = fork_detached(lambda: _spare_main(commands_read, reports_write, inherited), output_write)
     except BaseException:
-        _close(commands_read, commands, reports, reports_write, output, output_write)
+        _close(commands, reports, output)
         raise
-    _close(*own)
-    child = _Child(pid, output, reports, commands=commands)
-    child.context = context
+    finally:
+        _close(*own)
+    child = _Child(pid, output, reports, commands=commands, forker=forker)
+    if forker is not None:
+        child.context = forker.context
+        forker.adopt(child)
+    else:
+        child.context = _context()
     return child
 
 
-def _spare_main(commands: int, reports: int, inherited: frozenset[int]) -> int:
+def _spare_main(commands: int, reports: int, inherited: frozenset[int] = frozenset()) -> int:
     """A spare, in its own process: wait for a task, run it, exit.  End of the pipe: exit quietly."""
     for fd in inherited:  # other children's pipes (see _fds)
         try:
@@ -521,13 +877,17 @@ def _rehearse() -> None:
 
 
 class _Spares:
-    """One spare kept ready on a worker by a thread of its own; ends, and reaps it, on close()."""
+    """One spare kept ready on a worker by a thread of its own, and the forker that forks spares;
+    close() ends them (and sees them reaped)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._spare: _Child | None = None
         self._wanted = False
         self._closed = False
+        self._forking = threading.Lock()
+        self._forker: _Forker | None = None
+        self._forkers: list[_Forker] = []  # the current one, and retired ones whose tasks still run
         self._thread = threading.Thread(target=self._keep, name="nbbgtask-spares", daemon=True)
         self._thread.start()
 
@@ -547,6 +907,27 @@ class _Spares:
                 self._wanted = True
                 self._cond.notify()
 
+    def fork(self) -> _Child:
+        """A new spare, from the current forker (a new one if it is gone or too old)."""
+        with self._forking:
+            if self._closed:
+                return _fork_spare(None)
+            forker = self._forker
+            if forker is None or not forker.alive or forker.too_old():
+                if forker is not None:
+                    forker.retire()
+                try:
+                    forker = self._forker = _Forker()
+                except Exception:  # a forker could not start: the worker forks this spare itself
+                    self._forker = None
+                    return _fork_spare(None)
+                self._forkers = [f for f in self._forkers if f.alive] + [forker]
+            try:
+                return _fork_spare(forker)
+            except _ForkerLost:
+                self._forker = None
+                return _fork_spare(None)
+
     def _keep(self) -> None:
         while True:
             old = None
@@ -555,7 +936,9 @@ class _Spares:
                     spare = self._spare
                     if spare is None and self._wanted:
                         break
-                    if spare is not None and (spare.poll() is not None or time.monotonic() - spare.born > SPARE_MAX_AGE):
+                    if spare is not None and (
+                        spare.poll() is not None or (spare.forker is not None and spare.forker.too_old())
+                    ):
                         old, self._spare = spare, None  # died while idle, or too old: a new one
                         break
                     self._cond.wait(SPARE_CHECK if spare is not None else None)
@@ -569,7 +952,7 @@ class _Spares:
             if old is not None:
                 old.discard()
             try:
-                fresh: _Child | None = _fork_spare()
+                fresh: _Child | None = self.fork()
             except Exception:  # no memory or processes to spare now, say: tasks fork their own meanwhile
                 with self._cond:
                     self._wanted = True
@@ -590,6 +973,10 @@ class _Spares:
             spare.discard()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        with self._forking:
+            forkers, self._forkers, self._forker = self._forkers, [], None
+        for forker in forkers:
+            forker.close()
 
 
 _pools_lock = threading.Lock()
@@ -617,7 +1004,7 @@ def _spares_plugin() -> Any:
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class SparesPlugin(WorkerPlugin):
-        """Ends the worker's spare (and reaps it) when the worker closes."""
+        """Ends the worker's spare and forker (and sees them reaped) when the worker closes."""
 
         def teardown(self, worker: Any) -> None:
             with _pools_lock:
@@ -629,7 +1016,7 @@ def _spares_plugin() -> Any:
 
 
 def _reset_after_fork() -> None:
-    # A child of the worker owns none of its pipes, spares or locks.
+    # A child of the worker owns none of its pipes, spares, forkers or locks.
     global _fds_lock, _pools_lock
     _fds_lock, _pools_lock = threading.Lock(), threading.Lock()
     _fds.clear()
@@ -649,7 +1036,7 @@ def _start_child(payload: bytes, pool: _Spares | None) -> _Child:
         if _handed_over(spare, payload):
             return spare
         spare.discard()  # died just now, before it read the task
-    child = _fork_spare()
+    child = pool.fork() if pool is not None else _fork_spare(None)
     _handed_over(child, payload)  # if it died already, the caller sees it end and says how
     return child
 
