@@ -2,11 +2,12 @@
 with its progress, output and outcome sent to the kernel as worker events.
 
 ``run_on_worker`` is what Dask runs (a coroutine, on the worker's event loop; the rest of the
-task's supervision runs in a thread of its own).  The child is forked from the worker, with the
-same rules as a task forked from a kernel (`_launcher.fork_detached`), ahead of time: each worker
-keeps one idle *spare* child ready and hands it the next task (see "the task's process" below).
-Where there is no fork it is ``python -m nbbgtask._dask_worker FD``.  Either way it runs the task
-with the same runner as a local task, runs that one task only, and reports through a pipe.
+task's supervision runs in a thread of its own).  The child is forked ahead of time: each worker
+keeps one idle *spare* ready and hands it the next task.  Spares are forked by the worker's
+*forker*, a small process forked from the worker once with the same rules as a task forked from a
+kernel (`_launcher.fork_detached`); see "the task's process" below.  Where there is no fork the
+child is ``python -m nbbgtask._dask_worker FD``.  Either way it runs the task with the same runner
+as a local task, runs that one task only, and reports through a pipe.
 """
 
 from __future__ import annotations
