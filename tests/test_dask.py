@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -110,9 +111,13 @@ def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     client = distributed.Client(on_dask.scheduler_address, set_as_default=False)
     try:
         pids = client.run(os.getpid)
+        first = status.pid
         os.kill(pids[worker], signal.SIGKILL)
     finally:
         client.close()
+    # Its forker sees the worker go and ends the task's child: no copy of it runs on unwatched.
+    assert until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE,
+                 timeout=15)
     # Dask may run it again on the other worker, or give up: either way it ends, and says so.
     assert until(status.done, timeout=120)
     if status.state == "complete":  # run again, to the end, on the worker that is left
@@ -278,11 +283,30 @@ def _setenv(name, value):
         os.environ[name] = value
 
 
+def _forker_pid(dask_worker):
+    from nbbgtask import _dask_worker
+
+    pool = _dask_worker._pools.get(dask_worker.id)
+    forker = None if pool is None else pool._forker
+    return None if forker is None else forker.pid
+
+
 def test_a_task_runs_in_the_ready_spare_and_a_new_one_follows(on_one_worker):
     spare = _ready_spare(on_one_worker)
     status = bg.run(os.getpid)
     assert status.result(timeout=60) == spare == status.pid
-    assert psutil.Process(_next_spare(on_one_worker, spare)).ppid() == _worker_pid(on_one_worker)
+    _next_spare(on_one_worker, spare)
+
+
+def test_the_worker_forks_once_its_forker_forks_the_spares(on_one_worker):
+    worker = psutil.Process(_worker_pid(on_one_worker))
+    spare = _ready_spare(on_one_worker)
+    [forker] = on_one_worker.run(_forker_pid).values()
+    for _ in range(3):
+        pid = bg.run(os.getpid).result(timeout=60)
+        assert pid == spare and psutil.Process(_next_spare(on_one_worker, spare)).ppid() == forker
+        spare = next(iter(on_one_worker.run(_spare_pid).values()))
+        assert [p.pid for p in worker.children()] == [forker]  # no other child of the worker itself
 
 
 def test_a_spare_runs_its_task_in_the_workers_environment_and_folder_of_that_moment(on_one_worker, tmp_path):
@@ -311,7 +335,9 @@ def test_a_worker_whose_folder_is_gone_fails_the_task_and_leaves_no_child_behind
             status.result(timeout=60)
         assert status.error.startswith("FileNotFoundError")
         assert until(lambda: not psutil.pid_exists(spare), timeout=10)  # ended and reaped
-        assert [p.status() for p in psutil.Process(_worker_pid(on_one_worker)).children()] == []
+        [forker] = on_one_worker.run(_forker_pid).values()
+        assert [p.pid for p in psutil.Process(_worker_pid(on_one_worker)).children()] == [forker]
+        assert psutil.Process(forker).children() == []
     finally:
         on_one_worker.run(os.chdir, before)
     assert bg.run(os.getpid).result(timeout=60) != spare
@@ -380,6 +406,36 @@ def test_a_worker_with_descriptors_beyond_a_thousand_still_runs_tasks(on_one_wor
     finally:
         on_one_worker.run(_hold_descriptors, 0)
 
+def test_a_task_too_big_for_one_pipe_write_is_handed_to_the_spare_whole(on_one_worker):
+    spare = _ready_spare(on_one_worker)
+    big = os.urandom(3_000_000)  # far beyond a pipe's capacity: the rest is written from a thread
+    status = bg.run(lambda data: (os.getpid(), hashlib.sha256(data).hexdigest()), big)
+    assert status.result(timeout=60) == (spare, hashlib.sha256(big).hexdigest())
+
+
+def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs_it_again(home):
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+    ) as cluster:
+        client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
+        try:
+            status = bg.run(_steps, 600)
+            assert until(lambda: status.refresh().percent > 0, timeout=30)
+            first_pid, first_worker = status.pid, status._record["worker"]
+            client.retire_workers([first_worker], close_workers=True)
+            # Dask runs it again on the other worker; the first run's child does not run on beside it.
+            assert until(lambda: not psutil.pid_exists(first_pid), timeout=15)
+            assert until(lambda: status.refresh().pid not in (None, first_pid), timeout=30)
+            assert status.state == "running" and status._record["worker"] != first_worker
+            assert status.message.startswith("restarted on ")
+            assert status.cancel() is True
+            assert status.state == "cancelled"
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+
 def test_no_spare_outlives_its_worker(home):
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
@@ -387,15 +443,16 @@ def test_no_spare_outlives_its_worker(home):
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         try:
             spare = _ready_spare(client)
+            [forker] = client.run(_forker_pid).values()
             worker = psutil.Process(_worker_pid(client))
-            assert spare in [p.pid for p in worker.children()]
+            assert {spare, forker} <= {p.pid for p in worker.children(recursive=True)}
         finally:
             from nbbgtask import _dask_backend
 
             bg.configure(backend="local")
             _dask_backend.close()
-    # The worker ended its spare and reaped it as it closed: no process, not even a zombie.
-    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+    # The worker ended its spare and forker as it closed, and they were reaped: not even zombies.
+    assert until(lambda: not psutil.pid_exists(spare) and not psutil.pid_exists(forker), timeout=15)
 
 
 def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives_on(home):
@@ -407,32 +464,34 @@ def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         try:
             spare = _ready_spare(client)
-            assert spare in [p.pid for p in psutil.Process().children()]
+            [forker] = client.run(_forker_pid).values()
+            assert {spare, forker} <= {p.pid for p in psutil.Process().children(recursive=True)}
         finally:
             from nbbgtask import _dask_backend
 
             bg.configure(backend="local")
             _dask_backend.close()
-    assert until(lambda: not psutil.pid_exists(spare), timeout=15)
+    assert until(lambda: not psutil.pid_exists(spare) and not psutil.pid_exists(forker), timeout=15)
 
 
-def test_a_spare_goes_when_its_worker_is_killed(home):
+def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
     ) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         try:
             spare = _ready_spare(client)
+            [forker] = client.run(_forker_pid).values()
             os.kill(_worker_pid(client), signal.SIGKILL)
 
-            def gone():
+            def gone(pid):
                 try:
-                    return psutil.Process(spare).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
+                    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
                 except psutil.NoSuchProcess:
                     return True
 
-            # Its command pipe closed with the worker: it exits rather than run on without one.
-            assert until(gone, timeout=15)
+            # Their connections to the worker closed with it: they leave rather than run on without it.
+            assert until(lambda: gone(spare) and gone(forker), timeout=15)
         finally:
             from nbbgtask import _dask_backend
 
@@ -440,26 +499,43 @@ def test_a_spare_goes_when_its_worker_is_killed(home):
             _dask_backend.close()
 
 
-def test_a_child_of_the_worker_holds_no_other_childs_pipes(tmp_path):
-    """The spare closes every pipe end of this module that is not its own (here, in this process)."""
+def test_no_child_of_the_worker_holds_another_childs_pipes():
+    """The forker (and a spare the worker forks itself) closes every pipe end of this module that
+    is not its own (here, in this process, as if it were the worker)."""
     from nbbgtask import _dask_worker
 
     read, write = _dask_worker._pipe()
-    spare = _dask_worker._fork_spare()
+    forker = _dask_worker._Forker()
+    spares = [_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)]
+    inode = os.fstat(write).st_ino
+
+    def holds_it(pid):
+        fds = f"/proc/{pid}/fd"
+        return any(os.readlink(os.path.join(fds, fd)) == f"pipe:[{inode}]" for fd in os.listdir(fds))
+
     try:
-        inode = os.fstat(write).st_ino
-
-        def holds_it():
-            fds = f"/proc/{spare.pid}/fd"
-            return any(os.readlink(os.path.join(fds, fd)) == f"pipe:[{inode}]" for fd in os.listdir(fds))
-
-        assert until(lambda: not holds_it(), timeout=10)
+        for pid in (forker.pid, *(spare.pid for spare in spares)):
+            assert until(lambda pid=pid: not holds_it(pid), timeout=10), pid
         _dask_worker._close(write)
         assert os.read(read, 1) == b""  # end of file: no other process holds the write end
     finally:
-        spare.discard()
+        for spare in spares:
+            spare.discard()
+        forker.close()
         _dask_worker._close(read, write)
-    assert not psutil.pid_exists(spare.pid)
+    for pid in (forker.pid, *(spare.pid for spare in spares)):
+        assert not psutil.pid_exists(pid)
+
+
+def test_a_task_still_ends_well_if_its_forker_is_killed_and_the_next_one_gets_a_new_forker(on_one_worker):
+    _ready_spare(on_one_worker)
+    [forker] = on_one_worker.run(_forker_pid).values()
+    status = bg.run(_steps, 15, 0.1)
+    assert until(lambda: status.refresh().percent > 0, timeout=30)
+    os.kill(forker, signal.SIGKILL)
+    assert status.result(timeout=60) == 30  # its reports and result still reach the worker
+    assert bg.run(os.getpid).result(timeout=60)
+    assert until(lambda: next(iter(on_one_worker.run(_forker_pid).values())) not in (None, forker), timeout=30)
 
 
 # -- the kernel sends the task first and records it while it travels ---------------------------------
@@ -525,11 +601,15 @@ def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     it must end the process, not be ignored as fork_detached leaves it."""
     from nbbgtask import _dask_worker
 
-    spare = _dask_worker._fork_spare()
+    forker = _dask_worker._Forker()
     try:
-        time.sleep(0.2)  # its own session and signal settings are in place
-        os.kill(spare.pid, signal.SIGTERM)
-        assert until(lambda: spare.poll() is not None, timeout=10)
-        assert spare.poll() == -signal.SIGTERM
+        for spare in (_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)):
+            try:
+                time.sleep(0.2)  # its own session and signal settings are in place
+                os.kill(spare.pid, signal.SIGTERM)
+                assert until(lambda spare=spare: spare.poll() is not None, timeout=10)
+                assert spare.poll() == -signal.SIGTERM
+            finally:
+                spare.discard()
     finally:
-        spare.discard()
+        forker.close()
