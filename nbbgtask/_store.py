@@ -469,7 +469,10 @@ class Store:
 
     def _read_live(self, task_id: str) -> dict[str, Any] | None:
         table = self._live_table(task_id)
-        rec = self._guard(table, table.get, doc_id=task_id)
+        # The file's one record straight from the storage: TinyDB's Table.get would copy it
+        # twice, and the refresher reads every live file on every round that something changed.
+        data = self._guard(table, _storage(table).read)
+        rec = data.get(_TASKS, {}).get(task_id) if data else None
         if rec is None and not os.path.exists(self._live_path(task_id)):
             self._forget_live(task_id)
         return dict(rec) if rec is not None else None
