@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -25,15 +26,27 @@ pytestmark = pytest.mark.timeout(180)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@contextlib.contextmanager
+def _local_cluster(n_workers, threads_per_worker, processes=True):
+    """A LocalCluster; on the way out nbbgtask goes back to local tasks and closes its Dask client
+    before the cluster goes, so the client does not try to reconnect."""
+    with distributed.LocalCluster(
+        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
+        dashboard_address=":0", silence_logs=50,
+    ) as cluster:
+        try:
+            yield cluster
+        finally:
+            from nbbgtask import _dask_backend
+
+            bg.configure(backend="local")
+            _dask_backend.close()
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(2, 2) as cluster:
         yield cluster
-        from nbbgtask import _dask_backend
-
-        _dask_backend.close()  # before the cluster goes, so the client does not try to reconnect
 
 
 @pytest.fixture
@@ -221,13 +234,8 @@ def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
 @pytest.fixture(scope="module")
 def one_worker():
     """A cluster of one worker with two threads: where a task runs, and in what, is known."""
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(1, 2) as cluster:
         yield cluster
-        from nbbgtask import _dask_backend
-
-        _dask_backend.close()
 
 
 @pytest.fixture
@@ -414,43 +422,28 @@ def test_a_task_too_big_for_one_pipe_write_is_handed_to_the_spare_whole(on_one_w
 
 
 def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs_it_again(home):
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(2, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
-        try:
-            status = bg.run(_steps, 600)
-            assert until(lambda: status.refresh().percent > 0, timeout=30)
-            first_pid, first_worker = status.pid, status._record["worker"]
-            client.retire_workers([first_worker], close_workers=True)
-            # Dask runs it again on the other worker; the first run's child does not run on beside it.
-            assert until(lambda: not psutil.pid_exists(first_pid), timeout=15)
-            assert until(lambda: status.refresh().pid not in (None, first_pid), timeout=30)
-            assert status.state == "running" and status._record["worker"] != first_worker
-            assert status.message.startswith("restarted on ")
-            assert status.cancel() is True
-            assert status.state == "cancelled"
-        finally:
-            from nbbgtask import _dask_backend
+        status = bg.run(_steps, 600)
+        assert until(lambda: status.refresh().percent > 0, timeout=30)
+        first_pid, first_worker = status.pid, status._record["worker"]
+        client.retire_workers([first_worker], close_workers=True)
+        # Dask runs it again on the other worker; the first run's child does not run on beside it.
+        assert until(lambda: not psutil.pid_exists(first_pid), timeout=15)
+        assert until(lambda: status.refresh().pid not in (None, first_pid), timeout=30)
+        assert status.state == "running" and status._record["worker"] != first_worker
+        assert status.message.startswith("restarted on ")
+        assert status.cancel() is True
+        assert status.state == "cancelled"
 
-            bg.configure(backend="local")
-            _dask_backend.close()
 
 def test_no_spare_outlives_its_worker(home):
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(1, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
-        try:
-            spare = _ready_spare(client)
-            [forker] = client.run(_forker_pid).values()
-            worker = psutil.Process(_worker_pid(client))
-            assert {spare, forker} <= {p.pid for p in worker.children(recursive=True)}
-        finally:
-            from nbbgtask import _dask_backend
-
-            bg.configure(backend="local")
-            _dask_backend.close()
+        spare = _ready_spare(client)
+        [forker] = client.run(_forker_pid).values()
+        worker = psutil.Process(_worker_pid(client))
+        assert {spare, forker} <= {p.pid for p in worker.children(recursive=True)}
     # The worker ended its spare and forker as it closed, and they were reaped: not even zombies.
     assert until(lambda: not psutil.pid_exists(spare) and not psutil.pid_exists(forker), timeout=15)
 
@@ -458,45 +451,29 @@ def test_no_spare_outlives_its_worker(home):
 def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives_on(home):
     """In-process workers: the spare is a child of this very process, so only the worker's own
     clean-up (not the end of its process) can end it."""
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(1, 1, processes=False) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
-        try:
-            spare = _ready_spare(client)
-            [forker] = client.run(_forker_pid).values()
-            assert {spare, forker} <= {p.pid for p in psutil.Process().children(recursive=True)}
-        finally:
-            from nbbgtask import _dask_backend
-
-            bg.configure(backend="local")
-            _dask_backend.close()
+        spare = _ready_spare(client)
+        [forker] = client.run(_forker_pid).values()
+        assert {spare, forker} <= {p.pid for p in psutil.Process().children(recursive=True)}
     assert until(lambda: not psutil.pid_exists(spare) and not psutil.pid_exists(forker), timeout=15)
 
 
 def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
-    ) as cluster:
+    with _local_cluster(1, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
-        try:
-            spare = _ready_spare(client)
-            [forker] = client.run(_forker_pid).values()
-            os.kill(_worker_pid(client), signal.SIGKILL)
+        spare = _ready_spare(client)
+        [forker] = client.run(_forker_pid).values()
+        os.kill(_worker_pid(client), signal.SIGKILL)
 
-            def gone(pid):
-                try:
-                    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
-                except psutil.NoSuchProcess:
-                    return True
+        def gone(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
+            except psutil.NoSuchProcess:
+                return True
 
-            # Their connections to the worker closed with it: they leave rather than run on without it.
-            assert until(lambda: gone(spare) and gone(forker), timeout=15)
-        finally:
-            from nbbgtask import _dask_backend
-
-            bg.configure(backend="local")
-            _dask_backend.close()
+        # Their connections to the worker closed with it: they leave rather than run on without it.
+        assert until(lambda: gone(spare) and gone(forker), timeout=15)
 
 
 def test_no_child_of_the_worker_holds_another_childs_pipes():
