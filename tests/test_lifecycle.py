@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -242,19 +243,14 @@ def test_under_a_terminal_the_task_gets_a_session_and_no_terminal(home, tmp_path
     (ENXIO) instead of being stopped for good as a background job."""
     script = tmp_path / "in_a_terminal.py"
     script.write_text(textwrap.dedent(f"""
-        import errno, fcntl, json, os, termios
+        import fcntl, json, os, sys, termios
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
         import nbbgtask as bg
+        from test_lifecycle import _who_am_i
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty on stdin becomes this session's terminal
-        def who():
-            try:
-                os.close(os.open("/dev/tty", os.O_RDONLY))
-                terminal = "opened"
-            except OSError as exc:
-                terminal = errno.errorcode[exc.errno]
-            return os.getpgrp(), os.getsid(0), os.getpid(), terminal
         bg.configure(home={str(home)!r})
         caller_terminal = os.path.exists("/dev/tty") and os.isatty(0)
-        print(json.dumps([caller_terminal, os.getsid(0), *bg.run(who).result(timeout=30)]), flush=True)
+        print(json.dumps([caller_terminal, os.getsid(0), *bg.run(_who_am_i).result(timeout=30)]), flush=True)
     """))
     leader, follower = pty.openpty()
     try:
