@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -289,27 +289,28 @@ class Store:
 
     # -- files and tables ----------------------------------------------------------------------
 
-    def _shard(self, index: int) -> Any:
-        table = self._shards.get(index)
-        if table is None:
+    def _cached(self, cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+        """``cache[key]``, made by ``make()`` only once even when threads ask at the same time."""
+        value = cache.get(key)
+        if value is None:
             with self._tables_lock:
-                table = self._shards.get(index)
-                if table is None:
-                    path = os.path.join(self._history_dir, f"{index:02d}.json")
-                    table = self._shards[index] = _open_table(path, trust_stat=True, durable=True)
-        return table
+                value = cache.get(key)
+                if value is None:
+                    value = cache[key] = make()
+        return value
+
+    def _shard(self, index: int) -> Any:
+        return self._cached(
+            self._shards,
+            index,
+            lambda: _open_table(os.path.join(self._history_dir, f"{index:02d}.json"), trust_stat=True, durable=True),
+        )
 
     def _history(self, task_id: str) -> Any:
         return self._shard(shard_of(task_id))
 
     def _live_table(self, task_id: str) -> Any:
-        table = self._live.get(task_id)
-        if table is None:
-            with self._tables_lock:
-                table = self._live.get(task_id)
-                if table is None:
-                    table = self._live[task_id] = _open_table(self._live_path(task_id))
-        return table
+        return self._cached(self._live, task_id, lambda: _open_table(self._live_path(task_id)))
 
     def _live_path(self, task_id: str) -> str:
         return os.path.join(self._live_dir, task_id + ".json")
@@ -354,12 +355,11 @@ class Store:
     # -- the locks through which every read-modify-write goes ---------------------------------
 
     def _stripe_lock(self, index: int) -> FileLock:
-        lock = self._stripes.get(index)
-        if lock is None:
+        def make() -> FileLock:
             self._make_folders()
-            with self._tables_lock:
-                path = os.path.join(self._lock_dir, f"{index:02d}.lock")
-                lock = self._stripes.setdefault(index, FileLock(path, LOCK_TIMEOUT, LOCK_POLL))
+            return FileLock(os.path.join(self._lock_dir, f"{index:02d}.lock"), LOCK_TIMEOUT, LOCK_POLL)
+
+        lock: FileLock = self._cached(self._stripes, index, make)
         return lock
 
     def _global_lock(self) -> FileLock:
