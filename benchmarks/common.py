@@ -53,23 +53,25 @@ def run_line(quick: bool, seconds: float, load_start: float) -> str:
 def source_fingerprint(package: Path | None = None) -> dict:
     """Which nbbgtask code was measured: the commit, the files that differ from it, a hash of its source."""
     import hashlib
-    import subprocess
 
     if package is None:
         import nbbgtask
 
         package = Path(nbbgtask.__file__).parent
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))).hexdigest()[:16]
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=20)
-        except OSError:
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--porcelain", "--", "."),
+    return {"commit": git(package, "rev-parse", "HEAD"), "changed_files": git(package, "status", "--porcelain", "--", "."),
             "sha256_16": digest}
+
+
+def git(where: Path, *args: str) -> str | None:
+    """What ``git args`` prints in ``where``, or ``None`` if git is missing or fails."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=20)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def versions(names: tuple[str, ...]) -> dict[str, str | None]:

@@ -49,11 +49,7 @@ def _read(path: str) -> str:
 
 
 def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return common.git(ROOT, *args)
 
 
 def machine_info() -> dict:
