@@ -44,9 +44,26 @@ class Kernel:
         self.iopub.append(msg)
         return msg
 
-    def submit(self, code: str, stop_on_error: bool = True) -> str:
-        """Send a cell; returns its msg_id without waiting."""
-        return self.kc.execute(code, allow_stdin=False, stop_on_error=stop_on_error)
+    def submit(self, code: str, stop_on_error: bool = True, subshell_id: str | None = None) -> str:
+        """Send a cell (to a subshell, if given); returns its msg_id without waiting."""
+        if subshell_id is None:
+            return self.kc.execute(code, allow_stdin=False, stop_on_error=stop_on_error)
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": stop_on_error}
+        msg = self.kc.session.msg("execute_request", content)
+        msg["header"]["subshell_id"] = subshell_id
+        self.kc.shell_channel.send(msg)
+        return msg["header"]["msg_id"]
+
+    def create_subshell(self) -> str:
+        """What JupyterLab >= 4.4 does on connecting to a kernel that supports subshells (JEP 91)."""
+        msg = self.kc.session.msg("create_subshell_request", {})
+        self.kc.control_channel.send(msg)
+        while True:
+            reply = self.kc.get_control_msg(timeout=30)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                assert reply["content"]["status"] == "ok", reply["content"]
+                return reply["content"]["subshell_id"]
 
     def wait(self, msg_id: str, timeout: float = 60) -> dict[str, Any]:
         """Collect iopub until the cell is idle; returns {'status', 'stdout', 'stderr', 'error', 'messages'}."""

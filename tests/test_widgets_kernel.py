@@ -133,24 +133,61 @@ def breaks():
     assert "card declined" in text and 'raise ValueError("card declined")' in text
 
 
-def test_clicking_cancel_while_the_cell_blocks_cancels_the_task(kernel):
+def _cancel_button(kernel) -> str:
+    deadline = time.monotonic() + 30
+    button: list[str] = []
+    while not button and time.monotonic() < deadline:
+        kernel.drain_all(0.2)
+        button = Models(kernel.iopub).of("ButtonModel", description="Cancel")
+    assert button, "the Cancel button was never shown"
+    return button[0]
+
+
+#: how the front end sends widget messages: as a plain shell message (ipykernel 6, VS Code, older
+#: front ends), or through a subshell of its own, as JupyterLab >= 4.4 and Notebook 7 do
+CLICK_ROUTES = ["plain", "subshell"]
+
+
+@pytest.mark.parametrize("route", CLICK_ROUTES)
+def test_clicking_cancel_while_the_cell_blocks_cancels_the_task(kernel, route):
+    if route == "subshell" and not _supports_subshells(kernel):
+        pytest.skip("this ipykernel has no subshells (JEP 91): front ends send plain comm messages")
+    subshell = kernel.create_subshell() if route == "subshell" else None
     kernel.ok(SETUP + "status = bg.run(steps, 600)")
     # Sent before the click, so it waits in the kernel's queue behind the blocked cell; the
     # focus cell does not abort the queue when it raises, so this one must run after it.
     waiting = kernel.submit("bg.full_focus(status, acceptable_wait=0.1)", stop_on_error=False)
     queued = kernel.submit("print('ran after the focus cell')")
-    deadline = time.monotonic() + 30
-    button = []
-    while not button and time.monotonic() < deadline:
-        kernel.drain_all(0.2)
-        button = Models(kernel.iopub).of("ButtonModel", description="Cancel")
-    assert button, "the Cancel button was never shown"
-    click(kernel, button[0])
+    click(kernel, _cancel_button(kernel), subshell_id=subshell)
     blocked = kernel.wait(waiting, timeout=30)
     assert blocked["status"] == "error" and blocked["error"]["ename"] == "TaskCancelled"
     after = kernel.wait(queued)
     assert after["stdout"] == "ran after the focus cell\n"
     assert _status_times(kernel, waiting)[1] < _status_times(kernel, queued)[0]
+    assert kernel.ok("print(status.state)").strip() == "cancelled"
+
+
+def _supports_subshells(kernel) -> bool:
+    msg_id = kernel.kc.kernel_info()
+    while True:
+        reply = kernel.kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return "kernel subshells" in reply["content"].get("supported_features", [])
+
+
+def test_cancel_works_for_a_focus_cell_blocked_in_a_subshell(kernel):
+    """A cell run in a subshell publishes its widgets from there, so their clicks are routed to that
+    subshell, whose stream the waiting cell must read (not the main shell's)."""
+    if not _supports_subshells(kernel):
+        pytest.skip("this ipykernel has no subshells (JEP 91)")
+    subshell = kernel.create_subshell()
+    kernel.ok(SETUP + "status = bg.run(steps, 600)")
+    waiting = kernel.submit("bg.full_focus(status, acceptable_wait=0.1)", stop_on_error=False, subshell_id=subshell)
+    queued = kernel.submit("print('the subshell ran on')", subshell_id=subshell)
+    click(kernel, _cancel_button(kernel), subshell_id=subshell)
+    blocked = kernel.wait(waiting, timeout=30)
+    assert blocked["status"] == "error" and blocked["error"]["ename"] == "TaskCancelled"
+    assert kernel.wait(queued)["stdout"] == "the subshell ran on\n"
     assert kernel.ok("print(status.state)").strip() == "cancelled"
 
 

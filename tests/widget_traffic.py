@@ -42,9 +42,14 @@ class Models:
         ]
 
 
-def click(kernel: Any, model_id: str) -> None:
-    """Send what a front end sends when a person clicks an ipywidgets Button."""
+def click(kernel: Any, model_id: str, subshell_id: str | None = None) -> None:
+    """Send what a front end sends when a person clicks an ipywidgets Button.
+
+    ``subshell_id``: as JupyterLab >= 4.4 and Notebook 7 send it, through a subshell of their own.
+    """
     msg = kernel.kc.session.msg(
         "comm_msg", {"comm_id": model_id, "data": {"method": "custom", "content": {"event": "click"}}}
     )
+    if subshell_id is not None:
+        msg["header"]["subshell_id"] = subshell_id
     kernel.kc.shell_channel.send(msg)
