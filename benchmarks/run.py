@@ -59,7 +59,7 @@ def machine_info() -> dict:
                       if line.startswith("model name")), platform.processor() or "unknown")
     os_name = next((line.split("=", 1)[1].strip().strip('"') for line in _read("/etc/os-release").splitlines()
                     if line.startswith("PRETTY_NAME=")), platform.system())
-    versions = common.versions(("nbbgtask", "tinydb", "filelock", "cloudpickle", "psutil", "tqdm", "ipykernel",
+    versions = common.versions(("nbbgtask", "tinydb", "cloudpickle", "psutil", "tqdm", "ipykernel",
                                 "ipywidgets", "jupyter_client", "distributed", "dask"))
     changed = _git("status", "--porcelain")
     source = common.source_fingerprint(ROOT / "nbbgtask")

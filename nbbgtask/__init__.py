@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._api import (
     BackgroundTask,
+    configure,
     current,
     find_last,
     get,
@@ -13,7 +14,6 @@ from ._api import (
     tasks,
     track,
 )
-from ._config import configure
 from ._errors import (
     NbbgtaskError,
     StoreDamagedWarning,

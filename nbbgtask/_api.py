@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
 import os
-import secrets as _secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from . import _config, _launcher, _runner, _supervisor
+from . import _backends, _config, _runner
 from ._errors import AmbiguousTaskId, TaskNotFound
+from ._files import log_path, result_path
+from ._procs import process_start_time
+from ._record import new_record
 from ._states import State
-from ._status import TaskStatus, check_percent, log_path, result_path
+from ._status import TaskStatus
 from ._store import store_for
+from ._validate import percent as check_percent
+from ._validate import whole_number
 
 __all__ = [
     "BackgroundTask",
@@ -27,6 +33,7 @@ __all__ = [
     "tasks",
     "find_last",
     "prune",
+    "configure",
 ]
 
 T = TypeVar("T")
@@ -68,7 +75,7 @@ def _checked_name(name: Any, default: str) -> str:
 def _owner_started() -> float | None:
     pid = os.getpid()
     if pid not in _OWNER_STARTED:
-        _OWNER_STARTED[pid] = _supervisor.process_start_time(pid)
+        _OWNER_STARTED[pid] = process_start_time(pid)
     return _OWNER_STARTED[pid]
 
 
@@ -85,32 +92,12 @@ def _launch(
 ) -> TaskStatus:
     config = _config.settings()
     home = _config.home()
-    record: dict[str, Any] = {
-        "id": _secrets.token_hex(16),
-        "name": name,
-        "settings": settings,
-        "state": State.QUEUED.value,
-        "percent": 0.0,
-        "message": "",
-        "created": time.time(),
-        "started": None,
-        "finished": None,
-        "pid": None,
-        "pid_started": None,
-        "host": _supervisor.HOST,
-        "owner_pid": os.getpid(),
-        "owner_started": _owner_started(),
-        "backend": "local",
-        "start_method": config.start_method,
-        "cancel_requested": False,
-        "error": None,
-        "traceback": None,
-        "has_result": False,
-    }
+    backend = _backends.current()
     job = _runner.Job(
-        record=record,
+        record=dict(new_record(name, settings, backend.placement(), _owner_started())),
         home=home,
         target=target,
+        make_status=TaskStatus._reporting,
         args=args,
         kwargs=kwargs or {},
         secrets=secrets,
@@ -118,15 +105,8 @@ def _launch(
         cooperative_cancel=cooperative_cancel,
         progress_interval=config.progress_interval,
     )
-    if config.backend == "dask":
-        from ._dask_backend import backend
-
-        dask = backend()
-        assert dask is not None, "configure(backend='dask') connects first"
-        dask.submit(job)
-    else:
-        _launcher.prepare(job)
-        _supervisor.submit(job)
+    backend.prepare(job)
+    backend.submit(job)
     return TaskStatus(dict(job.record), home)
 
 
@@ -200,8 +180,8 @@ def progress(percent: float | None = None, message: str | None = None) -> None:
 
 def track(iterable: Iterable[T], total: int | None = None, message: str | None = None) -> Iterator[T]:
     """Yield the items of ``iterable`` and report the percentage done (like tqdm)."""
-    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
-        raise ValueError(f"total must be a whole number of items, got {total!r}")
+    if total is not None:
+        whole_number(total, "total", "items")
     reporter = _runner.current_reporter()
     if reporter is None:
         return iter(iterable)
@@ -216,7 +196,7 @@ def get(task_id: str) -> TaskStatus:
     if not isinstance(task_id, str):
         raise TypeError(f"a task id is a string, got {type(task_id).__name__}")
     home = _config.home()
-    record = _supervisor.read_record(home, task_id)
+    record = _backends.read_record(home, task_id)
     if record is None:
         raise TaskNotFound(f"no task {task_id!r} in the store at {home}")
     return TaskStatus(record, home)
@@ -240,7 +220,7 @@ def resolve(id_or_prefix: str) -> TaskStatus:
         record = store.get(matches[0])
         if record is None:
             raise TaskNotFound(f"task {matches[0]} was just removed")
-    return TaskStatus(_supervisor.reconcile(store, record), home)
+    return TaskStatus(_backends.reconcile(store, record), home)
 
 
 def _states(state: Any) -> set[str] | None:
@@ -254,11 +234,11 @@ def _states(state: Any) -> set[str] | None:
 def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
     """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
     wanted = _states(state)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a whole number, 0 or more, got {limit!r}")
+    if limit is not None:
+        whole_number(limit, "limit")
     home = _config.home()
     store = store_for(home)
-    records = [_supervisor.reconcile(store, r) for r in store.all()]
+    records = [_backends.reconcile(store, r) for r in store.all()]
     records.sort(key=lambda r: r["created"], reverse=True)
     chosen = [
         r for r in records if (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
@@ -278,8 +258,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     ``keep``: the newest this many finished tasks stay.  ``older_than``: only tasks that finished
     more than this long ago (seconds or a timedelta) go.  ``prune()`` forgets every finished task.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise ValueError(f"keep must be a whole number of tasks, 0 or more, got {keep!r}")
+    whole_number(keep, "keep", "tasks")
     if isinstance(older_than, _dt.timedelta):
         older_than = older_than.total_seconds()
     if isinstance(older_than, int) and not isinstance(older_than, bool) and older_than > 1e15:
@@ -305,3 +284,37 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
         for path in (result, *result.parent.glob(f"{task_id}.*.tmp")):  # a task killed mid-save
             path.unlink(missing_ok=True)
     return len(gone)
+
+
+def configure(
+    home: str | os.PathLike[str] | None = None,
+    start_method: str | None = None,
+    max_running: float | None = None,
+    refresh_interval: float | None = None,
+    *,
+    cancel_grace: float | None = None,
+    backend: str | None = None,
+    address: str | None = None,
+    dask_client: Any = None,
+) -> _config.Settings:
+    """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
+
+    All arguments are checked before any is applied, so a bad one changes nothing.
+    Returns a copy of the settings now in force.
+    """
+    changes = _config.checked_changes(
+        home=home,
+        start_method=start_method,
+        max_running=max_running,
+        refresh_interval=refresh_interval,
+        cancel_grace=cancel_grace,
+        backend=backend,
+        address=address,
+        dask_client=dask_client,
+    )
+    if changes.get("backend") == "dask":
+        # Connect now, so an unreachable scheduler is reported here and changes nothing.
+        home_path: Path = changes.get("home") or _config.home()
+        changes["dask_client"] = _backends.connect(address, dask_client, home_path)
+    _config.apply(changes)
+    return dataclasses.replace(_config.settings())

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _config, _format
-from ._api import prune, resolve, tasks
+from ._api import configure, prune, resolve, tasks
 from ._errors import NbbgtaskError, StoreError, TaskNotFound
+from ._files import log_path
 from ._states import State
 
 __all__ = ["main"]
@@ -83,12 +84,12 @@ def _list(args: argparse.Namespace) -> int:
     if not found:
         print("no tasks")
         return EXIT_OK
-    _console().print(_table([s._record for s in found]))
+    _console().print(_table([s.to_dict() for s in found]))
     return EXIT_OK
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(_format.details(resolve(args.id)._record))
+    print(_format.details(resolve(args.id).to_dict()))
     return EXIT_OK
 
 
@@ -102,9 +103,7 @@ def _logs(args: argparse.Namespace) -> int:
     if not args.follow:
         return EXIT_OK
     seen = len(status.log().encode("utf-8", errors="replace"))
-    from ._status import log_path
-
-    path = log_path(status._home, status.id)
+    path = log_path(status.home, status.id)
     while True:
         finished = status.done()
         try:
@@ -155,7 +154,7 @@ def _monitor_view(finished: int) -> Any:
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
-    records = [s._record for s in tasks()]
+    records = [s.to_dict() for s in tasks()]
     live = [r for r in records if not State(r["state"]).is_final]
     done = [r for r in records if State(r["state"]).is_final][:finished]
     table = Table(box=None, pad_edge=False, header_style="bold", expand=True)
@@ -219,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.home:
-            _config.configure(home=args.home)
+            configure(home=args.home)
         return _COMMANDS[args.command](args)
     except (TaskNotFound, StoreError, NbbgtaskError, ValueError) as exc:
         print(f"nbbgtask: {exc}", file=sys.stderr)

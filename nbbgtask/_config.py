@@ -6,20 +6,16 @@ import dataclasses
 import math
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
 from ._errors import HomeError
+from ._validate import positive_seconds
 
-__all__ = ["Settings", "configure", "settings", "home", "default_home", "ensure_home"]
+__all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home"]
 
 START_METHODS = ("fork", "spawn")
 BACKENDS = ("local", "dask")
-
-
-def _default_start_method() -> str:
-    return "fork" if hasattr(os, "fork") else "spawn"
 
 
 @dataclasses.dataclass
@@ -27,7 +23,7 @@ class Settings:
     """What `bg.configure` sets; `None` for `home` means "resolve on first use"."""
 
     home: Path | None = None
-    start_method: str = dataclasses.field(default_factory=_default_start_method)
+    start_method: str = "fork"
     #: tasks beyond this many running wait "queued"; ``math.inf`` for no limit
     max_running: float = math.inf
     #: seconds between refreshes of live widgets and between polls in ``wait``
@@ -69,10 +65,6 @@ def home() -> Path:
     return _settings.home
 
 
-# configure() has a parameter named ``home``; it reaches the function through this name.
-_current_home = home
-
-
 def ensure_home(path: Path) -> Path:
     """Create ``path`` and its sub-folders readable by the owner only, or raise `HomeError`."""
     path = Path(path).expanduser().absolute()
@@ -93,40 +85,24 @@ def ensure_home(path: Path) -> Path:
     return path
 
 
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = math.inf
-    if math.isinf(seconds):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    return seconds
-
-
-def configure(
+def checked_changes(
     home: str | os.PathLike[str] | None = None,
     start_method: str | None = None,
     max_running: float | None = None,
     refresh_interval: float | None = None,
-    *,
     cancel_grace: float | None = None,
     backend: str | None = None,
     address: str | None = None,
     dask_client: Any = None,
-) -> Settings:
-    """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
+) -> dict[str, Any]:
+    """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
-    All arguments are checked before any is applied, so a bad one changes nothing.
-    Returns a copy of the settings now in force.
+    Raises a clear error for the first bad argument; nothing is applied here (see `apply`).
     """
     changes: dict[str, Any] = {}
     if start_method is not None:
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be 'fork' or 'spawn', got {start_method!r}")
-        if start_method == "fork" and not hasattr(os, "fork"):
-            raise ValueError(f"start_method='fork' is not available on {sys.platform}; use 'spawn'")
         changes["start_method"] = start_method
     if max_running is not None:
         ok_int = isinstance(max_running, int) and not isinstance(max_running, bool) and max_running >= 1
@@ -137,9 +113,9 @@ def configure(
             )
         changes["max_running"] = max_running
     if refresh_interval is not None:
-        changes["refresh_interval"] = _check_positive("refresh_interval", refresh_interval)
+        changes["refresh_interval"] = positive_seconds(refresh_interval, "refresh_interval")
     if cancel_grace is not None:
-        changes["cancel_grace"] = _check_positive("cancel_grace", cancel_grace)
+        changes["cancel_grace"] = positive_seconds(cancel_grace, "cancel_grace")
     if backend is not None or address is not None or dask_client is not None:
         chosen = backend or "dask"
         if chosen not in BACKENDS:
@@ -155,11 +131,10 @@ def configure(
         changes["backend"] = chosen
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)))
-    if changes.get("backend") == "dask":
-        from ._dask_backend import connect
+    return changes
 
-        # Connect now, so an unreachable scheduler is reported here and changes nothing.
-        changes["dask_client"] = connect(address, dask_client, changes.get("home") or _current_home()).client
+
+def apply(changes: dict[str, Any]) -> None:
+    """Put checked changes (`checked_changes`) in force."""
     for key, value in changes.items():
         setattr(_settings, key, value)
-    return dataclasses.replace(_settings)

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _config
+from . import _config, _record
 from ._errors import NbbgtaskError
+from ._files import atomic_write, log_path, result_path
 from ._states import State
-from ._status import log_path, result_path
-from ._store import store_for
+from ._store import Store, store_for
 
-__all__ = ["DaskBackend", "backend", "cancel", "close", "connect"]
+__all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
 
 #: seconds to reach the scheduler before configure() gives up
 CONNECT_TIMEOUT = 10.0
@@ -30,8 +30,37 @@ CONNECT_TIMEOUT = 10.0
 _backend: DaskBackend | None = None
 
 
-class DaskBackend:
+class DaskRecords:
+    """What a process that is not connected to a task's cluster can say about its record."""
+
+    kind = "dask"
+
+    def reconcile(self, store: Store, record: dict[str, Any]) -> dict[str, Any]:
+        return record  # the kernel connected to the cluster records how its tasks end
+
+    def may_still_report(self, record: dict[str, Any]) -> bool:
+        return True  # on a cluster: nothing here can tell
+
+    def cancel(self, home: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Cancel through a short-lived client of the task's scheduler."""
+        from distributed import Client
+
+        address = record.get("dask_address")
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise NbbgtaskError(f"cannot reach the Dask scheduler at {address} to cancel: {exc}") from None
+        try:
+            _request_cancel(client, record["id"])
+            return _await_final(home, record["id"], _config.settings().cancel_grace)
+        finally:
+            client.close()
+
+
+class DaskBackend(DaskRecords):
     """One per process: the client, its subscription, and the futures of the tasks it sent."""
+
+    destination = "the cluster"
 
     def __init__(self, client: Any, home: Path, owns_client: bool = False) -> None:
         from ._dask_worker import TOPIC
@@ -66,6 +95,15 @@ class DaskBackend:
 
     # -- sending -----------------------------------------------------------------------------
 
+    def placement(self) -> dict[str, Any]:
+        return {"backend": self.kind, "start_method": "dask", "host": None, "dask_address": self.address}
+
+    def inherits_memory(self) -> bool:
+        return False
+
+    def prepare(self, job: Any) -> None:
+        """Nothing to do ahead: `submit` pickles the job before it records anything."""
+
     def submit(self, job: Any) -> None:
         import cloudpickle
         from distributed import fire_and_forget
@@ -78,7 +116,6 @@ class DaskBackend:
                 f"bg.configure(backend='local') runs tasks here instead"
             )
         record = job.record
-        record.update(backend="dask", start_method="dask", host=None, dask_address=self.address)
         from ._sources import collect
 
         remote = type(job)(**{**job.__dict__, "home": Path("."), "payload": None, "sources": collect(job.target)})
@@ -159,22 +196,11 @@ class DaskBackend:
             self._finish(task_id, msg)
 
     def _finish(self, task_id: str, msg: dict[str, Any]) -> None:
-        fields: dict[str, Any] = {
-            k: msg[k]
-            for k in ("state", "percent", "message", "error", "traceback", "has_result", "result_type", "result_inline", "finished", "cancel_requested")
-            if k in msg
-        }
+        fields: dict[str, Any] = {k: msg[k] for k in _record.FINAL_FIELDS if k in msg}
         fields.setdefault("finished", time.time())
         data = msg.get("result")
         if data is not None:
-            path = result_path(self.home, task_id)
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(result_path(self.home, task_id), data, durable=True)
         store_for(self.home).finalize(task_id, fields)
         with self._lock:
             self.futures.pop(task_id, None)
@@ -203,14 +229,15 @@ class DaskBackend:
 
     # -- cancel --------------------------------------------------------------------------------
 
-    def cancel(self, task_id: str, grace: float) -> None:
+    def cancel(self, home: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+        task_id = record["id"]
         _request_cancel(self.client, task_id)
-        record = store_for(self.home).get(task_id)
+        current = store_for(self.home).get(task_id)
         with self._lock:
             future = self.futures.get(task_id)
-        if future is not None and record is not None and record["state"] == State.QUEUED.value:
+        if future is not None and current is not None and current["state"] == State.QUEUED.value:
             future.cancel()  # not started: Dask drops it (a running one is stopped by the event)
-        _await_final(self.home, task_id, grace)
+        return _await_final(home, task_id, _config.settings().cancel_grace)
 
 
 def _request_cancel(client: Any, task_id: str) -> None:
@@ -221,16 +248,17 @@ def _request_cancel(client: Any, task_id: str) -> None:
     Event(cancel_event_name(task_id), client=client).set()
 
 
-def _await_final(home: Path, task_id: str, grace: float) -> None:
-    """Wait for the worker to report the cancelled end; record it ourselves if it does not."""
+def _await_final(home: Path, task_id: str, grace: float) -> dict[str, Any] | None:
+    """Wait for the worker to report the cancelled end; record it ourselves if it does not.
+    The final record (``None`` if it is gone)."""
     store = store_for(home)
     deadline = time.monotonic() + grace + 10
     while time.monotonic() < deadline:
         record = store.get(task_id)
         if record is None or State(record["state"]).is_final:
-            return
+            return record
         time.sleep(0.05)
-    store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+    return store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
 
 
 def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
@@ -282,19 +310,9 @@ def close() -> None:
         _backend = None
 
 
-def cancel(home: Path, record: dict[str, Any], grace: float) -> None:
-    """Cancel a task on a cluster: through this process's client, or a short-lived one."""
-    if _backend is not None and _backend.address == record.get("dask_address"):
-        _backend.cancel(record["id"], grace)
-        return
-    from distributed import Client
-
-    try:
-        client = Client(record.get("dask_address"), timeout=CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise NbbgtaskError(f"cannot reach the Dask scheduler at {record.get('dask_address')} to cancel: {exc}") from None
-    try:
-        _request_cancel(client, record["id"])
-        _await_final(home, record["id"], grace)
-    finally:
-        client.close()
+def for_address(address: str | None) -> DaskRecords:
+    """What answers for a task of the cluster at ``address``: this process's connected backend if
+    it is that cluster's, else a short-lived connection's worth."""
+    if _backend is not None and _backend.address == address:
+        return _backend
+    return DaskRecords()

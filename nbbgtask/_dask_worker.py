@@ -192,7 +192,7 @@ def _supervise(
     child reports as worker events, stop it on a cancel, and report how it ended."""
     from distributed import Event, get_client
 
-    from ._supervisor import describe_exit
+    from ._procs import describe_exit
 
     def emit(kind: str, **fields: Any) -> None:
         worker.log_event(TOPIC, {"task_id": task_id, "kind": kind, "time": time.time(), **fields})
@@ -854,6 +854,10 @@ class _NoSink:
         return False
 
 
+def _no_status(record: Any, home: Any, reporter: Any) -> None:
+    """The rehearsal's job reports through nothing."""
+
+
 def _rehearse() -> None:
     """Go once through what starting a task does (unpickle a job, start and stop its reporter),
     while idle: the pages that touches are then this process's own, and the task, when it comes,
@@ -867,7 +871,7 @@ def _rehearse() -> None:
         def target() -> None:
             pass
 
-        job = Job(record={"id": "rehearsal"}, home=Path("."), target=target, sources=collect(target))
+        job = Job(record={"id": "rehearsal"}, home=Path("."), target=target, make_status=_no_status, sources=collect(target))
         job = pickle.loads(cloudpickle.dumps(job))
         restore(job.target, job.sources)
         reporter = Reporter(job, _NoSink())

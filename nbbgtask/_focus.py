@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._kernel_compat import ShellPump
 from ._status import TaskStatus
+from ._widgets import ProgressBar
 
 __all__ = ["full_focus"]
 
@@ -55,15 +57,13 @@ def full_focus(
         _block_with_view(status, holding_view if holding_view is not None else _holding_widget(None))
     if status.state == "complete" and on_complete is not None:
         on_complete(status)
-    return status._outcome()
+    return status.result(timeout=0)  # it has ended: its result, or its error raised
 
 
 def _block_with_view(status: TaskStatus, holding_view: Any) -> None:
     import ipywidgets as widgets
     from IPython.display import display
 
-    from ._kernel_compat import ShellPump
-    from ._widgets import ProgressBar
 
     bar = ProgressBar(status)
     cancel = widgets.Button(description="Cancel", icon="stop", button_style="danger")

@@ -1,4 +1,9 @@
-"""Starts task processes, by fork or by spawn; every fork-safety rule lives here, each with its reason."""
+"""Starts task processes, one `Starter` per start method; every fork-safety rule lives here, each with its reason.
+
+A starter checks in the caller that a job can reach its process (`prepare`, before anything is
+stored) and starts the process (`start`, returning its pid, and the Popen where there is one).
+A new start method is one more entry in `STARTERS`.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,11 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
-from . import _store, _supervisor
 from ._runner import Job, exit_child, run_job
 
-__all__ = ["fork_detached", "prepare", "start"]
+__all__ = ["Starter", "STARTERS", "fork_detached", "prepare", "start"]
 
 
 def _open_log(job: Job) -> int:
@@ -29,51 +33,43 @@ def _open_log(job: Job) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
+class Starter(Protocol):
+    def prepare(self, job: Job) -> None:
+        """Raise a clear `TypeError` here, in the caller, if the job cannot reach its process."""
+
+    def start(self, job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
+        """Start the task's process; its pid, and its Popen if it has one."""
+
+
 def prepare(job: Job) -> None:
     """Check in the caller, before anything is stored, that the job can be sent to its process."""
-    if job.record.get("start_method") != "spawn":
-        return
-    import cloudpickle
-
-    from ._sources import collect
-
-    try:
-        job.sources = collect(job.target)
-        job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
-    except Exception as exc:
-        raise TypeError(
-            f"the task cannot be sent to a spawned task process, because its function, arguments "
-            f"or secrets cannot be pickled: {exc}. Use start_method='fork', or pass something picklable"
-        ) from None
+    STARTERS[job.record["start_method"]].prepare(job)
 
 
-def start(job: Job) -> None:
-    """Start ``job``'s process now (its record already says "running").
-
-    The task records its own pid, with its first report; until then this process's supervisor
-    knows it (to reap it, record how it died, or cancel it), and a cancel asked for by another
-    process reaches the task through the store.  So starting a task writes the store once.
-    """
-    if job.record.get("start_method") == "spawn":
-        pid, popen = _spawn(job)
-    else:
-        pid, popen = _fork(job), None
-    _supervisor.supervisor().watch(pid, job.home, job.task_id, popen)
+def start(job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """Start ``job``'s process by its record's start method; its pid and Popen (if any)."""
+    return STARTERS[job.record["start_method"]].start(job)
 
 
 # -- fork --------------------------------------------------------------------------------------
 
 
-def _fork(job: Job) -> int:
-    # The task pickles its result with cloudpickle: imported here (once per process) rather than
-    # in every task, where it cost about 37 ms of CPU each.
-    import cloudpickle  # noqa: F401
+class _Fork:
+    """A copy of this process: the task sees every object the notebook has, as it is."""
 
-    log = _open_log(job)
-    try:
-        return fork_detached(lambda: run_job(job), log)
-    finally:
-        os.close(log)
+    def prepare(self, job: Job) -> None:
+        pass
+
+    def start(self, job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
+        # The task pickles its result with cloudpickle: imported here (once per process) rather
+        # than in every task, where it cost about 37 ms of CPU each.
+        import cloudpickle  # noqa: F401
+
+        log = _open_log(job)
+        try:
+            return fork_detached(lambda: run_job(job), log), None
+        finally:
+            os.close(log)
 
 
 def fork_detached(run: Callable[[], int], output: int) -> int:
@@ -271,43 +267,49 @@ def _silence_kernel() -> None:
     session.send = dropped  # type: ignore[method-assign,union-attr]
 
 
-def _after_fork_in_child() -> None:
-    # Locks held by another thread at the moment of the fork would stay locked forever, and the
-    # parent's file locks and children are not ours: start from new ones.
-    _store.forget_instances()
-    _supervisor.reset_after_fork()
-    refresher = sys.modules.get("nbbgtask._refresher")
-    if refresher is not None:
-        refresher.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child) if hasattr(os, "register_at_fork") else None
-
-
 # -- spawn -------------------------------------------------------------------------------------
 
 
-def _spawn(job: Job) -> tuple[int, subprocess.Popen[bytes]]:
+class _Spawn:
     """A fresh interpreter; the job travels by cloudpickle through its stdin, never argv or env."""
-    frames = job.payload
-    assert frames is not None, "prepare(job) first"
-    log = _open_log(job)
-    try:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "nbbgtask._spawn"],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=log,
-            cwd=os.getcwd(),
-            start_new_session=True,
-            close_fds=True,
-        )
-    finally:
-        os.close(log)
-    assert popen.stdin is not None
-    try:
-        popen.stdin.write(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
-        popen.stdin.close()
-    except BrokenPipeError:
-        pass  # it died at once; the supervisor records how
-    return popen.pid, popen
+
+    def prepare(self, job: Job) -> None:
+        import cloudpickle
+
+        from ._sources import collect
+
+        try:
+            job.sources = collect(job.target)
+            job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
+        except Exception as exc:
+            raise TypeError(
+                f"the task cannot be sent to a spawned task process, because its function, arguments "
+                f"or secrets cannot be pickled: {exc}. Use start_method='fork', or pass something picklable"
+            ) from None
+
+    def start(self, job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
+        frames = job.payload
+        assert frames is not None, "prepare(job) first"
+        log = _open_log(job)
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "nbbgtask._spawn"],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                cwd=os.getcwd(),
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(log)
+        assert popen.stdin is not None
+        try:
+            popen.stdin.write(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+            popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the supervisor records how
+        return popen.pid, popen
+
+
+STARTERS: dict[str, Starter] = {"fork": _Fork(), "spawn": _Spawn()}

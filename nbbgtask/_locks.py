@@ -1,22 +1,17 @@
 """Locks between processes on a lock file: re-entrant per thread, and never held by a forked child.
 
-On POSIX this is ``flock(2)`` on a descriptor opened for each hold.  filelock does the same, and
-portably (it is used where ``fcntl`` is missing), but its acquire and release took about 200 µs
+This is ``flock(2)`` on a descriptor opened for each hold (nbbgtask is POSIX-only: it starts
+tasks by fork).  filelock does the same, portably, but its acquire and release took about 200 µs
 here against 3 µs for the system calls, and a store write takes a lock: at 1,000 tasks ending at
 once that was most of their cost.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
-from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FileLock", "LockTimeout"]
 
@@ -38,8 +33,7 @@ def _drop_inherited() -> None:
     _held.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited)
+os.register_at_fork(after_in_child=_drop_inherited)
 
 
 class FileLock:
@@ -50,26 +44,13 @@ class FileLock:
         self.timeout = timeout
         self.poll = poll
         self._local = threading.local()
-        self._portable: Any = None
-        if fcntl is None:
-            import filelock
-
-            self._portable = filelock.FileLock(path, timeout=timeout, mode=0o600)
 
     def acquire(self) -> None:
-        if self._portable is not None:
-            import filelock
-
-            try:
-                self._portable.acquire(poll_interval=self.poll)
-            except filelock.Timeout:
-                raise LockTimeout(self.path) from None
-            return
         local = self._local
         if getattr(local, "depth", 0):
             local.depth += 1
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = None
         try:
             while True:
@@ -90,9 +71,6 @@ class FileLock:
         local.fd, local.depth = fd, 1
 
     def release(self) -> None:
-        if self._portable is not None:
-            self._portable.release()
-            return
         local = self._local
         local.depth -= 1
         if local.depth:

@@ -11,7 +11,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from . import _config, _format
+from . import _backends, _format
 from ._api import prune, resolve, run, tasks
 from ._errors import TaskNotFound
 from ._status import TaskStatus
@@ -167,10 +167,6 @@ class BgTaskMagics(Magics):
 
     def _cell(self, line: str, cell: str) -> Any:
         args = _parse(line, {"--name": str}, flags={"--focus"})
-        config = _config.settings()
-        if config.backend == "local" and config.start_method != "fork":
-            raise UsageError("%%bgtask runs the cell by fork, so that it sees the notebook's names; "
-                             "bg.configure(start_method='fork') first, or use bg.run with a function")
         source = self.shell.transform_cell(cell)
         try:
             names = assigned_names(source)
@@ -190,10 +186,11 @@ class BgTaskMagics(Magics):
         return status
 
     def _namespace_for(self, source: str) -> dict[str, Any]:
-        """The notebook's namespace itself (a fork copies it), or for a cluster the names the cell
-        reads that can be pickled; the rest are named in one warning."""
+        """The notebook's namespace itself where the task inherits it (fork), else the names the
+        cell reads that can be pickled (spawn, a cluster); the rest are named in one warning."""
         user_ns = self.shell.user_ns
-        if _config.settings().backend == "local":
+        backend = _backends.current()
+        if backend.inherits_memory():
             return user_ns
         import builtins
 
@@ -210,8 +207,8 @@ class BgTaskMagics(Magics):
                     left_out.append(name)
         if left_out:
             warnings.warn(
-                "%%bgtask: these names cannot be sent to the cluster (not picklable), so the cell "
-                "will not see them there: " + ", ".join(left_out),
+                f"%%bgtask: these names cannot be sent to {backend.destination} (not picklable), so "
+                f"the cell will not see them there: " + ", ".join(left_out),
                 RuntimeWarning,
                 stacklevel=1,
             )
@@ -273,7 +270,7 @@ class BgTaskMagics(Magics):
             return None
         command, rest = words[0], words[1:]
         if command == "list":
-            records = [s._record for s in tasks()]
+            records = [s.to_dict() for s in tasks()]
             print(_format.plain_table(records) if records else "no tasks")
             return None
         if command == "monitor":
@@ -288,7 +285,7 @@ class BgTaskMagics(Magics):
             raise UsageError(f"%bgtask {line.strip()!r}: not a command this magic knows.\n{USAGE}")
         status = resolve(rest[0])
         if command == "show":
-            print(_format.details(status._record))
+            print(_format.details(status.to_dict()))
         elif command == "logs":
             args = _parse(" ".join(rest[1:]), {"-n": int})
             print(status.log(tail=args.get("-n")), end="")

@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from . import _config, _format, _refresher
 from ._states import State
 from ._status import TaskStatus
+from ._validate import whole_number
 from ._widgets import bar_style
 
 __all__ = ["Monitor", "monitor"]
@@ -27,7 +28,7 @@ class _Row:
     """One task's line in the monitor; built once, then only its traits change."""
 
     def __init__(self, record: dict[str, Any], home: Path) -> None:
-        self.home = home
+        self.status = TaskStatus(record, home)
         self.task_id = record["id"]
         self.name = widgets.HTML(layout=widgets.Layout(width="18em"))
         self.state = widgets.HTML(layout=widgets.Layout(width="6em"))
@@ -45,8 +46,7 @@ class _Row:
 
     def _on_cancel(self, _: Any) -> None:
         self.cancel.disabled = True
-        status = TaskStatus({"id": self.task_id, "state": "running", "name": ""}, self.home)
-        threading.Thread(target=status.cancel, name="nbbgtask-cancel", daemon=True).start()
+        threading.Thread(target=self.status.cancel, name="nbbgtask-cancel", daemon=True).start()
 
     def _on_toggle(self, change: dict[str, Any]) -> None:
         self.log.layout.display = "" if change["new"] else "none"
@@ -54,8 +54,7 @@ class _Row:
             self.refresh_log()
 
     def refresh_log(self) -> None:
-        status = TaskStatus({"id": self.task_id, "state": "complete", "name": ""}, self.home)
-        text = status.log(tail=LOG_LINES) or "(nothing printed yet)"
+        text = self.status.log(tail=LOG_LINES) or "(nothing printed yet)"
         value = f'<pre style="margin:0 0 0 18em;max-height:15em;overflow:auto">{html.escape(text)}</pre>'
         if self.log.value != value:
             self.log.value = value
@@ -99,9 +98,8 @@ class Monitor(widgets.VBox):
     """
 
     def __init__(self, finished: int = 20, name: str | None = None, max_rows: int = 50) -> None:
-        for label, value in (("finished", finished), ("max_rows", max_rows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{label} must be a whole number of tasks, 0 or more, got {value!r}")
+        whole_number(finished, "finished", "tasks")
+        whole_number(max_rows, "max_rows", "tasks")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string, got {name!r}")
         self.home: Path = _config.home()

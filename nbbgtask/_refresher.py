@@ -9,6 +9,7 @@ view is left.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import _config
+from ._backends import reconcile
 from ._store import store_for
-from ._supervisor import reconcile
 
 __all__ = ["Snapshot", "View", "register", "refresher_running"]
 
@@ -161,7 +162,10 @@ def refresher_running() -> bool:
     return _refresher.running()
 
 
-def reset_after_fork() -> None:
+def _reset_after_fork() -> None:
     """A forked task has none of the kernel's widgets, and the refresher's lock may be held."""
     global _refresher
     _refresher = _Refresher()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ._errors import StoreError
+from ._files import atomic_write, result_path
+from ._procs import EXIT_UNRECORDED, own_process
 from ._states import State
-from ._status import TaskStatus, check_percent, result_path
 from ._store import store_for
+from ._validate import percent as check_percent
 
-__all__ = ["Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job"]
+__all__ = ["Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "EXIT_UNRECORDED"]
 
 T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +37,9 @@ class Job:
     home: Path
     #: a `BackgroundTask` instance (calls ``execute(status)``) or any callable
     target: Any
+    #: makes the handle the task reports through, ``make_status(record, home, reporter)``: the
+    #: API's `TaskStatus` (handed down, since the runner sits below the layer that defines it)
+    make_status: Callable[[dict[str, Any], Path, Reporter], Any]
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     secrets: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -68,8 +73,6 @@ class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
 
-#: a task process's exit code when it ended but could not record how (sysexits' EX_IOERR)
-EXIT_UNRECORDED = 74
 #: a pickled result up to this size is kept in the task's record, not a file of its own (a file
 #: costs a create, a rename and an fsync: more than a trivial task's whole run)
 INLINE_RESULT = 512
@@ -99,28 +102,11 @@ class StoreSink:
         return bool(record and (record.get("cancel_requested") or State(record["state"]).is_final))
 
     def save_result(self, data: bytes) -> None:
-        path = result_path(self._job.home, self._job.task_id)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(result_path(self._job.home, self._job.task_id), data, durable=True)
 
     def finish(self, fields: dict[str, Any]) -> None:
-        self._store.finalize(self._job.task_id, fields, fallback=self._job.record)
-
-
-def own_process() -> dict[str, Any]:
-    """The pid and start time that let others signal this process and tell it from a reused pid."""
-    import psutil
-
-    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+        # This process is the task's: its pid and start time let a later reader tell it apart.
+        self._store.finalize(self._job.task_id, {**fields, **own_process()}, fallback=self._job.record)
 
 
 class Reporter:
@@ -223,16 +209,19 @@ class Reporter:
         self._apply_tracker()
 
 
-_current: TaskStatus | None = None
+_current: Any = None
 
 
-def current() -> TaskStatus | None:
+def current() -> Any:
     """The running task's status in its own process, else ``None``."""
     return _current
 
 
 def current_reporter() -> Reporter | None:
-    return _current._reporter if _current is not None else None
+    return _current_reporter
+
+
+_current_reporter: Reporter | None = None
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -249,7 +238,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _call(job: Job, status: TaskStatus) -> Any:
+def _call(job: Job, status: Any) -> Any:
     if job.sources:
         from ._sources import restore
 
@@ -284,12 +273,11 @@ def _save_result(sink: Any, value: Any) -> dict[str, Any]:
 
 def run_job(job: Job, sink: Any = None) -> int:
     """Run the task here and record how it ended (in the store, or through ``sink``); the exit code."""
-    global _current
+    global _current, _current_reporter
     sink = StoreSink(job) if sink is None else sink
     reporter = Reporter(job, sink)
-    status = TaskStatus(dict(job.record), job.home)
-    status._reporter = reporter
-    _current = status
+    status = job.make_status(dict(job.record), job.home, reporter)
+    _current, _current_reporter = status, reporter
     finishing = cancelled = False
 
     def on_sigterm(signum: int, frame: Any) -> None:
@@ -334,8 +322,6 @@ def run_job(job: Job, sink: Any = None) -> int:
         fields["percent"] = 100.0
     fields["finished"] = time.time()
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
-    if job.record.get("backend", "local") == "local":
-        fields.update(own_process())
     try:
         sink.finish(fields)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened

@@ -6,45 +6,25 @@ import asyncio
 import base64
 import copy
 import datetime as _dt
-import math
-import numbers
 import os
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import _config
+from . import _backends, _config
 from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
+from ._files import log_path, result_path
+from ._record import TaskRecord
+from ._runner import Reporter, current_reporter
 from ._states import State
+from ._store import store_for
+from ._validate import percent as check_percent
+from ._validate import seconds, whole_number
 
-if TYPE_CHECKING:
-    from ._runner import Reporter
-
-
-def check_percent(percent: Any) -> float:
-    """``percent`` as a float clamped to 0–100; NaN and non-numbers are refused."""
-    if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
-        raise TypeError(f"percent must be a number from 0 to 100, got {percent!r}")
-    try:
-        percent = float(percent)
-    except OverflowError:  # an int or Fraction too large for a float: far out of range either way
-        percent = math.inf if percent > 0 else -math.inf
-    if percent != percent:
-        raise ValueError("percent must be a number from 0 to 100, got NaN")
-    return 0.0 if percent < 0 else 100.0 if percent > 100 else percent
-
-__all__ = ["TaskStatus", "check_percent", "log_path", "result_path"]
+__all__ = ["TaskStatus"]
 
 _MISSING = object()
-
-
-def log_path(home: Path, task_id: str) -> Path:
-    return home / "logs" / f"{task_id}.log"
-
-
-def result_path(home: Path, task_id: str) -> Path:
-    return home / "results" / f"{task_id}.pkl"
 
 
 def _utc(ts: float | None) -> _dt.datetime | None:
@@ -66,22 +46,6 @@ def _tail(path: Path, lines: int) -> str:
     return "".join(text.splitlines(keepends=True)[-lines:]) if lines else ""
 
 
-def _checked_timeout(timeout: Any) -> float | None:
-    """``None`` (no limit) or a number of seconds, 0 or more; a clear error otherwise."""
-    if timeout is None:
-        return None
-    problem = ValueError(f"timeout must be a number of seconds, 0 or more (or None), got {timeout!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise problem
-    try:
-        seconds = float(timeout)
-    except OverflowError:
-        seconds = math.inf if timeout > 0 else -math.inf  # type: ignore[operator]
-    if not seconds >= 0:
-        raise problem
-    return None if math.isinf(seconds) else seconds
-
-
 class TaskStatus:
     """The state, progress and outcome of one background task.
 
@@ -89,12 +53,30 @@ class TaskStatus:
     and `refresh` (or any method that says it re-reads) brings it up to date.
     """
 
-    def __init__(self, record: dict[str, Any], home: Path) -> None:
-        self._record = record
+    def __init__(self, record: TaskRecord | dict[str, Any], home: Path) -> None:
+        self._record: dict[str, Any] = record  # type: ignore[assignment]
         self._home = home
         self._result: Any = _MISSING
         #: set in the task's own process only
         self._reporter: Reporter | None = None
+
+    @classmethod
+    def _reporting(cls, record: dict[str, Any], home: Path, reporter: Reporter) -> TaskStatus:
+        """The handle a task reports through, in its own process (made by the runner)."""
+        status = cls(record, home)
+        status._reporter = reporter
+        return status
+
+    # -- for the widgets, the magic and the command line ------------------------------------
+
+    @property
+    def home(self) -> Path:
+        """The home folder whose store holds this task."""
+        return self._home
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task's record as last read (a copy): the fields of `TaskRecord`, as stored."""
+        return copy.deepcopy(self._record)
 
     # -- the record ---------------------------------------------------------------------------
 
@@ -186,8 +168,6 @@ class TaskStatus:
         """
         reporter = self._reporter
         if reporter is None:
-            from ._runner import current_reporter
-
             reporter = current_reporter()
             if reporter is None or reporter.task_id != self.id:
                 raise NbbgtaskError(
@@ -209,21 +189,18 @@ class TaskStatus:
         """Re-read from the store; returns ``self``."""
         if self._reporter is not None or self.state.is_final:
             return self  # a final record never changes
-        from ._store import store_for
-        from ._supervisor import may_still_report, reconcile
-
         store = store_for(self._home)
         record = store.get(self.id)
         if record is None:
             # A live record that vanished was in a damaged file that was set aside: the task
             # writes it again on its next report, if it still runs.
-            if not may_still_report(self._record):
+            if not _backends.may_still_report(self._record):
                 raise TaskNotFound(
                     f"task {self.id[:8]}'s record is gone from the store at {self._home}: it was "
                     f"pruned, or the file that held it was damaged and set aside (see the warning)"
                 )
             record = self._record
-        self._record = reconcile(store, record)
+        self._record = _backends.reconcile(store, record)
         return self
 
     def is_running(self) -> bool:
@@ -242,7 +219,7 @@ class TaskStatus:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the task ends or ``timeout`` seconds pass; returns `done()`."""
-        timeout = _checked_timeout(timeout)
+        timeout = seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in self._poll_delays():
             if self.done():
@@ -315,9 +292,7 @@ class TaskStatus:
 
     def cancel(self) -> bool:
         """Stop the task; it ends "cancelled".  ``True`` if it was still running."""
-        from ._supervisor import cancel
-
-        was_live, record = cancel(self._home, self.id)
+        was_live, record = _backends.cancel(self._home, self.id)
         if record is not None:
             self._record = record
         return was_live
@@ -325,8 +300,8 @@ class TaskStatus:
     def log(self, tail: int | None = None) -> str:
         """What the task printed (stdout and stderr), or its last ``tail`` lines."""
         path = log_path(self._home, self.id)
-        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
-            raise ValueError(f"tail must be a whole number of lines, 0 or more, got {tail!r}")
+        if tail is not None:
+            whole_number(tail, "tail", "lines")
         try:
             if tail is not None:
                 return _tail(path, tail)
@@ -343,6 +318,8 @@ class TaskStatus:
         return text + ">"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        # The one import against the layers (see .importlinter): a handle that ends a cell shows
+        # as a live bar, and the bar is the notebook layer's.
         from ._widgets import status_mimebundle
 
         return status_mimebundle(self, include, exclude)

@@ -1,7 +1,8 @@
 """The status store: task records in TinyDB files shared by kernels, task processes and the CLI.
 
-This is the only module that imports TinyDB.  Each queued or running task has a small file of
-its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to the
+The files themselves (atomic, cached, checked TinyDB files) are `_storage`'s; this module
+says which files there are and what a task's life does to its record.  Each queued or running
+task has a small file of its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to the
 history, spread over ``history/NN.json`` shards by id, so that ending a task rewrites a
 sixty-fourth of the history.  A read-modify-write takes one of 64 stripe locks
 (``locks/NN.lock``, chosen by id as the history shard is), so tasks that report or end at the
@@ -13,7 +14,6 @@ atomically, so readers take no lock and never see a torn file.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import threading
@@ -24,19 +24,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tinydb import TinyDB
-from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
+from . import _record
 from ._errors import StoreDamagedWarning, StoreError
 from ._locks import FileLock, LockTimeout
 from ._states import State
+from ._storage import SCHEMA_VERSION, TASKS, AtomicJSONStorage, Damaged, open_table, storage_of
 
 __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances", "shard_of"]
 
-#: Bumped when a record's layout changes incompatibly; recorded in every store file.
-#: 2: live tasks in ``live/<id>.json`` (1 kept them all in ``live.json``).
-SCHEMA_VERSION = 2
 #: Seconds to wait for another process's read-modify-write before giving up.
 LOCK_TIMEOUT = 30.0
 #: Seconds between tries for a busy lock (filelock's default, 0.05, made starting a task wait
@@ -48,206 +45,8 @@ HISTORY_SHARDS = 64
 #: (file times are taken from a coarse clock), so `Store.version` does not vouch for it yet.
 SETTLE_NS = 50_000_000
 
-_TASKS = "tasks"
 #: what a task id may look like to have a live file (ours are 32 hex digits)
 _FILE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
-_META = "_meta"
-_RANK = {State.QUEUED: 0, State.RUNNING: 1}
-_STATES = frozenset(s.value for s in State)
-_NUMBER = (int, float)
-#: what a record's fields must be, where present (``None`` is allowed for all but the first four)
-_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "name": (str,),
-    "state": (str,),
-    "created": _NUMBER,
-    "started": _NUMBER,
-    "finished": _NUMBER,
-    "percent": _NUMBER,
-    "message": (str,),
-    "pid": (int,),
-    "error": (str,),
-    "traceback": (str,),
-    "settings": (dict,),
-    "result_inline": (str,),
-}
-_REQUIRED = ("id", "name", "state", "created")
-
-
-class _Damaged(Exception):
-    """A store file that cannot be used as it is; ``salvage`` holds what can be kept of it."""
-
-    def __init__(self, reason: str, salvage: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.salvage = salvage
-
-
-def _record_fault(key: str, record: Any) -> str | None:
-    """Why ``record`` (stored under ``key``) is not a task record, or ``None`` if it is one."""
-    if not isinstance(record, dict):
-        return f"record {key!r} is a {type(record).__name__}, not an object"
-    for field in _REQUIRED:
-        if record.get(field) is None:
-            return f"record {key!r} has no {field!r}"
-    for field, kinds in _FIELDS.items():
-        value = record.get(field)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-            return f"record {key!r} has a {type(value).__name__} for {field!r}"
-    if record["id"] != key:
-        return f"record {key!r} says its id is {record['id']!r}"
-    if record["state"] not in _STATES:
-        return f"record {key!r} has an unknown state {record['state']!r}"
-    return None
-
-
-class _AtomicJSONStorage(Storage):
-    """TinyDB storage: writes replace the file atomically; reads are cached.
-
-    ``trust_stat``: a file whose (inode, size, mtime) did not change is not re-read; used for the
-    history shards, which are rarely written.  A live file is small, so it is always re-read
-    and only re-parsed when its bytes changed.  Under its lock the first read parses the file
-    anew and later reads in the same lock session reuse that copy, so a read-modify-write never
-    starts from a stale or shared copy and never parses twice.
-
-    ``durable``: fsync before the rename.  The history needs it; live files do not, since no
-    task is left running after the machine stops.
-    """
-
-    def __init__(self, path: str, trust_stat: bool = False, durable: bool = False) -> None:
-        self.path = path
-        self.trust_stat = trust_stat
-        self.durable = durable
-        #: set by the store while it holds this file's lock (and only then)
-        self.session: dict[str, Any] | None = None
-        self.in_session = False
-        # (stat signature, bytes, parsed), replaced whole so threads never see a mixed triple
-        self._cache: tuple[tuple[int, int, int] | None, bytes | None, Any] = (None, None, None)
-
-    def _parse(self, raw: bytes) -> dict[str, Any] | None:
-        if not raw.strip():
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise _Damaged(f"not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
-            raise _Damaged("not a TinyDB document")
-        meta = data.get(_META, {}).get("1", {})
-        version = meta.get("schema", SCHEMA_VERSION) if isinstance(meta, dict) else None
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise _Damaged(f"its schema version is {version!r}, not a number")
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the nbbgtask store {self.path} was written by a newer nbbgtask (schema "
-                f"{version}, this one knows {SCHEMA_VERSION}); upgrade nbbgtask or use another home"
-            )
-        tasks = data.get(_TASKS, {})
-        faults = {key: fault for key, rec in tasks.items() if (fault := _record_fault(key, rec))}
-        if faults:
-            kept = {key: rec for key, rec in tasks.items() if key not in faults}
-            first = next(iter(faults.values()))
-            more = f" and {len(faults) - 1} more" if len(faults) > 1 else ""
-            raise _Damaged(f"{first}{more}", salvage={**data, _TASKS: kept})
-        return data
-
-    def _read_file(self) -> tuple[tuple[int, int, int], bytes] | None:
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                return (st.st_ino, st.st_size, st.st_mtime_ns), f.read()
-        except FileNotFoundError:
-            return None
-
-    def read(self) -> dict[str, Any] | None:
-        if self.in_session:
-            if self.session is None:
-                got = self._read_file()
-                self.session = self._parse(got[1]) if got else None
-            return self.session
-        if self.trust_stat:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                return None
-            if (st.st_ino, st.st_size, st.st_mtime_ns) == self._cache[0]:
-                return self._cache[2]
-        got = self._read_file()
-        if got is None:
-            self._cache = (None, None, None)
-            return None
-        sig, raw = got
-        _, cached_raw, data = self._cache
-        if raw != cached_raw:
-            data = self._parse(raw)
-        self._cache = (sig, raw, data)
-        return data
-
-    def write(self, data: dict[str, Any]) -> None:
-        data[_META] = {"1": {"schema": SCHEMA_VERSION}}
-        raw = _encode(data).encode()
-        directory, name = os.path.split(self.path)
-        # Only the holder of the file's lock (or the maker of a new task's file) writes it, so
-        # one temp name per file is enough.
-        tmp = os.path.join(directory, f".{name}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, raw)  # os.write may write less than asked (a nearly full disk)
-                if self.durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            self.session = None
-            self._cache = (None, None, None)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StoreError(
-                f"cannot write the nbbgtask store {self.path}: {exc.strerror or exc}. "
-                f"The store is unchanged; free some space or fix the folder's permissions."
-            ) from None
-        if self.in_session:
-            # ``data`` came from a parse made under the lock, so no reader shares it yet.
-            self.session = data
-            self._cache = (None, raw, data)
-        else:
-            self._cache = (None, None, None)
-
-    def close(self) -> None:
-        pass
-
-
-#: one encoder for every write (json.dumps would make a new one each time)
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
-def _write_all(fd: int, raw: bytes) -> None:
-    view = memoryview(raw)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _TaskTable(Table):
-    """Tasks keyed by their own string ids, so a lookup by id is one dict access."""
-
-    document_id_class = str  # type: ignore[assignment]
-
-
-class _DB(TinyDB):
-    table_class = _TaskTable
-
-
-def _merge(doc: dict[str, Any], fields: Mapping[str, Any]) -> None:
-    """Apply ``fields`` to a live record without ever moving its state backwards."""
-    if "state" in fields and State(fields["state"]).is_final:
-        raise ValueError("final states are written by Store.finalize")
-    for key, value in fields.items():
-        if key == "state" and _RANK[State(value)] < _RANK[State(doc["state"])]:
-            continue
-        if key == "cancel_requested" and doc.get("cancel_requested"):
-            continue
-        doc[key] = value
 
 
 def shard_of(task_id: str) -> int:
@@ -255,15 +54,6 @@ def shard_of(task_id: str) -> int:
         return int(task_id[:2], 16) % HISTORY_SHARDS
     except ValueError:
         return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % HISTORY_SHARDS
-
-
-def _open_table(path: str, **storage: Any) -> Any:
-    # Typed Any: TinyDB's hints say document ids are ints, ours are strings (see _TaskTable).
-    return _DB(path, storage=_AtomicJSONStorage, **storage).table(_TASKS, cache_size=0)
-
-
-def _storage(table: Table) -> _AtomicJSONStorage:
-    return table.storage  # type: ignore[return-value]
 
 
 def _live_name_ok(name: str) -> bool:
@@ -303,14 +93,14 @@ class Store:
         return self._cached(
             self._shards,
             index,
-            lambda: _open_table(os.path.join(self._history_dir, f"{index:02d}.json"), trust_stat=True, durable=True),
+            lambda: open_table(os.path.join(self._history_dir, f"{index:02d}.json"), trust_stat=True, durable=True),
         )
 
     def _history(self, task_id: str) -> Any:
         return self._shard(shard_of(task_id))
 
     def _live_table(self, task_id: str) -> Any:
-        return self._cached(self._live, task_id, lambda: _open_table(self._live_path(task_id)))
+        return self._cached(self._live, task_id, lambda: open_table(self._live_path(task_id)))
 
     def _live_path(self, task_id: str) -> str:
         return os.path.join(self._live_dir, task_id + ".json")
@@ -391,15 +181,15 @@ class Store:
     @contextlib.contextmanager
     def _session(self, *tables: Table) -> Iterator[None]:
         """Read-modify-write ``tables``: each is parsed anew once, then the copy is reused."""
-        entered = [t for t in tables if not _storage(t).in_session]
+        entered = [t for t in tables if not storage_of(t).in_session]
         for table in entered:
-            storage = _storage(table)
+            storage = storage_of(table)
             storage.session, storage.in_session = None, True
         try:
             yield
         finally:
             for table in entered:
-                storage = _storage(table)
+                storage = storage_of(table)
                 storage.session, storage.in_session = None, False
 
     @contextlib.contextmanager
@@ -414,13 +204,13 @@ class Store:
         """Run one table operation; a damaged file is set aside once and the operation retried."""
         try:
             return op(*args, **kwargs)
-        except _Damaged as exc:
+        except Damaged as exc:
             self._set_aside(table, exc)
             return op(*args, **kwargs)
 
-    def _set_aside(self, table: Table, damage: _Damaged) -> None:
+    def _set_aside(self, table: Table, damage: Damaged) -> None:
         """Keep a damaged file aside for inspection and put in its place what can be saved of it."""
-        storage = _storage(table)
+        storage = storage_of(table)
         name = os.path.basename(storage.path)
         index = shard_of(name[:-5]) if storage.path.startswith(self._live_dir) else int(name[:2])
         with self._held(self._stripe_lock(index)), self._session(table):
@@ -428,16 +218,16 @@ class Store:
             try:
                 storage.read()
                 return  # someone else already replaced it
-            except _Damaged as again:
+            except Damaged as again:
                 damage = again
             stamp = time.strftime("%Y%m%dT%H%M%S")
             aside = f"{storage.path}.damaged-{stamp}-{os.getpid()}"
             os.replace(storage.path, aside)
             storage.session = None
             kept = ""
-            if damage.salvage and damage.salvage.get(_TASKS):
+            if damage.salvage and damage.salvage.get(TASKS):
                 storage.write(damage.salvage)
-                kept = f"; its {len(damage.salvage[_TASKS])} sound record(s) were kept"
+                kept = f"; its {len(damage.salvage[TASKS])} sound record(s) were kept"
             storage.session = None
         warnings.warn(
             f"the nbbgtask store file {storage.path} was damaged ({damage}); it was kept as "
@@ -471,8 +261,8 @@ class Store:
         table = self._live_table(task_id)
         # The file's one record straight from the storage: TinyDB's Table.get would copy it
         # twice, and the refresher reads every live file on every round that something changed.
-        data = self._guard(table, _storage(table).read)
-        rec = data.get(_TASKS, {}).get(task_id) if data else None
+        data = self._guard(table, storage_of(table).read)
+        rec = data.get(TASKS, {}).get(task_id) if data else None
         if rec is None and not os.path.exists(self._live_path(task_id)):
             self._forget_live(task_id)
         return dict(rec) if rec is not None else None
@@ -524,7 +314,7 @@ class Store:
         self._make_folders()
         # A TinyDB file with one table of one record, written whole: there is nothing to read
         # yet, and no table is made for it until someone reads it.
-        _AtomicJSONStorage(self._live_path(doc["id"])).write({_TASKS: {doc["id"]: doc}})
+        AtomicJSONStorage(self._live_path(doc["id"])).write({TASKS: {doc["id"]: doc}})
 
     def insert(self, record: Mapping[str, Any]) -> None:
         """Add a new live task as it is (the Dask backend: "queued" until a worker starts it)."""
@@ -570,7 +360,7 @@ class Store:
                 doc = dict(recreate)
             else:
                 doc = dict(doc)
-            _merge(doc, fields)
+            _record.merge(doc, fields)
             live.upsert(Document(doc, task_id))  # type: ignore[arg-type]
         return doc
 
@@ -668,3 +458,8 @@ def forget_instances() -> None:
     global _instances_lock
     _instances.clear()
     _instances_lock = threading.Lock()
+
+
+# Locks held by another thread at the moment of a fork would stay locked forever in the child,
+# and the parent's file locks are not the child's.
+os.register_at_fork(after_in_child=forget_instances)

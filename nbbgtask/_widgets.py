@@ -37,10 +37,10 @@ class ProgressBar(widgets.HBox):
             status = get(status)
         if status is not None and not isinstance(status, TaskStatus):
             raise TypeError(f"ProgressBar follows a TaskStatus, got {type(status).__name__}")
-        self.home: Path = status._home if status is not None else _config.home()
+        self.home: Path = status.home if status is not None else _config.home()
         self._follow_last = _follow_last
         self._name_filter = _name
-        self._record: dict[str, Any] | None = dict(status._record) if status is not None else None
+        self._record: dict[str, Any] | None = status.to_dict() if status is not None else None
         self._settled = False
         self._label = widgets.HTML(layout=widgets.Layout(min_width="8em"))
         self._bar = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="40%"))
@@ -115,7 +115,7 @@ class ProgressBar(widgets.HBox):
 
     def _nbbg_refresh_now(self, status: TaskStatus) -> None:
         """Show ``status`` as it is now (the caller has just refreshed it)."""
-        self._record = dict(status._record)
+        self._record = status.to_dict()
         self._show(self._record)
         self._settled = State(self._record["state"]).is_final and not self._follow_last
 
@@ -132,8 +132,7 @@ class ProgressBar(widgets.HBox):
 
 def status_mimebundle(status: TaskStatus, include: Any = None, exclude: Any = None) -> dict[str, Any]:
     """What a `TaskStatus` that ends a cell displays: a live bar, with static fallbacks."""
-    status.refresh()
-    record = status._record
+    record = dict(status.refresh().to_dict())
     bundle: dict[str, Any] = {
         "text/plain": _format.text_snapshot(record),
         "text/html": _format.html_snapshot(record),

@@ -33,7 +33,7 @@ import pytest
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _config, _store, _supervisor
+from nbbgtask import _config, _storage, _store, _supervisor
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ def _fill_history(home: Path, per_shard: int) -> int:
     for index, records in shards.items():
         path = home / "history" / f"{index:02d}.json"
         old = json.loads(path.read_bytes())["tasks"] if path.exists() else {}
-        storage = _store._AtomicJSONStorage(str(path))
+        storage = _storage.AtomicJSONStorage(str(path))
         storage.write({"tasks": {**old, **records}})
     _store.forget_instances()  # as a fresh process would see it
     return per_shard * _store.HISTORY_SHARDS + 1

@@ -1,0 +1,51 @@
+"""Files under the home folder: where a task's log and result are, and writing a file atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+__all__ = ["log_path", "result_path", "write_all", "atomic_write"]
+
+
+def log_path(home: Path | str, task_id: str) -> Path:
+    return Path(home) / "logs" / f"{task_id}.log"
+
+
+def result_path(home: Path | str, task_id: str) -> Path:
+    return Path(home) / "results" / f"{task_id}.pkl"
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write every byte (``os.write`` may write fewer than asked: a pipe, a nearly full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool, tmp: str | None = None) -> None:
+    """Replace ``path`` with ``data`` at once: readers see the old file or the new one, never a part.
+
+    ``durable``: fsync before the rename, so the new content survives a crash of the machine.
+    ``tmp``: the temporary file's path; by default ``<path without suffix>.<pid>.<thread>.tmp``,
+    this thread's own.
+    The temporary file is removed if anything fails, and the error is raised.
+    """
+    path = os.fspath(path)
+    if tmp is None:
+        tmp = f"{os.path.splitext(path)[0]}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

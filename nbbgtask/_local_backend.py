@@ -1,0 +1,248 @@
+"""The local backend: tasks run as processes of this machine, started by this process.
+
+What a task's record means on this machine lives here: admission under ``max_running`` and the
+queue, how a process's end is recorded, noticing a task whose process is gone (`reconcile`),
+and cancelling by signalling the task's process group.  How a process is started is the
+launcher's (by start method); watching and reaping it is the supervisor's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import _config, _launcher
+from ._procs import HOST, describe_exit, process_start_time, same_process, signal_group
+from ._runner import Job
+from ._states import State
+from ._store import Store, store_for
+from ._supervisor import supervisor
+
+__all__ = ["LocalBackend", "LOCAL", "PID_GRACE"]
+
+#: a running task records its pid with its first report (after 0.1 s); until this many seconds
+#: have passed, a missing pid is not taken as a sign that it never started
+PID_GRACE = 10.0
+
+
+def _record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
+    """A child of ours ended: if its record does not say how, say it from the exit code."""
+    store = store_for(home)
+    # A task that recorded its end has no live file: one stat, and nothing to read.
+    record = store.get(task_id) if store.is_live(task_id) else None
+    if record is None or State(record["state"]).is_final:
+        return
+    if record.get("cancel_requested"):
+        fields: dict[str, Any] = {"state": State.CANCELLED.value}
+    elif code is None:
+        fields = {"state": State.FAILED.value, "error": f"the task process {pid} ended without reporting"}
+    else:
+        fields = {"state": State.FAILED.value, "error": describe_exit(pid, code)}
+    store.finalize(task_id, {**fields, "finished": time.time()})
+
+
+class LocalBackend:
+    kind = "local"
+    destination = "the task's process"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: tasks this process queued (``max_running``), in the order they were made
+        self._queue: deque[Job] = deque()
+        self._atexit = False
+
+    # -- starting ------------------------------------------------------------------------------
+
+    def placement(self) -> dict[str, Any]:
+        return {"backend": self.kind, "start_method": _config.settings().start_method, "host": HOST}
+
+    def inherits_memory(self) -> bool:
+        return _config.settings().start_method == "fork"
+
+    def prepare(self, job: Job) -> None:
+        _launcher.prepare(job)
+
+    def submit(self, job: Job) -> None:
+        """Start ``job`` now if a slot is free (``max_running``), else queue it in this process."""
+        store = store_for(job.home)
+        limit = _config.settings().max_running
+        if limit != math.inf:
+            self._reconcile_live(store)
+        state = store.admit(job.record, limit)
+        job.record["state"] = state.value
+        if state is State.RUNNING:
+            self._start(job)
+        else:
+            self._enqueue(job)
+
+    def _start(self, job: Job) -> None:
+        """Start ``job``'s process (its record already says "running").
+
+        The task records its own pid, with its first report; until then the supervisor knows
+        it (to reap it, record how it died, or cancel it), and a cancel asked for by another
+        process reaches the task through the store.  So starting a task writes the store once.
+        """
+        pid, popen = _launcher.start(job)
+        supervisor().watch(pid, job.home, job.task_id, popen, _record_exit)
+
+    def _enqueue(self, job: Job) -> None:
+        with self._lock:
+            self._queue.append(job)
+            if not self._atexit:
+                atexit.register(self._abandon_queue)
+                self._atexit = True
+        supervisor().add_hook(self._dispatch)
+
+    def _dispatch(self) -> bool:
+        """Start queued tasks while slots are free; ``True`` while some still wait."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return False
+                job = self._queue[0]
+            store = store_for(job.home)
+            self._reconcile_live(store)
+            verdict = store.promote(job.task_id, _config.settings().max_running)
+            if verdict is None:
+                return True  # no free slot yet
+            with self._lock:
+                self._queue.popleft()
+            if verdict:
+                self._start(job)
+
+    def _abandon_queue(self) -> None:
+        with self._lock:
+            jobs, self._queue = list(self._queue), deque()
+        for job in jobs:
+            store_for(job.home).finalize(
+                job.task_id,
+                {
+                    "state": State.FAILED.value,
+                    "error": f"NotStarted: the process that queued it ({os.getpid()}) exited first",
+                    "finished": time.time(),
+                },
+            )
+
+    def _queued_here(self, task_id: str) -> bool:
+        with self._lock:
+            return any(job.task_id == task_id for job in self._queue)
+
+    def _unqueue(self, task_id: str) -> None:
+        with self._lock:
+            self._queue = deque(job for job in self._queue if job.task_id != task_id)
+
+    # -- records -------------------------------------------------------------------------------
+
+    def _reconcile_live(self, store: Store) -> None:
+        for record in store.live():
+            if record.get("backend", "local") == self.kind:
+                self.reconcile(store, record)
+
+    def reconcile(self, store: Store, record: dict[str, Any]) -> dict[str, Any]:
+        """Notice a live record whose process is gone and end it "failed"; returns the record to show."""
+        if State(record["state"]).is_final or record.get("host") != HOST:
+            return record
+        watcher = supervisor()
+        pid = record.get("pid")
+        if pid is None:
+            pid = watcher.pid_of(record["id"])
+        if pid is not None and watcher.is_child(pid):
+            if watcher.reap(pid):
+                return store.get(record["id"]) or record
+            return record
+        if pid is not None:
+            if watcher.alive(pid, record.get("pid_started")):
+                return record
+            error = f"the task process {pid} ended without reporting (killed, or crashed)"
+        else:
+            owner = record.get("owner_pid")
+            if owner is None or watcher.alive(owner, record.get("owner_started")):
+                return record
+            started = record.get("started")
+            if record["state"] == State.RUNNING.value and started is not None and time.time() - started < PID_GRACE:
+                return record  # it may not have reported its pid yet
+            what = "queued" if record["state"] == State.QUEUED.value else "started"
+            error = f"NotStarted: the process that {what} it ({owner}) ended before it could run"
+        if record.get("cancel_requested"):
+            fields = {"state": State.CANCELLED.value, "finished": time.time()}
+        else:
+            fields = {"state": State.FAILED.value, "error": error, "finished": time.time()}
+        return store.finalize(record["id"], fields, fallback=record) or record
+
+    def may_still_report(self, record: dict[str, Any]) -> bool:
+        """For a live record that has vanished from the store (its file damaged and set aside, say):
+        can the task still write it again?  Only if its process lives on (or it waits in this
+        process's queue); if it has ended, the record is gone for good."""
+        if record.get("host") != HOST:
+            return True  # on another machine: nothing here can tell
+        if self._queued_here(record["id"]):
+            return True
+        watcher = supervisor()
+        pid = record.get("pid") or watcher.pid_of(record["id"])
+        if pid is not None:
+            return watcher.is_child(pid) or watcher.alive(pid, record.get("pid_started"))
+        if record.get("owner_pid") == os.getpid():
+            return False  # we started it, and it is no longer our child: it has ended
+        owner = record.get("owner_pid")
+        started = record.get("started") or record.get("created") or 0.0
+        return owner is not None and watcher.alive(owner, record.get("owner_started")) and time.time() - started < PID_GRACE
+
+    def cancel(self, home: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+        """SIGTERM to the task's process group, SIGKILL after the grace period; it ends
+        "cancelled".  ``record`` already has ``cancel_requested``; returns the final record."""
+        store = store_for(home)
+        task_id = record["id"]
+        config = _config.settings()
+        self._unqueue(task_id)
+        watcher = supervisor()
+        pid, started = record.get("pid"), record.get("pid_started")
+        if pid is None:  # not reported yet: our own child, or the task finds the request itself
+            pid = watcher.pid_of(task_id)
+            started = process_start_time(pid) if pid is not None else None
+        if pid is None and record["state"] == State.RUNNING.value:
+            _await_end(store, task_id, config.cancel_grace + 2 * config.progress_interval + 1)
+        if record["state"] == State.RUNNING.value and pid is not None and record.get("host") == HOST:
+            if same_process(pid, started):
+                signal_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + config.cancel_grace
+                while time.monotonic() < deadline and same_process(pid, started):
+                    if watcher.is_child(pid) and watcher.reap(pid):
+                        break
+                    time.sleep(0.01)
+                else:
+                    if same_process(pid, started):
+                        signal_group(pid, signal.SIGKILL)
+            if watcher.is_child(pid):
+                for _ in range(100):
+                    if watcher.reap(pid):
+                        break
+                    time.sleep(0.01)
+        return store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+
+
+def _await_end(store: Store, task_id: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        record = store.get(task_id)
+        if record is None or State(record["state"]).is_final:
+            return
+        time.sleep(0.02)
+
+
+LOCAL = LocalBackend()
+
+
+def _reset_after_fork() -> None:
+    """A forked task starts none of its parent's queued tasks (their parent still will), and
+    the queue's lock may have been held by another thread at the fork."""
+    LOCAL.__init__()  # type: ignore[misc]
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

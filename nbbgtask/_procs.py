@@ -1,0 +1,74 @@
+"""Processes: who this one is, whether another is still the one we started, and signalling a task's group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "HOST", "EXIT_UNRECORDED", "process_start_time", "same_process", "own_process", "signal_group", "describe_exit",
+]
+
+HOST = socket.gethostname()
+#: a task process's exit code when it ended but could not record how (sysexits' EX_IOERR)
+EXIT_UNRECORDED = 74
+
+
+def process_start_time(pid: int) -> float | None:
+    """When ``pid`` started (psutil's create_time), or ``None`` if there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def same_process(pid: int, started: float | None) -> bool:
+    """``pid`` is alive and is the process that started at ``started`` (not a reused pid)."""
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 0.05:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def own_process() -> dict[str, Any]:
+    """The pid and start time that let others signal this process and tell it from a reused pid."""
+    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Send ``sig`` to the process group that ``pid`` leads (a task and whatever it started);
+    ``True`` if it was sent, ``False`` if there is no such group or it is not ours to signal."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def describe_exit(pid: int, code: int) -> str:
+    """How a task process that never reported ended, as one line."""
+    if code < 0:
+        sig = -code
+        try:
+            signame = signal.Signals(sig).name
+        except ValueError:
+            signame = "unknown signal"
+        text = f"killed by signal {sig} ({signame}): the task process {pid} ended without reporting"
+        if sig == signal.SIGKILL:
+            text += " (killed, or out of memory)"
+        return text
+    if code == EXIT_UNRECORDED:
+        return (
+            f"the task process {pid} ended but could not record how: writing the nbbgtask store "
+            f"failed (a full disk, or the home folder's permissions; see its log)"
+        )
+    return f"the task process {pid} exited with code {code} without reporting (see its log)"

@@ -1,0 +1,60 @@
+"""Checks of values users hand to nbbgtask, each with a message that names the value and what to do."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["whole_number", "seconds", "positive_seconds", "percent"]
+
+
+def whole_number(value: Any, what: str, unit: str | None = None, minimum: int = 0) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else a `ValueError` naming
+    ``what`` (and what it counts, ``unit``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        of = f" of {unit}" if unit else ""
+        raise ValueError(f"{what} must be a whole number{of}, {minimum} or more, got {value!r}")
+    return value
+
+
+def seconds(value: Any, what: str) -> float | None:
+    """``None`` (no limit) or a number of seconds, 0 or more (infinity is no limit)."""
+    if value is None:
+        return None
+    problem = ValueError(f"{what} must be a number of seconds, 0 or more (or None), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise problem
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    if not result >= 0:
+        raise problem
+    return None if math.isinf(result) else result
+
+
+def positive_seconds(value: Any, what: str) -> float:
+    """A finite number of seconds above 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if math.isinf(result):
+        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+    return result
+
+
+def percent(value: Any) -> float:
+    """``value`` as a float clamped to 0–100; NaN and non-numbers are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"percent must be a number from 0 to 100, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int or Fraction too large for a float: far out of range either way
+        value = math.inf if value > 0 else -math.inf
+    if value != value:
+        raise ValueError("percent must be a number from 0 to 100, got NaN")
+    return 0.0 if value < 0 else 100.0 if value > 100 else value
