@@ -1,0 +1,237 @@
+"""docs/api.md documents every public name, and its "Not yet available" list names only what is missing.
+
+The rule: the reference is docs/api.md above its "## Not yet available" heading.  A name counts as
+documented only by a code span (text in single backticks) there:
+
+- each name in ``nbbgtask.__all__`` and each exception of ``nbbgtask._errors``: a heading with a
+  code span that starts with ``bg.NAME`` (or is ``NAME``, for an exception not exported);
+- each public member of ``TaskStatus``: a code span that starts with ``status.NAME``;
+- each member and public attribute of ``State``: a code span that starts with ``bg.State.NAME`` or
+  ``state.NAME``;
+- each ``configure`` parameter: a code span ``NAME=DEFAULT``, with its default as in the signature;
+- each command-line subcommand: a heading with a code span that starts with ``nbbgtask SUBCOMMAND``
+  and names one spelling of each of its options (``--home``: a heading span ``nbbgtask [--home ...``);
+- each ``%bgtask`` line form and ``%%bgtask``: a heading with a code span that starts with
+  ``%bgtask WORD`` (``%%bgtask``) and names each of its options.
+
+Under "## Not yet available", the code spans in each item's bold lead name missing features:
+``bg.X``, ``status.X``, ``start_method="X"``, ``nbbgtask X`` and ``%bgtask X`` must not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import nbbgtask as bg
+from nbbgtask import _cli, _config, _errors
+from nbbgtask._magic import BgTaskMagics
+
+API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+NOT_YET = "## Not yet available"
+SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def _parts() -> tuple[str, str]:
+    text = API_MD.read_text(encoding="utf-8")
+    reference, sep, not_yet = text.partition("\n" + NOT_YET + "\n")
+    assert sep, f"{API_MD} has no {NOT_YET!r} heading"
+    return reference, not_yet
+
+
+def _spans(text: str) -> list[str]:
+    return SPAN.findall(text)
+
+
+def _heading_spans(text: str) -> list[str]:
+    return [s for line in text.splitlines() if line.startswith("#") for s in _spans(line)]
+
+
+def _starts(span: str, prefix: str) -> bool:
+    """``span`` begins with ``prefix``, and ``prefix`` ends a word there (``bg.run`` is not ``bg.runner``)."""
+    if not span.startswith(prefix):
+        return False
+    rest = span[len(prefix) :]
+    return not rest or not (rest[0].isalnum() or rest[0] == "_")
+
+
+def _missing(wanted: list[str], spans: list[str], *prefixes: str) -> list[str]:
+    return [w for w in wanted if not any(_starts(s, p + w) for s in spans for p in prefixes)]
+
+
+def _report(kind: str, missing: list[str]) -> str:
+    return f"{API_MD.name} does not document these {kind}: " + ", ".join(missing)
+
+
+# -- what the code offers --------------------------------------------------------------------------
+
+
+def _subcommands() -> dict[str, list[list[str]]]:
+    """Each subcommand of the ``nbbgtask`` parser, with the option strings of each of its options."""
+    parser = _cli._parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {
+        name: [a.option_strings for a in p._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        for name, p in sub.choices.items()
+    }
+
+
+def _global_options() -> list[list[str]]:
+    return [
+        a.option_strings
+        for a in _cli._parser()._actions
+        if a.option_strings and not isinstance(a, argparse._HelpAction)
+    ]
+
+
+def _magic_forms() -> dict[str, list[str]]:
+    """The words ``%bgtask`` dispatches on, read from its code, each with the options it parses."""
+    tree = ast.parse(inspect.getsource(BgTaskMagics))
+    forms: dict[str, list[str]] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "command"):
+            continue
+        for comparator in node.comparators:
+            items = comparator.elts if isinstance(comparator, ast.Tuple) else [comparator]
+            for item in items:
+                if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                    forms.setdefault(item.value, [])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            test = node.test
+            if (
+                isinstance(test.left, ast.Name)
+                and test.left.id == "command"
+                and isinstance(test.ops[0], ast.Eq)
+                and isinstance(test.comparators[0], ast.Constant)
+            ):
+                forms[test.comparators[0].value] = _parsed_options(node.body)
+    return forms
+
+
+def _cell_options() -> list[str]:
+    tree = ast.parse(inspect.getsource(BgTaskMagics))
+    (cell,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_cell"]
+    return _parsed_options(cell.body)
+
+
+def _parsed_options(body: list[ast.stmt]) -> list[str]:
+    """The option words in the dict and set literals handed to ``_parse`` in ``body``."""
+    found = []
+    for statement in body:
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_parse":
+                for literal in [*node.args, *(k.value for k in node.keywords)]:
+                    if isinstance(literal, (ast.Dict, ast.Set)):
+                        keys = literal.keys if isinstance(literal, ast.Dict) else literal.elts
+                        found += [k.value for k in keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+    return found
+
+
+# -- every public name is documented ---------------------------------------------------------------
+
+
+def test_every_public_name_has_a_heading() -> None:
+    reference, _ = _parts()
+    missing = _missing(sorted(bg.__all__), _heading_spans(reference), "bg.")
+    assert not missing, _report("names of nbbgtask.__all__ (a heading with `bg.NAME`)", missing)
+
+
+def test_every_exception_has_a_heading() -> None:
+    reference, _ = _parts()
+    headings = _heading_spans(reference)
+    missing = [n for n in _errors.__all__ if not any(_starts(s, "bg." + n) or s == n for s in headings)]
+    assert not missing, _report("exceptions (a heading with `bg.NAME`, or `NAME` if not exported)", missing)
+
+
+def test_every_task_status_member_is_documented() -> None:
+    reference, _ = _parts()
+    members = [n for n in dir(bg.TaskStatus) if not n.startswith("_")]
+    assert "result" in members and "cancel" in members  # the list is read from the class
+    missing = _missing(members, _spans(reference), "status.")
+    assert not missing, _report("members of TaskStatus (a code span `status.NAME`)", missing)
+
+
+def test_every_state_is_documented() -> None:
+    reference, _ = _parts()
+    names = [*bg.State.__members__, *(n for n in vars(bg.State) if not n.startswith("_") and n not in bg.State.__members__)]
+    missing = _missing(names, _spans(reference), "bg.State.", "state.")
+    assert not missing, _report("members of State (a code span `bg.State.NAME` or `state.NAME`)", missing)
+
+
+def test_every_configure_parameter_is_documented_with_its_default() -> None:
+    reference, _ = _parts()
+    spans = set(_spans(reference))
+    parameters = inspect.signature(bg.configure).parameters.values()
+    wanted = [f"{p.name}={p.default!r}" for p in parameters]
+    missing = [w for w in wanted if w not in spans]
+    assert not missing, _report("configure parameters (a code span `NAME=DEFAULT`)", missing)
+
+
+def test_every_subcommand_and_its_options_are_documented() -> None:
+    reference, _ = _parts()
+    headings = _heading_spans(reference)
+    missing = []
+    for name, options in _subcommands().items():
+        spans = [s for s in headings if _starts(s, f"nbbgtask {name}")]
+        if not spans:
+            missing.append(f"nbbgtask {name}")
+        for spellings in options:
+            if spans and not any(o in s for s in spans for o in spellings):
+                missing.append(f"nbbgtask {name} {'/'.join(spellings)}")
+    for spellings in _global_options():
+        if not any(_starts(s, "nbbgtask [") and any(o in s for o in spellings) for s in headings):
+            missing.append(f"nbbgtask {'/'.join(spellings)}")
+    assert _subcommands(), "the parser has no subcommands: the test reads the wrong thing"
+    assert not missing, _report("command-line subcommands or options (a heading `nbbgtask SUB [OPTIONS]`)", missing)
+
+
+def test_every_magic_form_is_documented() -> None:
+    reference, _ = _parts()
+    headings = _heading_spans(reference)
+    forms = _magic_forms()
+    assert {"list", "show", "cancel"} <= set(forms), f"the magic's forms were not found in its code: {forms}"
+    missing = []
+    for word, options in sorted(forms.items()):
+        spans = [s for s in headings if _starts(s, f"%bgtask {word}")]
+        if not spans:
+            missing.append(f"%bgtask {word}")
+        missing += [f"%bgtask {word} {o}" for o in options if spans and not any(o in s for s in spans)]
+    cell = [s for s in headings if _starts(s, "%%bgtask")]
+    if not cell:
+        missing.append("%%bgtask")
+    missing += [f"%%bgtask {o}" for o in _cell_options() if cell and not any(o in s for s in cell)]
+    assert not missing, _report("magic forms or options (a heading `%bgtask WORD [OPTIONS]`)", missing)
+
+
+# -- what is listed as not yet available is really missing ----------------------------------------------
+
+
+def test_what_is_listed_as_not_yet_available_does_not_exist() -> None:
+    _, not_yet = _parts()
+    leads = re.findall(r"^- \*\*(.+?)\*\*", not_yet, flags=re.MULTILINE)
+    assert leads, f"no '- **...**' items under {NOT_YET!r}"
+    subcommands, forms = _subcommands(), _magic_forms()
+    built = []
+    for span in (s for lead in leads for s in _spans(lead)):
+        if m := re.match(r"bg\.(\w+)", span):
+            exists = hasattr(bg, m[1])
+        elif m := re.match(r"status\.(\w+)", span):
+            exists = hasattr(bg.TaskStatus, m[1])
+        elif m := re.match(r'start_method="(\w+)"', span):
+            exists = m[1] in _config.START_METHODS
+        elif m := re.match(r"nbbgtask (\w+)", span):
+            exists = m[1] in subcommands
+        elif m := re.match(r"%bgtask (\w+)", span):
+            exists = m[1] in forms
+        else:
+            raise AssertionError(f"{NOT_YET}: {span!r} in a bold lead is not a name this test can check")
+        if exists:
+            built.append(span)
+    assert not built, (
+        f"{API_MD.name} lists these as not yet available, but they exist: document them in the reference "
+        f"and take them off the list: " + ", ".join(built)
+    )
