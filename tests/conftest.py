@@ -1,4 +1,5 @@
-"""Fixtures: a fresh home folder per test, and a real ipykernel driven over jupyter_client."""
+"""Fixtures: a fresh home folder per test, the ways a task runs (tests/ways.py), and a real
+ipykernel driven over jupyter_client."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from nbbgtask import _config
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ways import WAYS, Way, local_cluster, started_by  # noqa: E402  (found through the line above)
+
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
@@ -25,6 +28,39 @@ def home(tmp_path: Path) -> Iterator[Path]:
     for status in bg.tasks(state=["queued", "running"]):
         status.cancel()
     _config.reset()
+
+
+@pytest.fixture(params=WAYS, ids=[way.name for way in WAYS])
+def way(request: pytest.FixtureRequest, home: Path) -> Iterator[Way]:
+    """Each test that takes it runs once per way a task runs, with nbbgtask configured that way;
+    afterwards, every task the test left in the store was started that way (none fell back to
+    another)."""
+    way: Way = request.param
+    way.configure(request)
+    yield way
+    left = bg.tasks()
+    assert {status.id: started_by(status) for status in left} == {status.id: way.name for status in left}
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[object]:
+    """One small LocalCluster per module that asks for it: one worker process, two threads."""
+    with local_cluster(1, 2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def dask_client(dask_cluster: object) -> Iterator[object]:
+    import distributed
+
+    from nbbgtask import _dask_backend
+
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        try:
+            yield client
+        finally:  # nbbgtask lets go of the client before it closes
+            bg.configure(backend="local")
+            _dask_backend.close()
 
 
 ROOT = Path(__file__).resolve().parent.parent

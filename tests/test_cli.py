@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 
@@ -112,14 +115,40 @@ def test_an_unusable_home_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("nbbgtask: cannot use") and out.stderr.count("\n") == 1
 
 
+def _read_all(fd, into):
+    """Append what arrives on ``fd`` to ``into`` until its other side is closed."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pty's other side closed
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
 def test_monitor_shows_tasks_until_interrupted(home):
-    running = bg.run(_slow_printer, name="watched")
-    proc = subprocess.Popen(
+    running = bg.run(time.sleep, 60, name="watched")  # runs until the fixture cancels it
+    # On a terminal (a pty) the monitor draws as it goes; into a pipe it would draw only on exit.
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
         [sys.executable, "-m", "nbbgtask", "--home", str(home), "monitor", "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "watched" in out and running.id[:8] in out and "running" in out
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "160"},
+    ) as proc:
+        os.close(follower)
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=_read_all, args=(leader, chunks), daemon=True)
+        reader.start()
+
+        def rows():
+            """How many times the monitor has drawn the running task's row."""
+            lines = b"".join(chunks).decode(errors="replace").splitlines()
+            return sum(running.id[:8] in line and "watched" in line and "running" in line for line in lines)
+
+        # Twice: the second drawing comes from inside its refresh loop, where Ctrl-C is awaited.
+        assert until(lambda: rows() >= 2, timeout=30), b"".join(chunks).decode(errors="replace")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+        reader.join(10)
+    os.close(leader)
+    assert not reader.is_alive()

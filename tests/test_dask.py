@@ -1,8 +1,11 @@
-"""The same API on a real Dask LocalCluster with worker processes."""
+"""The same API on a real Dask LocalCluster with worker processes.
+
+What every way of running a task promises (result, failure and traceback, settings and secrets,
+progress, cancel, the log, lookups) is in test_contract.py, run on a LocalCluster too; this file
+keeps what only Dask has: workers, their spares and forkers, a cluster shared by kernels."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -15,6 +18,7 @@ import cloudpickle
 import psutil
 import pytest
 from waiting import until
+from ways import local_cluster
 
 import nbbgtask as bg
 
@@ -26,26 +30,9 @@ pytestmark = pytest.mark.timeout(180)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@contextlib.contextmanager
-def _local_cluster(n_workers, threads_per_worker, processes=True):
-    """A LocalCluster; on the way out nbbgtask goes back to local tasks and closes its Dask client
-    before the cluster goes, so the client does not try to reconnect."""
-    with distributed.LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-        dashboard_address=":0", silence_logs=50,
-    ) as cluster:
-        try:
-            yield cluster
-        finally:
-            from nbbgtask import _dask_backend
-
-            bg.configure(backend="local")
-            _dask_backend.close()
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    with _local_cluster(2, 2) as cluster:
+    with local_cluster(2, 2) as cluster:
         yield cluster
 
 
@@ -61,53 +48,6 @@ def _steps(n, pause=0.1):
         time.sleep(pause)
     print("done on", os.getpid(), flush=True)
     return n * 2
-
-
-def _breaks():
-    bg.progress(25, "about to fail")
-    raise ValueError("remote spline")
-
-
-def test_progress_log_and_result_come_back_from_a_worker(on_dask):
-    status = bg.run(_steps, 20)
-    assert status.refresh().state in ("queued", "running")
-    assert until(lambda: 0 < status.refresh().percent < 100, timeout=30)
-    assert status.message == "on a worker"
-    assert status.result(timeout=60) == 40
-    assert status.state == "complete" and status.percent == 100
-    assert status.log().startswith("done on ")
-    assert int(status.log().split()[-1]) == status.pid != os.getpid()
-
-
-def test_initiate_with_settings_and_secrets(on_dask):
-    class Remote(bg.BackgroundTask):
-        def execute(self, status):
-            return status.settings["x"] + len(status.secrets["token"])
-
-    assert Remote.initiate(settings={"x": 1}, secrets={"token": "abcd"}).result(timeout=60) == 5
-
-
-def test_a_failure_on_a_worker_keeps_its_traceback(on_dask):
-    status = bg.run(_breaks)
-    with pytest.raises(bg.TaskFailed):
-        status.result(timeout=60)
-    assert status.error == "ValueError: remote spline"
-    assert 'raise ValueError("remote spline")' in status.traceback
-    assert status.percent == 25
-
-
-def test_cancel_stops_a_running_task_on_the_worker(on_dask):
-    status = bg.run(_steps, 600)
-    assert until(lambda: status.refresh().percent > 0, timeout=30)
-    pid = status.pid
-    assert psutil.pid_exists(pid)
-    started = time.monotonic()
-    assert status.cancel() is True
-    assert time.monotonic() - started < 5
-    assert status.state == "cancelled"
-    assert until(lambda: not psutil.pid_exists(pid), timeout=5)
-    with pytest.raises(bg.TaskCancelled):
-        status.result()
 
 
 def test_forty_tasks_spread_over_both_workers(on_dask):
@@ -234,7 +174,7 @@ def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
 @pytest.fixture(scope="module")
 def one_worker():
     """A cluster of one worker with two threads: where a task runs, and in what, is known."""
-    with _local_cluster(1, 2) as cluster:
+    with local_cluster(1, 2) as cluster:
         yield cluster
 
 
@@ -422,7 +362,7 @@ def test_a_task_too_big_for_one_pipe_write_is_handed_to_the_spare_whole(on_one_w
 
 
 def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs_it_again(home):
-    with _local_cluster(2, 1) as cluster:
+    with local_cluster(2, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         status = bg.run(_steps, 600)
         assert until(lambda: status.refresh().percent > 0, timeout=30)
@@ -438,7 +378,7 @@ def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs
 
 
 def test_no_spare_outlives_its_worker(home):
-    with _local_cluster(1, 1) as cluster:
+    with local_cluster(1, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         spare = _ready_spare(client)
         [forker] = client.run(_forker_pid).values()
@@ -451,7 +391,7 @@ def test_no_spare_outlives_its_worker(home):
 def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives_on(home):
     """In-process workers: the spare is a child of this very process, so only the worker's own
     clean-up (not the end of its process) can end it."""
-    with _local_cluster(1, 1, processes=False) as cluster:
+    with local_cluster(1, 1, processes=False) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         spare = _ready_spare(client)
         [forker] = client.run(_forker_pid).values()
@@ -460,7 +400,7 @@ def test_a_worker_that_closes_ends_and_reaps_its_spare_even_if_its_process_lives
 
 
 def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
-    with _local_cluster(1, 1) as cluster:
+    with local_cluster(1, 1) as cluster:
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         spare = _ready_spare(client)
         [forker] = client.run(_forker_pid).values()

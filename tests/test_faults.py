@@ -30,174 +30,28 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fault_helpers import (
+    as_nobody,
+    assert_store_intact,
+    death_said,
+    fill_history,
+    history_states,
+    limit_file_size,
+    live_records,
+    parses,
+    record_figures,
+    sigkill,
+    sleeper,
+    store_files,
+    supervisor_idle,
+    task_pid,
+    thread_crashes,
+    use_home,
+)
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _config, _storage, _store, _supervisor
-
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def _record(test: str, **figures):
-    """Print what a test measured, and append it to $NBBGTASK_FIGURES (JSON lines) if set."""
-    line = json.dumps({"test": test, **figures}, sort_keys=True)
-    print(line)
-    target = os.environ.get("NBBGTASK_FIGURES")
-    if target:
-        with open(target, "a") as f:
-            f.write(line + "\n")
-
-
-def _store_files(home: Path) -> list[Path]:
-    return [*sorted((home / "live").glob("*.json")), *sorted((home / "history").glob("*.json"))]
-
-
-def _live_records(home: Path) -> dict:
-    """id -> record of every live file, read from the files themselves."""
-    records = {}
-    for path in sorted((home / "live").glob("*.json")):
-        with contextlib.suppress(FileNotFoundError):  # its task ended meanwhile
-            records.update(json.loads(path.read_bytes())["tasks"])
-    return records
-
-
-def _assert_store_intact(home: Path) -> dict:
-    """Every store file parses as a TinyDB document; nothing was set aside as damaged."""
-    records = {}
-    for path in _store_files(home):
-        data = json.loads(path.read_bytes())
-        assert isinstance(data.get("tasks", {}), dict), path
-        records.update(data.get("tasks", {}))
-    damaged = [p.name for p in home.rglob("*") if ".damaged-" in p.name]
-    assert not damaged, damaged
-    return records
-
-
-def _history_ids(home: Path) -> dict[str, str]:
-    """id -> state of every task in the history shards, read from the files themselves."""
-    out = {}
-    for path in sorted((home / "history").glob("*.json")):
-        out.update({k: v["state"] for k, v in json.loads(path.read_bytes()).get("tasks", {}).items()})
-    return out
-
-
-@contextlib.contextmanager
-def _thread_crashes():
-    """Collect exceptions that end a thread (e.g. the supervisor's) instead of letting them escape."""
-    crashes: list[str] = []
-    previous = threading.excepthook
-
-    def hook(args):
-        name = args.thread.name if args.thread is not None else "?"
-        crashes.append(f"{name}: {args.exc_type.__name__}: {args.exc_value}")
-
-    threading.excepthook = hook
-    try:
-        yield crashes
-    finally:
-        threading.excepthook = previous
-
-
-def _sigkill(pid) -> bool:
-    """SIGKILL the task process ``pid``; False if it is gone.  psutil checks that the pid still
-    names the same process, and None (never psutil.Process(None): that is this process) is refused."""
-    if pid is None or pid == os.getpid():
-        return False
-    try:
-        psutil.Process(pid).kill()
-    except psutil.NoSuchProcess:
-        return False
-    return True
-
-
-def _task_pid(status) -> int | None:
-    """The task's pid: from the store once the task has reported it (its first report), else from
-    this process's supervisor while the child is not yet reaped; None if neither knows it."""
-    pid = status.refresh().pid
-    if pid is None:
-        with _supervisor.supervisor().lock:
-            pid = next((p for p, entry in _supervisor.supervisor().children.items() if entry[1] == status.id), None)
-    return pid
-
-
-def _death_said(status) -> str:
-    """How the error of a SIGKILLed task reads: it must name the signal ("precise").  A vaguer
-    "ended without reporting" was the race of two threads reaping one child, fixed in 9376595
-    (test_a_task_reaped_by_two_threads_at_once_still_says_how_it_died); it fails here too now."""
-    assert "killed by signal 9 (SIGKILL)" in status.error, status.error
-    return "precise"
-
-
-def _supervisor_idle(timeout=10.0) -> bool:
-    """This process's supervisor has reaped every task process it started."""
-    return until(lambda: not _supervisor.supervisor().children, timeout)
-
-
-def _limit_file_size(limit: int) -> None:
-    """A full disk for this process only: writes past ``limit`` bytes fail with EFBIG."""
-    import resource
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-
-
-def _fill_history(home: Path, per_shard: int) -> int:
-    """Put ``per_shard`` finished tasks in each history shard, in the store's own file format."""
-    template = bg.run(lambda: "template", name="template")
-    template.wait(30)
-    base = _store.store_for(home).get(template.id)
-    shards: dict[int, dict] = {}
-    now = time.time()
-    for i in range(per_shard * _store.HISTORY_SHARDS):
-        index = i % _store.HISTORY_SHARDS
-        task_id = f"{index:02x}" + secrets.token_hex(15)
-        shards.setdefault(index, {})[task_id] = {
-            **base, "id": task_id, "name": f"filler-{i % 7}", "created": now - 20_000 + i,
-            "finished": now - 20_000 + i + 0.5,
-        }
-    for index, records in shards.items():
-        path = home / "history" / f"{index:02d}.json"
-        old = json.loads(path.read_bytes())["tasks"] if path.exists() else {}
-        storage = _storage.AtomicJSONStorage(str(path))
-        storage.write({"tasks": {**old, **records}})
-    _store.forget_instances()  # as a fresh process would see it
-    return per_shard * _store.HISTORY_SHARDS + 1
-
-
-def _as_nobody(fn, *args) -> dict:
-    """``fn(*args)`` in a forked child running as an ordinary user (permissions do not bind root);
-    its dict of findings, sent back through a pipe."""
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\)")
-        pid = os.fork()
-    if pid == 0:  # the fork hooks already gave the child its own stores and supervisor
-        try:
-            os.close(read)
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            found = fn(*args)
-        except BaseException as exc:
-            found = {"child_error": repr(exc)}
-        finally:
-            with contextlib.suppress(BaseException):
-                os.write(write, json.dumps(found).encode())
-            os._exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
-    return json.loads(b"".join(chunks) or b"{}")
-
-
-def _sleeper(seconds=30):
-    print("go", flush=True)
-    time.sleep(seconds)
-
+from nbbgtask import _config, _store, _supervisor
 
 # -- 1. SIGKILL storm ----------------------------------------------------------------------------
 
@@ -229,7 +83,7 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
     def reader():
         while not stop.is_set():
             try:
-                for path in _store_files(home):
+                for path in store_files(home):
                     try:
                         raw = path.read_bytes()
                     except FileNotFoundError:  # a live file goes when its task ends
@@ -258,7 +112,7 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
             assert pid is not None  # every task reported it before "go"
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 hit_running += 1
-            _sigkill(pid)
+            sigkill(pid)
         last_kill = time.monotonic()
         assert until(lambda: all(s.done() for s in statuses), timeout=15), [s.state for s in statuses]
         all_done = time.monotonic()
@@ -270,16 +124,16 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
     for k, status in enumerate(statuses):
         if k in victims:
             assert status.state == "failed", status
-            vague += _death_said(status) == "vague"
+            vague += death_said(status) == "vague"
         else:
             assert (status.state, status.result(), status.percent) == ("complete", k, 100.0)
     assert not bg.tasks(state=["queued", "running"])
-    records = _assert_store_intact(home)
+    records = assert_store_intact(home)
     assert set(records) == set(states)  # every task is in the store, once finished
-    assert _live_records(home) == {}
+    assert live_records(home) == {}
     assert read_errors == [] and reads[0] > 5
     assert all_done - last_kill < 10.0  # about 0.5 s when the machine is not overloaded
-    _record(
+    record_figures(
         "sigkill_storm", tasks=n_tasks, killed=n_killed, killed_while_running=hit_running,
         failed=sum(s == "failed" for s in states.values()), complete=sum(s == "complete" for s in states.values()),
         failed_error_without_the_signal=vague,
@@ -289,7 +143,7 @@ def test_sigkill_storm_every_task_ends_and_the_store_stays_readable(home, tmp_pa
 
 
 def test_a_task_reaped_by_two_threads_at_once_still_says_how_it_died(home, monkeypatch):
-    status = bg.run(_sleeper)
+    status = bg.run(sleeper)
     assert until(lambda: status.refresh().pid is not None and "go" in status.log())
     pid = status.pid
     real_waitpid = os.waitpid
@@ -307,8 +161,8 @@ def test_a_task_reaped_by_two_threads_at_once_still_says_how_it_died(home, monke
     assert held.wait(5)
     assert status.wait(5)  # this thread reaps too, and records first
     monkeypatch.undo()
-    assert _supervisor_idle()
-    _record("reap_race", error=status.refresh().error)
+    assert supervisor_idle()
+    record_figures("reap_race", error=status.refresh().error)
     assert "killed by signal 9 (SIGKILL)" in status.error
 
 
@@ -337,32 +191,32 @@ def test_task_processes_killed_at_random_moments_never_damage_the_store(home):
     earlier = [bg.run(lambda k=k: k, name="earlier") for k in range(10)]
     for status in earlier:
         status.wait(30)
-    before = _history_ids(home)
+    before = history_states(home)
     assert len(before) == 10
     outcomes = {"failed": 0, "complete": 0}
     worst, vague = 0.0, 0
     for round_ in range(25):
         status = bg.run(_fast_writer, rng.uniform(0.0, 0.05), name="victim")
         time.sleep(rng.uniform(0.0, 0.06))
-        _sigkill(_task_pid(status))  # None if it has already ended and been reaped: nothing to kill
+        sigkill(task_pid(status))  # None if it has already ended and been reaped: nothing to kill
         killed = time.monotonic()
         assert status.wait(10), status
         worst = max(worst, time.monotonic() - killed)
         outcomes[status.state.value] += 1
         if status.state == "failed":
-            vague += _death_said(status) == "vague"
+            vague += death_said(status) == "vague"
         else:
             assert status.state == "complete" and status.result() >= 0  # how many updates it made
-        _assert_store_intact(home)
-        history = _history_ids(home)
+        assert_store_intact(home)
+        history = history_states(home)
         assert {k: history[k] for k in before} == before  # nothing finished earlier is lost or changed
         assert len(history) == len(before) + round_ + 1
         assert not (home / "live" / f"{status.id}.json").exists()
     assert [s.refresh().result() for s in earlier] == list(range(10))
-    _record(
+    record_figures(
         "random_kills_of_writing_tasks", kills=25, ended_failed=outcomes["failed"],
         ended_complete_before_the_kill=outcomes["complete"], failed_error_without_the_signal=vague, finished_before=10,
-        finished_after=len(_history_ids(home)), lost=0, damaged_files=0, worst_seconds_kill_to_done=round(worst, 2),
+        finished_after=len(history_states(home)), lost=0, damaged_files=0, worst_seconds_kill_to_done=round(worst, 2),
     )
 
 
@@ -435,7 +289,7 @@ def test_task_processes_killed_at_exact_points_of_a_store_write(home):
     rng = random.Random()
     for k in range(5):
         bg.run(lambda k=k: k, name="earlier").wait(30)
-    before = _history_ids(home)
+    before = history_states(home)
     results = {point: [] for point in KILL_POINTS}
     vague = 0
     for _ in range(5):
@@ -449,11 +303,11 @@ def test_task_processes_killed_at_exact_points_of_a_store_write(home):
             assert status.wait(30), status
             assert status.state == expected, (point, status, status.log())
             if expected == "failed":
-                vague += _death_said(status) == "vague"
+                vague += death_said(status) == "vague"
             else:
                 assert status.result() > 0
-            _assert_store_intact(home)
-            history = _history_ids(home)
+            assert_store_intact(home)
+            history = history_states(home)
             assert {k: history[k] for k in before} == before
             assert history[status.id] == expected
             assert not (home / "live" / f"{status.id}.json").exists()
@@ -461,11 +315,11 @@ def test_task_processes_killed_at_exact_points_of_a_store_write(home):
             results[point].append(status.state.value)
     assert not bg.tasks(state=["queued", "running"])
     leftovers = [p.name for p in (home / "results").iterdir() if p.suffix == ".tmp"]
-    _record(
+    record_figures(
         "kills_at_exact_write_points", kills=25, points={p: len(v) for p, v in results.items()},
         outcomes={p: sorted(set(v)) for p, v in results.items()}, failed_error_without_the_signal=vague,
         finished_before=len(before),
-        finished_after=len(_history_ids(home)), lost=0, damaged_files=0, orphaned_result_temp_files=len(leftovers),
+        finished_after=len(history_states(home)), lost=0, damaged_files=0, orphaned_result_temp_files=len(leftovers),
     )
 
 
@@ -529,8 +383,8 @@ def test_tasks_outlive_a_sigkilled_kernel(kernel, home, request):
     assert percents == [100.0, 100.0]
     assert late.startswith("NotStarted") and str(kernel_pid) in late
     assert live == []
-    _assert_store_intact(home)
-    _record(
+    assert_store_intact(home)
+    record_figures(
         "kernel_sigkilled", kernel=request.node.callspec.params["kernel"], tasks_running=2, tasks_queued=1,
         results_read_from_new_kernel=len(results), queued_ended=late.split(":")[0],
         seconds_kill_to_results=round(answered_at - killed_at, 2), still_running=0,
@@ -580,13 +434,8 @@ def _fill(disk: Path, leave: int = 0) -> Path:
     return filler
 
 
-def _use_home(path: Path) -> Path:
-    _store.forget_instances()
-    return bg.configure(home=path).home
-
-
 def _big_result():
-    _limit_file_size(200_000)
+    limit_file_size(200_000)
     bg.progress(50, "half way")
     return b"x" * 1_000_000
 
@@ -597,15 +446,15 @@ def test_a_result_too_big_for_the_disk_fails_the_task_with_the_reason(home):
     assert status.state == "failed"
     assert "File too large" in status.error
     assert (status.percent, status.message) == (50.0, "half way")
-    _assert_store_intact(home)
+    assert_store_intact(home)
     assert not list((home / "results").iterdir())  # the partial result file was removed
     assert bg.run(lambda: "after").result(timeout=30) == "after"
-    _record("full_disk_result", injected="RLIMIT_FSIZE 200 kB in the task, 1 MB result", state="failed",
+    record_figures("full_disk_result", injected="RLIMIT_FSIZE 200 kB in the task, 1 MB result", state="failed",
             error=status.error, store_intact=True)
 
 
 def _chatty():
-    _limit_file_size(100_000)
+    limit_file_size(100_000)
     for i in range(100_000):
         print("line", i, "x" * 50)
     return "printed everything"
@@ -614,8 +463,8 @@ def _chatty():
 def test_a_log_that_cannot_be_written_fails_the_task_with_the_reason(home):
     status = bg.run(_chatty)
     assert status.wait(30)
-    _assert_store_intact(home)
-    _record("full_disk_log", injected="RLIMIT_FSIZE 100 kB in the task, 5 MB printed", state=status.state.value,
+    assert_store_intact(home)
+    record_figures("full_disk_log", injected="RLIMIT_FSIZE 100 kB in the task, 5 MB printed", state=status.state.value,
             error=status.error)
     assert status.state == "failed"
     assert "File too large" in status.error
@@ -627,9 +476,9 @@ def _finish_on_a_full_disk(mode):
     Either way it waits for the test's signal, and returns nothing, so no result file takes the
     last free page."""
     me = bg.current()
-    home = _config.home()
+    home = bg.configure().home  # the home the task was started with
     if mode == "rlimit":
-        _limit_file_size(os.path.getsize(home / "history" / f"{_store.shard_of(me.id):02d}.json") + 100)
+        limit_file_size(os.path.getsize(home / "history" / f"{_store.shard_of(me.id):02d}.json") + 100)
     while not (home / "go").exists():
         time.sleep(0.01)
     bg.progress(50, "about to finish")
@@ -642,11 +491,11 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
     original = home
     if mode == "tmpfs":
         disk = request.getfixturevalue("small_disk")
-        home = _use_home(disk / "home")
+        home = use_home(disk / "home")
     try:
-        expected = _fill_history(home, per_shard=10) + 1
+        expected = fill_history(home, per_shard=10) + 1
         filler = None
-        with warnings.catch_warnings(record=True) as caught, _thread_crashes() as crashes:
+        with warnings.catch_warnings(record=True) as caught, thread_crashes() as crashes:
             warnings.simplefilter("always")
             status = bg.run(_finish_on_a_full_disk, mode)
             assert until(lambda: status.refresh().pid is not None)  # reported once: the handle knows its pid
@@ -660,13 +509,13 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
             if filler is not None:
                 filler.unlink()
             waited = waited or status.wait(15)
-            assert _supervisor_idle()
+            assert supervisor_idle()
             _store.forget_instances()
             listed = bg.tasks()
             status.refresh()
         damaged = sorted(p.name for p in home.rglob("*") if ".damaged-" in p.name)
-        history = _history_ids(home)
-        _record(
+        history = history_states(home)
+        record_figures(
             f"full_disk_finalize_{mode}", finished_before=expected - 1, finished_after=len(history),
             lost=expected - len(history), damaged_files=damaged, state=status.state.value, error=status.error,
             thread_crashes=crashes,
@@ -679,7 +528,7 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
             assert "could not record how: writing the nbbgtask store failed" in status.error, status.error
     finally:
         if mode == "tmpfs":
-            _use_home(original)
+            use_home(original)
 
 
 STARTER = textwrap.dedent("""
@@ -714,36 +563,36 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
     original = home
     if mode == "tmpfs":
         disk = request.getfixturevalue("small_disk")
-        home = _use_home(disk / "home")
+        home = use_home(disk / "home")
     sleepers = [bg.run(time.sleep, 20, name=f"sleeper-{k}-" + "x" * 200) for k in range(10)]
     assert until(lambda: all(s.refresh().pid for s in sleepers), 30)  # each has reported once
     pids = [s.pid for s in sleepers]
-    before = _live_records(home)
+    before = live_records(home)
     assert len(before) == 10
     leave = 0 if room == "none" else 4096
     filler = _fill(disk, leave) if mode == "tmpfs" else None
     limit = -1 if mode == "tmpfs" else leave
     try:
-        with warnings.catch_warnings(record=True), _thread_crashes() as crashes:
+        with warnings.catch_warnings(record=True), thread_crashes() as crashes:
             warnings.simplefilter("always")
             out = subprocess.run(
                 [sys.executable, "-c", STARTER, str(home), str(limit)], capture_output=True, text=True, timeout=60
             )
             outcome, message = json.loads(out.stdout.strip().splitlines()[-1])
-            files_parse = all(_parses(p.read_bytes()) for p in _store_files(home))
-            after = _live_records(home)
+            files_parse = all(parses(p.read_bytes()) for p in store_files(home))
+            after = live_records(home)
             damaged = sorted(p.name for p in home.rglob("*") if ".damaged-" in p.name)
     finally:
         if filler is not None:
             filler.unlink()
         for pid in pids:
-            _sigkill(pid)
-        with warnings.catch_warnings(record=True), _thread_crashes():
+            sigkill(pid)
+        with warnings.catch_warnings(record=True), thread_crashes():
             warnings.simplefilter("always")
-            _supervisor_idle()
+            supervisor_idle()
             if mode == "tmpfs":
-                _use_home(original)
-    _record(f"full_disk_bg_run_{mode}_room_{room.replace(' ', '')}", outcome=outcome, message=message[:160],
+                use_home(original)
+    record_figures(f"full_disk_bg_run_{mode}_room_{room.replace(' ', '')}", outcome=outcome, message=message[:160],
             store_files_parse=files_parse, damaged_files=damaged, thread_crashes=crashes)
     assert files_parse and not damaged and crashes == []
     if room == "none":
@@ -756,14 +605,6 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
         assert message in after or bg.get(message)
 
 
-def _parses(raw: bytes) -> bool:
-    try:
-        json.loads(raw)
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("mode", ["tmpfs", "simulated"])
 def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, request, monkeypatch):
     """One task runs and one waits queued (max_running=1); the running one is SIGKILLed while the
@@ -771,15 +612,15 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
     original = home
     if mode == "tmpfs":
         disk = request.getfixturevalue("small_disk")
-        home = _use_home(disk / "home")
+        home = use_home(disk / "home")
     bg.configure(max_running=1)
-    first = bg.run(_sleeper)
+    first = bg.run(sleeper)
     second = bg.run(lambda: "second ran")
     assert second.state == "queued"
     assert until(lambda: first.refresh().pid is not None and "go" in first.log())
     filler = None
     try:
-        with _thread_crashes() as crashes:
+        with thread_crashes() as crashes:
             if mode == "tmpfs":
                 filler = _fill(disk)
             else:
@@ -799,7 +640,7 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
                 filler.unlink()
             monkeypatch.undo()
             started = until(lambda: second.done(), timeout=3)
-        _record(f"store_error_while_reaping_{mode}", first=first.refresh().state.value,
+        record_figures(f"store_error_while_reaping_{mode}", first=first.refresh().state.value,
                 second=second.refresh().state.value, supervisor_thread_crashes=crashes)
         assert first.state == "failed"
         assert started and second.result() == "second ran", (second, crashes)
@@ -807,7 +648,7 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
         with contextlib.suppress(Exception):
             second.cancel()
         if mode == "tmpfs":
-            _use_home(original)
+            use_home(original)
 
 
 # -- 5. damaged store, unwritable home, reused pids ---------------------------------------------------
@@ -853,14 +694,14 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
     """Kinds of damage test_store.py does not cover (it truncates the file): every public call
     either works (the damaged file set aside, with a warning) or raises a StoreError."""
     finished = bg.run(lambda: "old")
-    running = bg.run(_sleeper, 1)
+    running = bg.run(sleeper, 1)
     finished.wait(30)
     assert until(lambda: running.refresh().pid is not None)
     path = home / "live" / f"{running.id}.json" if which == "live" else home / "history" / f"{_store.shard_of(finished.id):02d}.json"
     _damage(kind, path, running.id if which == "live" else finished.id)
     _store.forget_instances()
     outcomes = {}
-    with warnings.catch_warnings(record=True) as caught, _thread_crashes() as crashes:
+    with warnings.catch_warnings(record=True) as caught, thread_crashes() as crashes:
         warnings.simplefilter("always")
         calls = {
             "tasks": lambda: bg.tasks(),
@@ -878,15 +719,15 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
             except Exception as exc:
                 outcomes[label] = f"{type(exc).__name__}: {exc}"
         # Put things right so the next test (and the fixture's teardown) starts clean.
-        for p in _store_files(home):
-            if not _parses(p.read_bytes()) or p == path:
+        for p in store_files(home):
+            if not parses(p.read_bytes()) or p == path:
                 p.unlink()
         _store.forget_instances()
         with contextlib.suppress(Exception):
             running.wait(5)
         bg.run(print).wait(5)  # a new task restarts a crashed supervisor thread, which reaps the rest
-        _supervisor_idle(5)
-    _record(f"damaged_store_{which}", kind=kind, outcomes=outcomes, warned=len(caught), thread_crashes=crashes)
+        supervisor_idle(5)
+    record_figures(f"damaged_store_{which}", kind=kind, outcomes=outcomes, warned=len(caught), thread_crashes=crashes)
     assert all(v == "ok" or v.startswith("clear") for v in outcomes.values()), outcomes
     assert outcomes["run"] == "ok" and outcomes["running task ends"] == "ok"
     assert [w for w in caught if issubclass(w.category, bg.StoreDamagedWarning)]
@@ -906,7 +747,7 @@ def test_a_handle_whose_record_was_lost_does_not_stay_running_forever(home):
             ended = status.wait(2)  # ...so the handle must not say "running" for ever
         except bg.TaskNotFound:
             ended = True
-    _record("handle_of_a_lost_record", ended=ended, state=status.state.value)
+    record_figures("handle_of_a_lost_record", ended=ended, state=status.state.value)
     assert ended, status
 
 
@@ -949,7 +790,7 @@ def test_a_home_that_became_unwritable_gives_store_error_and_stays_readable(vari
     home = base / "home"
     try:
         if variant == "used":  # a task ran and finished there
-            _use_home(home)
+            use_home(home)
             bg.run(lambda: "before").wait(30)
         else:  # configured (folders made), never written
             _config.ensure_home(home)
@@ -958,10 +799,10 @@ def test_a_home_that_became_unwritable_gives_store_error_and_stays_readable(vari
         if os.geteuid() == 0:  # the child runs as nobody: give the home to nobody
             for path in [base, *base.rglob("*")]:
                 os.chown(path, 65534, 65534)
-        found = _as_nobody(_in_read_only_home, str(home))
+        found = as_nobody(_in_read_only_home, str(home))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    _record(f"unwritable_home_{variant}", **found)
+    record_figures(f"unwritable_home_{variant}", **found)
     assert "child_error" not in found, found
     assert found["run"].startswith("StoreError: cannot write the nbbgtask store"), found
     assert "Permission denied" in found["run"]
@@ -996,7 +837,7 @@ def test_a_reused_owner_pid_or_a_zombie_pid_does_not_keep_a_task_alive(home):
     finally:
         zombie.wait()
     store.remove([live_owner])
-    _record("reused_pids", reused_owner_pid="failed NotStarted", zombie_pid="failed", live_owner="queued")
+    record_figures("reused_pids", reused_owner_pid="failed NotStarted", zombie_pid="failed", live_owner="queued")
 
 
 # -- 6. a 10,000-task history ---------------------------------------------------------------------
@@ -1010,7 +851,7 @@ def _timed(fn):
 
 def test_a_10000_task_history_stays_usable_and_prunable(home):
     """Listing, lookups, a new task and prune stay correct and quick with 10,048 finished tasks."""
-    total = _fill_history(home, per_shard=157)  # 10,048 finished tasks and the template
+    total = fill_history(home, per_shard=157)  # 10,048 finished tasks and the template
     assert total > 10_000
     every, t_tasks_cold = _timed(bg.tasks)
     assert len(every) == total
@@ -1035,8 +876,8 @@ def test_a_10000_task_history_stays_usable_and_prunable(home):
     pruned_old, t_prune_old = _timed(lambda: bg.prune(older_than=3600))
     assert pruned_old == 4998  # the fillers finished hours ago; the template and the new task stay
     assert [s.result() for s in bg.tasks()] == ["new", "template"]
-    _assert_store_intact(home)
-    _record(
+    assert_store_intact(home)
+    record_figures(
         "history_10000", tasks=total, seconds_tasks_cold=round(t_tasks_cold, 3), seconds_tasks_warm=round(t_tasks_warm, 3),
         seconds_tasks_limit_10=round(t_limit, 3), seconds_get_cold=round(t_get_cold, 4),
         seconds_get_warm=round(t_get_warm, 4), seconds_find_last=round(t_find, 3),

@@ -446,20 +446,59 @@ def test_fuzz_wait_result_and_log_arguments(home):
 # -- the bugs the fuzzing found, one test each ------------------------------------------------------
 
 
+def _progress_in_a_task(percent):
+    """``bg.progress`` where it does something, in a task: the percent it then reports; a refusal
+    is raised again here."""
+
+    def report():
+        try:
+            bg.progress(percent)
+        except (TypeError, ValueError) as exc:
+            return exc
+        return bg.current().percent
+
+    got = bg.run(report).result(timeout=30)
+    if isinstance(got, Exception):
+        raise got
+    return got
+
+
+HUGE_INT = 10**400  # beyond any float: float(HUGE_INT) raises OverflowError
+
+
 @pytest.mark.parametrize(
-    "call",
+    "call, parameter, accepted",
     [
-        pytest.param(lambda: bg.progress(10**400), id="bg.progress"),
-        pytest.param(lambda: bg.prune(older_than=10**400), id="bg.prune"),
-        pytest.param(lambda: bg.configure(refresh_interval=10**400), id="bg.configure"),
-        pytest.param(lambda: bg.run(print).wait(10**400), id="status.wait"),
+        # Accepted: clamped to 100, as any percent above it is.
+        pytest.param(lambda kept: _progress_in_a_task(HUGE_INT), "percent", lambda got, kept: got == 100.0,
+                     id="bg.progress"),
+        # Accepted: no task finished that long ago, so none is forgotten.
+        pytest.param(lambda kept: bg.prune(older_than=HUGE_INT), "older_than",
+                     lambda got, kept: got == 0 and bg.get(kept.id) == kept, id="bg.prune"),
+        # Accepted: only as a finite positive interval (the widgets sleep it between refreshes).
+        pytest.param(lambda kept: bg.configure(refresh_interval=HUGE_INT), "refresh_interval",
+                     lambda got, kept: 0 < got.refresh_interval < math.inf, id="bg.configure"),
+        # Accepted: waits until the task ends, which it does at once.
+        pytest.param(lambda kept: bg.run(print).wait(HUGE_INT), "timeout", lambda got, kept: got is True,
+                     id="status.wait"),
+        pytest.param(lambda kept: kept.result(timeout=HUGE_INT), "timeout", lambda got, kept: got == "kept",
+                     id="status.result"),
     ],
 )
-def test_a_huge_integer_is_accepted_or_refused_clearly(home, call):
+def test_a_huge_integer_is_accepted_or_refused_clearly(home, call, parameter, accepted):
+    """Either the call does what it would do with a large ordinary number, or it raises TypeError
+    or ValueError naming the parameter and changes nothing: never OverflowError, never a hang."""
+    kept = bg.run(lambda: "kept")
+    assert kept.wait(30)
+    before = _config.settings().__dict__.copy()
     try:
-        call()
-    except (TypeError, ValueError):
-        pass
+        got = call(kept)
+    except (TypeError, ValueError) as exc:
+        assert parameter in str(exc), f"the refusal does not name {parameter}: {exc}"
+        assert _config.settings().__dict__ == before, "a refused call changed the settings"
+        assert [s.id for s in bg.tasks(state="complete")][-1] == kept.id
+    else:
+        assert accepted(got, kept), f"accepted, but gave {got!r}"
 
 
 def test_configure_with_a_signalling_nan_max_running_is_refused_clearly(home):

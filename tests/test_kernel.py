@@ -7,6 +7,7 @@ import time
 
 import psutil
 import pytest
+from waiting import until
 
 import nbbgtask as bg
 
@@ -29,21 +30,33 @@ status = bg.run(crunch, 2)
     assert out.split() == ["24", "True", "Splines"]
 
 
-def test_interrupting_the_kernel_stops_the_wait_not_the_task(kernel):
-    kernel.ok("""
-import time, nbbgtask as bg
+def _printed(kernel, msg_id, text):
+    """Whether the cell ``msg_id`` has printed ``text`` (reads what the kernel has sent since)."""
+    return any(
+        m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" and text in m["content"]["text"]
+        for m in kernel.drain_all(0.05)
+    )
+
+
+def test_interrupting_the_kernel_stops_the_wait_not_the_task(kernel, tmp_path):
+    go = tmp_path / "go"
+    kernel.ok(f"""
+import os, time, nbbgtask as bg
 def slow():
-    time.sleep(3)
+    deadline = time.monotonic() + 120
+    while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:  # until the test says
+        time.sleep(0.02)
     return "finished anyway"
 status = bg.run(slow)
 print(status.id)
 """)
-    waiting = kernel.submit("status.result()")
-    time.sleep(1.0)
+    waiting = kernel.submit('print("waiting", flush=True); status.result()')
+    assert until(lambda: _printed(kernel, waiting, "waiting"), timeout=30)  # the next thing it does is wait
     kernel.km.interrupt_kernel()
     reply = kernel.wait(waiting, timeout=30)
     assert reply["status"] == "error" and reply["error"]["ename"] == "KeyboardInterrupt"
     assert kernel.ok("print(status.state)").strip() == "running"
+    go.touch()
     assert kernel.ok("print(status.result(timeout=30))").strip() == "finished anyway"
 
 

@@ -166,13 +166,14 @@ def test_a_queued_task_can_be_cancelled_and_never_starts(home):
     bg.configure(max_running=1)
     first = bg.run(time.sleep, 0.5)
     queued = bg.run(print, "must not run")
-    assert queued.state == "queued"
+    behind = bg.run(print, "runs instead")  # queued after it: the free slot passes it over to this one
+    assert queued.state == behind.state == "queued"
     assert queued.cancel() is True
     assert queued.state == "cancelled"
-    first.wait(10)
-    time.sleep(0.3)
+    assert first.wait(10)
+    assert behind.result(timeout=10) is None and behind.log() == "runs instead\n"
     assert queued.refresh().state == "cancelled"
-    assert queued.pid is None and queued.log() == ""
+    assert queued.pid is None and queued.started is None and queued.log() == ""
 
 
 def test_queued_tasks_fail_clearly_when_the_process_that_queued_them_exits(home, tmp_path):

@@ -1,4 +1,8 @@
-"""start_method="spawn": a fresh interpreter; the job travels by cloudpickle through a pipe."""
+"""start_method="spawn": a fresh interpreter; the job travels by cloudpickle through a pipe.
+
+What every way of running a task promises (secrets off argv and the environment, cancel, an
+unpicklable argument refused before starting, ...) is in test_contract.py, run with spawn too;
+this file keeps what only a spawn from a script's ``__main__`` shows."""
 
 from __future__ import annotations
 
@@ -6,11 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-
-import pytest
-
-import nbbgtask as bg
 
 MAIN = textwrap.dedent("""
     import os, sys, time
@@ -49,35 +48,3 @@ def test_spawn_runs_main_lambdas_closures_and_classes(home, tmp_path):
     for path in home.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes()
-
-
-def test_spawned_task_secrets_stay_off_argv_and_environment(home):
-    bg.configure(start_method="spawn")
-    secret = "pw-" + os.urandom(6).hex()
-
-    def look():
-        import pathlib
-
-        me = pathlib.Path(f"/proc/{os.getpid()}")
-        seen_in = [p for p in ("cmdline", "environ") if secret.encode() in (me / p).read_bytes()]
-        return seen_in, bg.current().secrets == {"pw": secret}
-
-    assert bg.run(look, secrets={"pw": secret}).result(timeout=60) == ([], True)
-
-
-def test_spawned_task_can_be_killed_and_cancelled(home):
-    bg.configure(start_method="spawn")
-    status = bg.run(time.sleep, 60)
-    deadline = time.monotonic() + 30
-    while status.refresh().pid is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert status.cancel() is True
-    assert status.state == "cancelled"
-
-
-def test_spawn_reports_an_unpicklable_argument_before_starting(home):
-    bg.configure(start_method="spawn")
-    import threading
-
-    with pytest.raises(TypeError, match="cannot be sent to a spawned task"):
-        bg.run(print, threading.Lock())
