@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _store, _supervisor
+from . import _store, _supervisor, _wire
 from ._runner import Job, exit_child, run_job
 
 __all__ = ["fork_detached", "prepare", "start"]
@@ -306,7 +306,7 @@ def _spawn(job: Job) -> tuple[int, subprocess.Popen[bytes]]:
         os.close(log)
     assert popen.stdin is not None
     try:
-        popen.stdin.write(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+        popen.stdin.write(_wire.frames(*frames))  # read by _spawn.main
         popen.stdin.close()
     except BrokenPipeError:
         pass  # it died at once; the supervisor records how
