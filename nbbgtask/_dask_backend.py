@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _config
+from ._dask_wire import TOPIC, cancel_event_name
+from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
 from ._states import State
 from ._status import log_path, result_path
@@ -34,8 +36,6 @@ class DaskBackend:
     """One per process: the client, its subscription, and the futures of the tasks it sent."""
 
     def __init__(self, client: Any, home: Path, owns_client: bool = False) -> None:
-        from ._dask_worker import TOPIC
-
         self.client = client
         self._owns_client = owns_client
         if owns_client:
@@ -57,8 +57,6 @@ class DaskBackend:
             pass
 
     def close(self) -> None:
-        from ._dask_worker import TOPIC
-
         if self.client.status == "running":
             self.client.unsubscribe_topic(TOPIC)
             if self._owns_client:
@@ -69,8 +67,6 @@ class DaskBackend:
     def submit(self, job: Any) -> None:
         import cloudpickle
         from distributed import fire_and_forget
-
-        from ._dask_worker import run_on_worker
 
         if self.client.status != "running":
             raise NbbgtaskError(
@@ -215,8 +211,6 @@ class DaskBackend:
 
 def _request_cancel(client: Any, task_id: str) -> None:
     from distributed import Event
-
-    from ._dask_worker import cancel_event_name
 
     Event(cancel_event_name(task_id), client=client).set()
 

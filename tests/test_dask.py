@@ -479,11 +479,11 @@ def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
 def test_no_child_of_the_worker_holds_another_childs_pipes():
     """The forker (and a spare the worker forks itself) closes every pipe end of this module that
     is not its own (here, in this process, as if it were the worker)."""
-    from nbbgtask import _dask_worker
+    from nbbgtask import _dask_spares
 
-    read, write = _dask_worker._pipe()
-    forker = _dask_worker._Forker()
-    spares = [_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)]
+    read, write = _dask_spares.pipe()
+    forker = _dask_spares.Forker()
+    spares = [_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)]
     inode = os.fstat(write).st_ino
 
     def holds_it(pid):
@@ -493,13 +493,13 @@ def test_no_child_of_the_worker_holds_another_childs_pipes():
     try:
         for pid in (forker.pid, *(spare.pid for spare in spares)):
             assert until(lambda pid=pid: not holds_it(pid), timeout=10), pid
-        _dask_worker._close(write)
+        _dask_spares.close_pipes(write)
         assert os.read(read, 1) == b""  # end of file: no other process holds the write end
     finally:
         for spare in spares:
             spare.discard()
         forker.close()
-        _dask_worker._close(read, write)
+        _dask_spares.close_pipes(read, write)
     for pid in (forker.pid, *(spare.pid for spare in spares)):
         assert not psutil.pid_exists(pid)
 
@@ -576,11 +576,11 @@ def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask,
 def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
     it must end the process, not be ignored as fork_detached leaves it."""
-    from nbbgtask import _dask_worker
+    from nbbgtask import _dask_spares
 
-    forker = _dask_worker._Forker()
+    forker = _dask_spares.Forker()
     try:
-        for spare in (_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)):
+        for spare in (_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)):
             try:
                 time.sleep(0.2)  # its own session and signal settings are in place
                 os.kill(spare.pid, signal.SIGTERM)
