@@ -165,7 +165,12 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
     task_id = out.stdout.split()[-1]
     assert bg.get(task_id).state in ("queued", "running")
-    time.sleep(3)
+    client = distributed.Client(cluster.scheduler_address, set_as_default=False)
+    try:
+        assert until(lambda: _reported(client, task_id, "final"), timeout=60), "the task never ended on the cluster"
+    finally:
+        client.close()
+    assert bg.get(task_id).state in ("queued", "running")  # nobody listened: the store does not know yet
     # A new "kernel" connects: the events it missed are still on the scheduler.
     bg.configure(backend="dask", address=cluster.scheduler_address)
     try:
@@ -174,6 +179,13 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
         assert "finished after the kernel left" in status.log()
     finally:
         bg.configure(backend="local")
+
+
+def _reported(client, task_id, kind):
+    """The task's worker has sent an event of ``kind`` (see _dask_wire)."""
+    from nbbgtask._dask_wire import TOPIC
+
+    return any(event["task_id"] == task_id and event["kind"] == kind for _, event in client.get_events(TOPIC))
 
 
 def test_an_unreachable_scheduler_is_a_clear_error_and_local_tasks_go_on(home):
@@ -555,12 +567,31 @@ def _late_mark(path):
     open(path, "w").close()
 
 
+def _gone_from_the_cluster(client, task_id):
+    """The scheduler had the task and has dropped it, and no worker runs anything of it: neither
+    the task (``key``) nor the thread that watches its child until the child is reaped."""
+    key, thread = f"nbbgtask-{task_id}", f"nbbgtask-{task_id[:8]}"
+
+    def on_scheduler(dask_scheduler):
+        return not dask_scheduler.story(key) or key in dask_scheduler.tasks
+
+    def on_worker(dask_worker):
+        import threading
+
+        return key in dask_worker.state.tasks or any(t.name == thread for t in threading.enumerate())
+
+    return not client.run_on_scheduler(on_scheduler) and not any(client.run(on_worker).values())
+
+
 def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask, monkeypatch, tmp_path):
     from nbbgtask import _dask_backend
 
     real = _dask_backend.store_for
 
+    sent = []
+
     def full_disk(record):
+        sent.append(record["id"])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_dask_backend, "store_for", lambda home: _StoreWithInsert(real(home), full_disk))
@@ -568,9 +599,18 @@ def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask,
     with pytest.raises(OSError, match="No space left"):
         bg.run(_late_mark, str(mark))
     monkeypatch.undo()
-    time.sleep(4)
+    [task_id] = sent
+    assert until(lambda: _gone_from_the_cluster(_dask_backend.backend().client, task_id), timeout=30)
     assert not mark.exists()
     assert bg.tasks() == []
+
+
+def _takes_sigterm(pid):
+    """Process ``pid`` no longer ignores SIGTERM (fork_detached ignores it; a spare restores it
+    once it has a session of its own)."""
+    with open(f"/proc/{pid}/status") as status:
+        ignored = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+    return not ignored & (1 << (signal.SIGTERM - 1))
 
 
 def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
@@ -582,7 +622,8 @@ def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     try:
         for spare in (_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)):
             try:
-                time.sleep(0.2)  # its own session and signal settings are in place
+                # Sent once the spare has left fork_detached's SIGTERM-ignoring set-up, before its task.
+                assert until(lambda spare=spare: _takes_sigterm(spare.pid), timeout=10)
                 os.kill(spare.pid, signal.SIGTERM)
                 assert until(lambda spare=spare: spare.poll() is not None, timeout=10)
                 assert spare.poll() == -signal.SIGTERM
