@@ -79,9 +79,11 @@ from typing import Any
 from . import _wire
 
 __all__ = [
+    "Context",
     "EXITED",
     "FINAL",
     "FORK",
+    "FORK_FDS",
     "KILL",
     "LOG_CHUNK",
     "PID",

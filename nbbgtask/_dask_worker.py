@@ -11,6 +11,8 @@ written down in `_dask_wire`.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import os
 import signal
 import socket
@@ -39,21 +41,18 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
     happen in a thread of the task's own (`_Supervision`).  If Dask gives the task up while it
     runs (the worker closes, and Dask will run the task again elsewhere), its child is stopped.
     """
-    import asyncio
-    import contextvars
-
     from distributed import get_worker
 
     worker = get_worker()
-    run = _Supervision(worker, _spares(worker), payload, task_id, grace, interval)
-    run.hand_to_spare()
+    supervision = _Supervision(worker, _spares(worker), payload, task_id, grace, interval)
+    supervision.hand_to_spare()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[str] = loop.create_future()
     context = contextvars.copy_context()  # get_worker() and get_client() work in the thread too
 
     def supervise() -> None:
         try:
-            state = context.run(run.run)
+            state = context.run(supervision.run)
         except BaseException as exc:
             outcome: tuple[Any, Any] = (done.set_exception, exc)
         else:
@@ -65,12 +64,12 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
 
     thread = threading.Thread(target=supervise, name=f"nbbgtask-{task_id[:8]}", daemon=True)
     try:
-        if run.handed is not None and run.handed.commands is None:
-            await _first_sign(loop, run.handed)  # see STAND_BACK
+        if supervision.handed is not None and supervision.handed.commands is None:
+            await _first_sign(loop, supervision.handed)  # see STAND_BACK
         thread.start()
         return await done
     except asyncio.CancelledError:
-        run.give_up()
+        supervision.give_up()
         if thread.ident is None:
             thread.start()  # it stops and reaps the child
         raise
@@ -86,8 +85,6 @@ async def _first_sign(loop: Any, child: Child) -> None:
     "started" event, which sets off the scheduler and a store write in the kernel, and a thread
     or four) would compete with its first steps for the processor.  Any sign from the child (a
     report, output, its end) or STAND_BACK seconds end the wait."""
-    import asyncio
-
     sign = loop.create_future()
 
     def seen() -> None:
