@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _config, _record
+from ._dask_wire import TOPIC, cancel_event_name
+from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
 from ._files import atomic_write, log_path, result_path
 from ._states import State
@@ -63,8 +65,6 @@ class DaskBackend(DaskRecords):
     destination = "the cluster"
 
     def __init__(self, client: Any, home: Path, owns_client: bool = False) -> None:
-        from ._dask_worker import TOPIC
-
         self.client = client
         self._owns_client = owns_client
         if owns_client:
@@ -86,8 +86,6 @@ class DaskBackend(DaskRecords):
             pass
 
     def close(self) -> None:
-        from ._dask_worker import TOPIC
-
         if self.client.status == "running":
             self.client.unsubscribe_topic(TOPIC)
             if self._owns_client:
@@ -107,8 +105,6 @@ class DaskBackend(DaskRecords):
     def submit(self, job: Any) -> None:
         import cloudpickle
         from distributed import fire_and_forget
-
-        from ._dask_worker import run_on_worker
 
         if self.client.status != "running":
             raise NbbgtaskError(
@@ -242,8 +238,6 @@ class DaskBackend(DaskRecords):
 
 def _request_cancel(client: Any, task_id: str) -> None:
     from distributed import Event
-
-    from ._dask_worker import cancel_event_name
 
     Event(cancel_event_name(task_id), client=client).set()
 

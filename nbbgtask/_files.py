@@ -7,7 +7,9 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["log_path", "result_path", "write_all", "atomic_write"]
+from ._wire import write_all
+
+__all__ = ["log_path", "result_path", "atomic_write"]
 
 
 def log_path(home: Path | str, task_id: str) -> Path:
@@ -16,13 +18,6 @@ def log_path(home: Path | str, task_id: str) -> Path:
 
 def result_path(home: Path | str, task_id: str) -> Path:
     return Path(home) / "results" / f"{task_id}.pkl"
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte (``os.write`` may write fewer than asked: a pipe, a nearly full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool, tmp: str | None = None) -> None:

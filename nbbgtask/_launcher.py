@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
+from . import _wire
 from ._runner import Job, exit_child, run_job
 
 __all__ = ["Starter", "STARTERS", "fork_detached", "prepare", "start"]
@@ -305,7 +306,7 @@ class _Spawn:
             os.close(log)
         assert popen.stdin is not None
         try:
-            popen.stdin.write(b"".join(len(f).to_bytes(8, "big") + f for f in frames))
+            popen.stdin.write(_wire.frames(*frames))  # read by _spawn.main
             popen.stdin.close()
         except BrokenPipeError:
             pass  # it died at once; the supervisor records how

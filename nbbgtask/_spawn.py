@@ -6,10 +6,15 @@ import os
 import pickle
 import sys
 
+from ._wire import read_frame
+
 
 def _read_frame() -> bytes:
-    size = int.from_bytes(sys.stdin.buffer.read(8), "big")
-    return sys.stdin.buffer.read(size)
+    """The next of the frames `_launcher._spawn` wrote to stdin."""
+    data = read_frame(0)
+    if data is None:
+        raise EOFError("the job did not come whole on stdin: the process that spawned this one is gone")
+    return data
 
 
 def main() -> int:

@@ -136,6 +136,11 @@ class TaskStatus:
         return self._record.get("pid")
 
     @property
+    def start_method(self) -> str:
+        """How the task was started: ``"fork"``, ``"spawn"`` or ``"dask"``."""
+        return self._record.get("start_method") or "fork"
+
+    @property
     def error(self) -> str | None:
         return self._record.get("error")
 

@@ -60,7 +60,7 @@ def test_forty_tasks_spread_over_both_workers(on_dask):
 def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     status = bg.run(_steps, 40, 0.1)
     assert until(lambda: status.refresh().percent > 0, timeout=30)
-    worker = status._record["worker"]
+    worker = status.to_dict()["worker"]
     client = distributed.Client(on_dask.scheduler_address, set_as_default=False)
     try:
         pids = client.run(os.getpid)
@@ -74,7 +74,7 @@ def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     # Dask may run it again on the other worker, or give up: either way it ends, and says so.
     assert until(status.done, timeout=120)
     if status.state == "complete":  # run again, to the end, on the worker that is left
-        assert status._record["worker"] != worker
+        assert status.to_dict()["worker"] != worker
     else:
         assert status.state == "failed" and status.error
 
@@ -105,7 +105,12 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
     task_id = out.stdout.split()[-1]
     assert bg.get(task_id).state in ("queued", "running")
-    time.sleep(3)
+    client = distributed.Client(cluster.scheduler_address, set_as_default=False)
+    try:
+        assert until(lambda: _reported(client, task_id, "final"), timeout=60), "the task never ended on the cluster"
+    finally:
+        client.close()
+    assert bg.get(task_id).state in ("queued", "running")  # nobody listened: the store does not know yet
     # A new "kernel" connects: the events it missed are still on the scheduler.
     bg.configure(backend="dask", address=cluster.scheduler_address)
     try:
@@ -114,6 +119,13 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
         assert "finished after the kernel left" in status.log()
     finally:
         bg.configure(backend="local")
+
+
+def _reported(client, task_id, kind):
+    """The task's worker has sent an event of ``kind`` (see _dask_wire)."""
+    from nbbgtask._dask_wire import TOPIC
+
+    return any(event["task_id"] == task_id and event["kind"] == kind for _, event in client.get_events(TOPIC))
 
 
 def test_an_unreachable_scheduler_is_a_clear_error_and_local_tasks_go_on(home):
@@ -366,12 +378,12 @@ def test_a_worker_that_closes_under_a_running_task_stops_its_child_and_dask_runs
         client = bg.configure(backend="dask", address=cluster.scheduler_address).dask_client
         status = bg.run(_steps, 600)
         assert until(lambda: status.refresh().percent > 0, timeout=30)
-        first_pid, first_worker = status.pid, status._record["worker"]
+        first_pid, first_worker = status.pid, status.to_dict()["worker"]
         client.retire_workers([first_worker], close_workers=True)
         # Dask runs it again on the other worker; the first run's child does not run on beside it.
         assert until(lambda: not psutil.pid_exists(first_pid), timeout=15)
         assert until(lambda: status.refresh().pid not in (None, first_pid), timeout=30)
-        assert status.state == "running" and status._record["worker"] != first_worker
+        assert status.state == "running" and status.to_dict()["worker"] != first_worker
         assert status.message.startswith("restarted on ")
         assert status.cancel() is True
         assert status.state == "cancelled"
@@ -419,11 +431,11 @@ def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
 def test_no_child_of_the_worker_holds_another_childs_pipes():
     """The forker (and a spare the worker forks itself) closes every pipe end of this module that
     is not its own (here, in this process, as if it were the worker)."""
-    from nbbgtask import _dask_worker
+    from nbbgtask import _dask_spares
 
-    read, write = _dask_worker._pipe()
-    forker = _dask_worker._Forker()
-    spares = [_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)]
+    read, write = _dask_spares.pipe()
+    forker = _dask_spares.Forker()
+    spares = [_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)]
     inode = os.fstat(write).st_ino
 
     def holds_it(pid):
@@ -433,13 +445,13 @@ def test_no_child_of_the_worker_holds_another_childs_pipes():
     try:
         for pid in (forker.pid, *(spare.pid for spare in spares)):
             assert until(lambda pid=pid: not holds_it(pid), timeout=10), pid
-        _dask_worker._close(write)
+        _dask_spares.close_pipes(write)
         assert os.read(read, 1) == b""  # end of file: no other process holds the write end
     finally:
         for spare in spares:
             spare.discard()
         forker.close()
-        _dask_worker._close(read, write)
+        _dask_spares.close_pipes(read, write)
     for pid in (forker.pid, *(spare.pid for spare in spares)):
         assert not psutil.pid_exists(pid)
 
@@ -495,12 +507,31 @@ def _late_mark(path):
     open(path, "w").close()
 
 
+def _gone_from_the_cluster(client, task_id):
+    """The scheduler had the task and has dropped it, and no worker runs anything of it: neither
+    the task (``key``) nor the thread that watches its child until the child is reaped."""
+    key, thread = f"nbbgtask-{task_id}", f"nbbgtask-{task_id[:8]}"
+
+    def on_scheduler(dask_scheduler):
+        return not dask_scheduler.story(key) or key in dask_scheduler.tasks
+
+    def on_worker(dask_worker):
+        import threading
+
+        return key in dask_worker.state.tasks or any(t.name == thread for t in threading.enumerate())
+
+    return not client.run_on_scheduler(on_scheduler) and not any(client.run(on_worker).values())
+
+
 def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask, monkeypatch, tmp_path):
     from nbbgtask import _dask_backend
 
     real = _dask_backend.store_for
 
+    sent = []
+
     def full_disk(record):
+        sent.append(record["id"])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_dask_backend, "store_for", lambda home: _StoreWithInsert(real(home), full_disk))
@@ -508,21 +539,31 @@ def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask,
     with pytest.raises(OSError, match="No space left"):
         bg.run(_late_mark, str(mark))
     monkeypatch.undo()
-    time.sleep(4)
+    [task_id] = sent
+    assert until(lambda: _gone_from_the_cluster(_dask_backend.backend().client, task_id), timeout=30)
     assert not mark.exists()
     assert bg.tasks() == []
+
+
+def _takes_sigterm(pid):
+    """Process ``pid`` no longer ignores SIGTERM (fork_detached ignores it; a spare restores it
+    once it has a session of its own)."""
+    with open(f"/proc/{pid}/status") as status:
+        ignored = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+    return not ignored & (1 << (signal.SIGTERM - 1))
 
 
 def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
     it must end the process, not be ignored as fork_detached leaves it."""
-    from nbbgtask import _dask_worker
+    from nbbgtask import _dask_spares
 
-    forker = _dask_worker._Forker()
+    forker = _dask_spares.Forker()
     try:
-        for spare in (_dask_worker._fork_spare(forker), _dask_worker._fork_spare(None)):
+        for spare in (_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)):
             try:
-                time.sleep(0.2)  # its own session and signal settings are in place
+                # Sent once the spare has left fork_detached's SIGTERM-ignoring set-up, before its task.
+                assert until(lambda spare=spare: _takes_sigterm(spare.pid), timeout=10)
                 os.kill(spare.pid, signal.SIGTERM)
                 assert until(lambda spare=spare: spare.poll() is not None, timeout=10)
                 assert spare.poll() == -signal.SIGTERM

@@ -43,13 +43,8 @@ WAYS = [
 
 
 def started_by(status: bg.TaskStatus) -> str:
-    """How ``status``'s task was started: "fork", "spawn", "dask", ... (a ``Way``'s name).
-
-    API.md names this ``status.start_method``; until the library has that member, it is read from
-    the record (a private name: ``TaskStatus._record``)."""
-    if hasattr(type(status), "start_method"):
-        return status.start_method
-    return status.refresh()._record["start_method"]
+    """How ``status``'s task was started: "fork", "spawn", "dask", ... (a ``Way``'s name)."""
+    return status.refresh().start_method
 
 
 @contextlib.contextmanager

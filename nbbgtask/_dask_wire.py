@@ -1,0 +1,181 @@
+"""What the processes of a task on Dask say to each other: every message, in one place.
+
+Four kinds of process take part:
+
+- the **kernel** (`_dask_backend`): sends the task, records what the worker reports;
+- the **worker** (`_dask_worker`, `_dask_spares`): runs `run_on_worker`, keeps one idle *spare*
+  child ready, hands it the next task, watches it and forwards what it reports;
+- the **forker** (`_dask_forker`): a small process forked from the worker once; it forks the
+  spares (so the worker itself does not), signals them and says how they end;
+- the **child** (`_dask_child`): a spare, then the task's own process: it runs one task and exits.
+
+Kernel and worker talk through Dask; worker, forker and child through pipes and one socket.
+
+1. Kernel -> worker: the task.  ``client.submit(run_on_worker, payload, task_id, grace, interval)``;
+   ``payload`` is the cloudpickled `_runner.Job` (with its home set to ``.``: the child runs in
+   the worker's folder).
+
+2. Kernel -> worker: a cancel.  The kernel sets the ``distributed.Event`` named
+   `cancel_event_name` (task id); the worker, which waits on it, stops the child: SIGTERM to its
+   process group, SIGKILL after ``grace`` seconds.
+
+3. Worker -> kernel: what happens.  ``worker.log_event(TOPIC, event)``, each event a dict with
+   ``task_id``, ``kind`` and ``time``, and by kind:
+
+   - ``"started"``: ``pid``, ``host``, ``worker`` (its address);
+   - ``"log"``: ``text``, printed output (at most `LOG_CHUNK` bytes of it, decoded as UTF-8);
+   - ``"progress"``: the fields of a progress report (percent, message, ...);
+   - ``"final"``: the fields of the task's end (``state``, ``finished``, ``error``,
+     ``cancel_requested``, ``result``: the pickled return value when it is too big for the
+     record, ...).  Sent once, last.  A worker that gives the task up (it closes; Dask runs the
+     task again elsewhere) sends none: the next run reports.
+
+4. Worker -> forker, and back: one Unix stream socket.  The worker listens on a path in a folder
+   only its user can enter, forks the forker (which keeps no socket of the worker's) and accepts
+   its connection.  Every message is one `RECORD`: an op (one byte), a pid and a number (two
+   signed 64-bit integers, network order); ``FORK`` carries three descriptors with it (SCM_RIGHTS).
+
+   ========== ================ ==========================================================
+   op         from -> to        meaning
+   ========== ================ ==========================================================
+   ``FORK``   worker -> forker  fork a spare that keeps these fds: its *commands* read end,
+                                its *reports* write end, its *output* write end (fds 1, 2)
+   ``PID``    forker -> worker  the answer to a ``FORK``: pid = the spare's pid, or -errno
+   ``KILL``   worker -> forker  send signal ``number`` to the group of child ``pid``, if it
+                                has not been reaped (so the pid cannot be someone else's)
+   ``EXITED`` forker -> worker  child ``pid`` ended and was reaped; ``number``: its exit code
+                                (negative: the signal that ended it)
+   ``RETIRE`` worker -> forker  fork no more; leave once every child has ended and been told
+   ========== ================ ==========================================================
+
+   The end of the connection, either way, ends the conversation: the forker kills (SIGKILL) and
+   reaps its children and leaves; the worker takes every child of that forker as ended in a way
+   not known ("lost").
+
+5. Worker -> child: its task, on the *commands* pipe, as two `_wire` frames written together:
+   the worker's ``(cwd, environ, sys.path)`` pickled, or empty if unchanged since the spare was
+   forked; then the payload of 1.  The worker closes its end after them.  The end of the pipe
+   before both frames came: the spare was let go with no task, and leaves quietly.
+
+6. Child -> worker: reports, on the *reports* pipe, as frames, each a pickled ``(kind, body)``:
+   ``("progress", fields)``, ``("result", pickled value)``, ``("final", fields)``.  The end of the
+   pipe: the child has ended (or closed it); how it ended comes from its exit code.
+
+7. Child -> worker: printed output, as raw bytes on the *output* pipe (the child's fds 1 and 2).
+
+A cancel reaches the child as SIGTERM (to its group), never as a message: run_job's handler stops
+the task.  A child forked by the worker itself (no forker) gets the same pipes, but the worker is
+its parent, signals and reaps it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+from typing import Any
+
+from . import _wire
+
+__all__ = [
+    "Context",
+    "EXITED",
+    "FINAL",
+    "FORK",
+    "FORK_FDS",
+    "KILL",
+    "LOG_CHUNK",
+    "PID",
+    "PROGRESS",
+    "RECORD",
+    "RESULT",
+    "RETIRE",
+    "TOPIC",
+    "cancel_event_name",
+    "read_report",
+    "read_task",
+    "recv_record",
+    "send_record",
+    "send_report",
+    "task_message",
+]
+
+# -- 1 to 3: kernel and worker --------------------------------------------------------------------
+
+#: the worker-event topic every nbbgtask task reports on
+TOPIC = "nbbgtask"
+#: at most this much printed output per log event
+LOG_CHUNK = 64 * 1024
+
+
+def cancel_event_name(task_id: str) -> str:
+    return f"nbbgtask-cancel-{task_id}"
+
+
+# -- 4: worker and forker -------------------------------------------------------------------------
+
+#: one message between the worker and its forker: op (one byte), pid, number
+RECORD = struct.Struct("!cqq")
+FORK, PID, KILL, EXITED, RETIRE = b"F", b"P", b"K", b"X", b"R"
+#: the descriptors a FORK carries: commands, reports, output
+FORK_FDS = 3
+
+
+def send_record(sock: socket.socket, op: bytes, pid: int = 0, number: int = 0, fds: tuple[int, ...] = ()) -> None:
+    data = RECORD.pack(op, pid, number)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def recv_record(sock: socket.socket) -> tuple[bytes, int, int, list[int]] | None:
+    """The next record and the descriptors sent with it (now the receiver's to close); ``None``
+    at the end of the connection."""
+    data, fds, _, _ = socket.recv_fds(sock, RECORD.size, FORK_FDS)
+    while data and len(data) < RECORD.size:
+        more = sock.recv(RECORD.size - len(data))
+        if not more:
+            data = b""
+        data += more
+    if len(data) < RECORD.size:
+        for fd in fds:
+            os.close(fd)
+        return None
+    op, pid, number = RECORD.unpack(data)
+    return op, pid, number, fds
+
+
+# -- 5: worker to child, the task -----------------------------------------------------------------
+
+Context = tuple[str, dict[str, str], list[str]]
+
+
+def task_message(context: Context | None, payload: bytes) -> bytes:
+    """What the worker writes on a spare's commands pipe: ``context`` (``None``: unchanged since
+    the spare was forked) and the task's payload."""
+    return _wire.frames(b"" if context is None else pickle.dumps(context), payload)
+
+
+def read_task(fd: int) -> tuple[Context | None, bytes] | None:
+    """In the spare: its task, as `task_message` wrote it; ``None`` if the pipe ended first."""
+    context, payload = _wire.read_frame(fd), _wire.read_frame(fd)
+    if context is None or payload is None:
+        return None
+    return (pickle.loads(context) if context else None), payload
+
+
+# -- 6: child to worker, the reports --------------------------------------------------------------
+
+PROGRESS, RESULT, FINAL = "progress", "result", "final"
+
+
+def send_report(fd: int, kind: str, body: Any) -> None:
+    _wire.write_frame(fd, pickle.dumps((kind, body)))
+
+
+def read_report(fd: int) -> tuple[str, Any] | None:
+    """The next report; ``None`` once the child's end of the pipe is closed."""
+    data = _wire.read_frame(fd)
+    return None if data is None else pickle.loads(data)
