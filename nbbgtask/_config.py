@@ -14,7 +14,7 @@ from ._validate import positive_seconds
 
 __all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home"]
 
-START_METHODS = ("fork", "spawn")
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
 BACKENDS = ("local", "dask")
 
 
@@ -23,7 +23,8 @@ class Settings:
     """What `bg.configure` sets; `None` for `home` means "resolve on first use"."""
 
     home: Path | None = None
-    start_method: str = "fork"
+    #: "auto": fork when that is safe, else the fork server (`_local_backend`); or one forced
+    start_method: str = "auto"
     #: tasks beyond this many running wait "queued"; ``math.inf`` for no limit
     max_running: float = math.inf
     #: seconds between refreshes of live widgets and between polls in ``wait``
@@ -102,7 +103,9 @@ def checked_changes(
     changes: dict[str, Any] = {}
     if start_method is not None:
         if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be 'fork' or 'spawn', got {start_method!r}")
+            raise ValueError(
+                f"start_method must be one of {', '.join(repr(m) for m in START_METHODS)}, got {start_method!r}"
+            )
         changes["start_method"] = start_method
     if max_running is not None:
         ok_int = isinstance(max_running, int) and not isinstance(max_running, bool) and max_running >= 1

@@ -26,12 +26,26 @@ from typing import Any, NoReturn, Protocol
 from . import _wire
 from ._runner import Job, exit_child, run_job
 
-__all__ = ["Starter", "STARTERS", "fork_detached", "prepare", "start"]
+__all__ = ["Starter", "STARTERS", "fork_detached", "open_log", "pickle_job"]
+
+
+def open_log(home: str | os.PathLike[str], task_id: str, record: dict[str, Any]) -> int:
+    """The task's log, for its process's fds 1 and 2; its first line says how the task was started
+    and why (the record's ``start_method`` and ``start_reason``)."""
+    path = os.path.join(home, "logs", task_id + ".log")  # log_path's, without pathlib's cost
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    reason = record.get("start_reason")
+    if reason:
+        try:
+            _wire.write_all(fd, f"nbbgtask: started by {record['start_method']} ({reason})\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _open_log(job: Job) -> int:
-    path = os.path.join(job.home, "logs", job.task_id + ".log")  # log_path's, without pathlib's cost
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return open_log(job.home, job.task_id, job.record)
 
 
 class Starter(Protocol):
@@ -40,16 +54,6 @@ class Starter(Protocol):
 
     def start(self, job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
         """Start the task's process; its pid, and its Popen if it has one."""
-
-
-def prepare(job: Job) -> None:
-    """Check in the caller, before anything is stored, that the job can be sent to its process."""
-    STARTERS[job.record["start_method"]].prepare(job)
-
-
-def start(job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
-    """Start ``job``'s process by its record's start method; its pid and Popen (if any)."""
-    return STARTERS[job.record["start_method"]].start(job)
 
 
 # -- fork --------------------------------------------------------------------------------------
@@ -271,22 +275,31 @@ def _silence_kernel() -> None:
 # -- spawn -------------------------------------------------------------------------------------
 
 
+def pickle_job(job: Job, where: str) -> None:
+    """Pickle ``job`` for a process that does not share this one's memory (``where``, for the
+    error): the caller's sys.path and the job with its sources, into ``job.payload``."""
+    import cloudpickle
+
+    from ._sources import collect
+
+    try:
+        job.sources = collect(job.target)
+        job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
+    except Exception as exc:
+        how = job.record.get("start_reason") or ""
+        why = f" (chosen by {how})" if how.startswith("start_method='auto'") else ""
+        raise TypeError(
+            f"the task cannot be sent to {where}{why}, because its function, arguments or secrets "
+            f"cannot be pickled: {exc}. Pass something picklable (open files, connections and locks "
+            f"are not), or force start_method='fork', which copies this process as it is, at its own risk"
+        ) from None
+
+
 class _Spawn:
     """A fresh interpreter; the job travels by cloudpickle through its stdin, never argv or env."""
 
     def prepare(self, job: Job) -> None:
-        import cloudpickle
-
-        from ._sources import collect
-
-        try:
-            job.sources = collect(job.target)
-            job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
-        except Exception as exc:
-            raise TypeError(
-                f"the task cannot be sent to a spawned task process, because its function, arguments "
-                f"or secrets cannot be pickled: {exc}. Use start_method='fork', or pass something picklable"
-            ) from None
+        pickle_job(job, "a spawned task process")
 
     def start(self, job: Job) -> tuple[int, subprocess.Popen[bytes] | None]:
         frames = job.payload

@@ -1,9 +1,10 @@
 """The local backend: tasks run as processes of this machine, started by this process.
 
-What a task's record means on this machine lives here: admission under ``max_running`` and the
-queue, how a process's end is recorded, noticing a task whose process is gone (`reconcile`),
-and cancelling by signalling the task's process group.  How a process is started is the
-launcher's (by start method); watching and reaping it is the supervisor's.
+What a task's record means on this machine lives here: which start method a task gets (for
+``"auto"``: fork, unless `_forksafety` names a runtime that would hang the copy, then the fork
+server), admission under ``max_running`` and the queue, noticing a task whose process is gone
+(`reconcile`), and cancelling by signalling the task's process group.  How a process is started
+is its starter's (`STARTERS`); watching and reaping it is the supervisor's.
 """
 
 from __future__ import annotations
@@ -14,38 +15,28 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from . import _config, _launcher
-from ._procs import HOST, describe_exit, process_start_time, same_process, signal_group
-from ._runner import Job
+from ._forksafety import hazard
+from ._forkserver import FORKSERVER
+from ._procs import HOST, process_start_time, same_process, signal_group
+from ._runner import Job, record_exit
 from ._states import State
 from ._store import Store, store_for
 from ._supervisor import supervisor
 
-__all__ = ["LocalBackend", "LOCAL", "PID_GRACE"]
+__all__ = ["LocalBackend", "LOCAL", "PID_GRACE", "STARTERS"]
+
+#: how each start method starts a process
+STARTERS: dict[str, _launcher.Starter] = {**_launcher.STARTERS, "forkserver": FORKSERVER}
 
 #: a running task records its pid with its first report (after 0.1 s); until this many seconds
 #: have passed, a missing pid is not taken as a sign that it never started
 PID_GRACE = 10.0
-
-
-def _record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
-    """A child of ours ended: if its record does not say how, say it from the exit code."""
-    store = store_for(home)
-    # A task that recorded its end has no live file: one stat, and nothing to read.
-    record = store.get(task_id) if store.is_live(task_id) else None
-    if record is None or State(record["state"]).is_final:
-        return
-    if record.get("cancel_requested"):
-        fields: dict[str, Any] = {"state": State.CANCELLED.value}
-    elif code is None:
-        fields = {"state": State.FAILED.value, "error": f"the task process {pid} ended without reporting"}
-    else:
-        fields = {"state": State.FAILED.value, "error": describe_exit(pid, code)}
-    store.finalize(task_id, {**fields, "finished": time.time()})
 
 
 class LocalBackend:
@@ -57,17 +48,40 @@ class LocalBackend:
         #: tasks this process queued (``max_running``), in the order they were made
         self._queue: deque[Job] = deque()
         self._atexit = False
+        #: the hazards a forced fork was already warned of
+        self._warned: set[str] = set()
 
     # -- starting ------------------------------------------------------------------------------
 
+    def _method(self) -> tuple[str, str]:
+        """The start method for a task started now, and why (the first line of its log)."""
+        chosen = _config.settings().start_method
+        if chosen == "auto":
+            danger = hazard()
+            if danger is None:
+                return "fork", "start_method='auto': no runtime that breaks a fork has started threads here"
+            return "forkserver", f"start_method='auto': not by fork, since {danger}"
+        if chosen == "fork":
+            danger = hazard()
+            if danger is not None and danger not in self._warned:
+                self._warned.add(danger)
+                warnings.warn(
+                    f"nbbgtask: forking this process although {danger}: the task may hang. "
+                    f"start_method='auto' (the default) starts such tasks from a fork server instead",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        return chosen, f"start_method={chosen!r}"
+
     def placement(self) -> dict[str, Any]:
-        return {"backend": self.kind, "start_method": _config.settings().start_method, "host": HOST}
+        method, reason = self._method()
+        return {"backend": self.kind, "start_method": method, "start_reason": reason, "host": HOST}
 
     def inherits_memory(self) -> bool:
-        return _config.settings().start_method == "fork"
+        return self._method()[0] == "fork"
 
     def prepare(self, job: Job) -> None:
-        _launcher.prepare(job)
+        STARTERS[job.record["start_method"]].prepare(job)
 
     def submit(self, job: Job) -> None:
         """Start ``job`` now if a slot is free (``max_running``), else queue it in this process."""
@@ -89,8 +103,9 @@ class LocalBackend:
         it (to reap it, record how it died, or cancel it), and a cancel asked for by another
         process reaches the task through the store.  So starting a task writes the store once.
         """
-        pid, popen = _launcher.start(job)
-        supervisor().watch(pid, job.home, job.task_id, popen, _record_exit)
+        pid, popen = STARTERS[job.record["start_method"]].start(job)
+        if job.record.get("reaper_pid") is None:  # else another process reaps it (the fork server)
+            supervisor().watch(pid, job.home, job.task_id, popen, record_exit)
 
     def _enqueue(self, job: Job) -> None:
         with self._lock:
@@ -160,6 +175,9 @@ class LocalBackend:
         if pid is not None:
             if watcher.alive(pid, record.get("pid_started")):
                 return record
+            reaper = record.get("reaper_pid")
+            if reaper is not None and reaper != os.getpid() and watcher.alive(reaper, record.get("reaper_started")):
+                return record  # its reaper (the fork server) records how it ended, at once
             error = f"the task process {pid} ended without reporting (killed, or crashed)"
         else:
             owner = record.get("owner_pid")

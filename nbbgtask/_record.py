@@ -32,7 +32,12 @@ class TaskRecord(TypedDict, total=False):
     owner_started: float | None
     # -- where and how it runs (from the backend's `placement`) -------------------------------
     backend: str  #: "local" or "dask"
-    start_method: str  #: "fork", "spawn" or "dask"
+    start_method: str  #: "fork", "forkserver", "spawn" or "dask"
+    start_reason: str  #: why that one (the first line of the task's log says it too)
+    #: the process that reaps the task's process and records how it ended if the task could not,
+    #: when that is not the owner (the fork server)
+    reaper_pid: int
+    reaper_started: float | None
     host: str | None  #: the machine of a local task's process; None on a cluster
     dask_address: str  #: the scheduler of a Dask task
     worker: str  #: the Dask worker it runs on

@@ -18,12 +18,15 @@ from typing import Any, NoReturn, TypeVar
 
 from ._errors import StoreError
 from ._files import atomic_write, result_path
-from ._procs import EXIT_UNRECORDED, own_process
+from ._procs import EXIT_UNRECORDED, describe_exit, own_process
 from ._states import State
 from ._store import store_for
 from ._validate import percent as check_percent
 
-__all__ = ["Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "EXIT_UNRECORDED"]
+__all__ = [
+    "Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "run_pickled",
+    "record_exit", "EXIT_UNRECORDED",
+]
 
 T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -357,3 +360,33 @@ def exit_child(main: Callable[[], int]) -> NoReturn:
             except BaseException:
                 pass
         os._exit(code)
+
+
+def run_pickled(path: bytes, job: bytes) -> int:
+    """Run a job sent as pickles (by spawn, or through the fork server): ``path`` is the sender's
+    sys.path, put in place first, since the job's pickle names the sender's modules by reference."""
+    import pickle
+
+    from . import _config
+
+    sys.path[:] = pickle.loads(path)
+    loaded: Job = pickle.loads(job)
+    _config.settings().home = loaded.home
+    return run_job(loaded)
+
+
+def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
+    """A task's process ended (``code``: its exit code, or None if unknown): if its record does
+    not say how, say it from the exit code.  Called by whoever reaped it."""
+    store = store_for(home)
+    # A task that recorded its end has no live file: one stat, and nothing to read.
+    record = store.get(task_id) if store.is_live(task_id) else None
+    if record is None or State(record["state"]).is_final:
+        return
+    if record.get("cancel_requested"):
+        fields: dict[str, Any] = {"state": State.CANCELLED.value}
+    elif code is None:
+        fields = {"state": State.FAILED.value, "error": f"the task process {pid} ended without reporting"}
+    else:
+        fields = {"state": State.FAILED.value, "error": describe_exit(pid, code)}
+    store.finalize(task_id, {**fields, "finished": time.time()})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import sys
 
 from ._wire import read_frame
 
@@ -18,18 +16,13 @@ def _read_frame() -> bytes:
 
 
 def main() -> int:
-    # The job's pickle names the parent's modules by reference, so the parent's sys.path must be
-    # in place before it is loaded.
-    sys.path[:] = pickle.loads(_read_frame())
-    job = pickle.loads(_read_frame())
+    path, job = _read_frame(), _read_frame()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    from nbbgtask import _config
-    from nbbgtask._runner import run_job
+    from nbbgtask._runner import run_pickled
 
-    _config.settings().home = job.home
-    return run_job(job)
+    return run_pickled(path, job)
 
 
 if __name__ == "__main__":

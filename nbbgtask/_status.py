@@ -137,7 +137,7 @@ class TaskStatus:
 
     @property
     def start_method(self) -> str:
-        """How the task was started: ``"fork"``, ``"spawn"`` or ``"dask"``."""
+        """How the task was started: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``"dask"``."""
         return self._record.get("start_method") or "fork"
 
     @property

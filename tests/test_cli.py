@@ -53,7 +53,9 @@ def test_list_show_and_logs(home):
     show = cli(home, "show", failed.id[:5])
     assert show.returncode == 0 and f"id:        {failed.id}" in show.stdout
     assert 'raise RuntimeError("no such table")' in show.stdout
-    assert cli(home, "logs", done.id).stdout == "".join(f"line {i}\n" for i in range(5))
+    # the first line is nbbgtask's: how the task was started, and why
+    started = "nbbgtask: started by fork (start_method='auto': no runtime that breaks a fork has started threads here)\n"
+    assert cli(home, "logs", done.id).stdout == started + "".join(f"line {i}\n" for i in range(5))
     assert cli(home, "logs", done.id, "-n", "2").stdout == "line 3\nline 4\n"
 
 
@@ -65,7 +67,7 @@ def test_logs_follow_prints_until_the_task_ends(home):
     status = bg.run(_slow_printer)
     followed = cli(home, "logs", status.id, "--follow")
     assert followed.returncode == 0
-    assert followed.stdout == "".join(f"tick {i}\n" for i in range(20))
+    assert followed.stdout == "nbbgtask: started by fork (start_method='auto': no runtime that breaks a fork has started threads here)\n" + "".join(f"tick {i}\n" for i in range(20))
     assert status.done()
 
 

@@ -21,7 +21,7 @@ import cloudpickle
 import psutil
 import pytest
 from waiting import until
-from ways import started_by
+from ways import started_by, started_line
 
 import nbbgtask as bg
 
@@ -168,7 +168,7 @@ def test_progress_is_seen_while_the_task_runs_and_its_output_after(way):
     assert status.state == "running" and status.message.startswith("stepping")
     assert status.result(timeout=30) == 20
     assert status.state == "complete" and status.percent == 100
-    assert status.log() == f"done in {status.pid}\n"
+    assert status.log() == started_line(status) + f"done in {status.pid}\n"
     assert status.pid != os.getpid()
 
 

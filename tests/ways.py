@@ -2,11 +2,8 @@
 
 Each entry of ``WAYS`` names a way and says how to put nbbgtask into it; the ``way`` fixture
 (tests/conftest.py) runs every contract test once per entry, as TinyDB runs its table tests over
-each storage.  A new way is one more line in ``WAYS``, e.g. for the fork server once it lands:
-
-    Way("forkserver", lambda request: bg.configure(start_method="forkserver"), forks_the_caller=False),
-
-(the name is what ``started_by`` answers for a task started that way).
+each storage.  A new way is one more line in ``WAYS`` (its name is what ``started_by`` answers
+for a task started that way).
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ class Way:
 WAYS = [
     Way("fork", lambda request: bg.configure(start_method="fork"), forks_the_caller=True),
     Way("spawn", lambda request: bg.configure(start_method="spawn"), forks_the_caller=False),
+    Way("forkserver", lambda request: bg.configure(start_method="forkserver"), forks_the_caller=False),
     Way("dask", _on_dask, forks_the_caller=False),
 ]
 
@@ -45,6 +43,13 @@ WAYS = [
 def started_by(status: bg.TaskStatus) -> str:
     """How ``status``'s task was started: "fork", "spawn", "dask", ... (a ``Way``'s name)."""
     return status.refresh().start_method
+
+
+def started_line(status: bg.TaskStatus) -> str:
+    """The first line of the log of a task started by a way forced with configure(start_method=...):
+    nbbgtask's note of how it was started (a Dask task's log has none)."""
+    method = status.refresh().start_method
+    return "" if method == "dask" else f"nbbgtask: started by {method} (start_method={method!r})\n"
 
 
 @contextlib.contextmanager
