@@ -5,8 +5,10 @@ chromium (``apt-get install chromium``) is driven by Playwright.  No browser is 
 without /usr/bin/chromium the tests are skipped, and say why.
 
 The notebook is tests/browser/tour.ipynb (written by tests/browser/make_tour.py).  Run All Cells
-runs it once per module; the tests then look at the page as a person would.  Screenshots go to
-docs/screenshots/.
+runs it once per module; the tests then look at the page as a person would.
+
+Screenshots go to tests/artifacts/ (git-ignored).  With NBBGTASK_UPDATE_SCREENSHOTS=1 the ones the
+README shows are copied to docs/screenshots/ too; otherwise a run leaves the checkout clean.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ except ImportError:  # the tests that need it skip, and say why
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(__file__).resolve().parent / "browser"
+ARTIFACTS = ROOT / "tests" / "artifacts"
 SCREENSHOTS = ROOT / "docs" / "screenshots"
+UPDATE_SCREENSHOTS = os.environ.get("NBBGTASK_UPDATE_SCREENSHOTS") == "1"
 TOKEN = "nbbgtask-browser-test"
 CHROMIUM_ARGS = [
     "--headless",
@@ -233,10 +237,14 @@ def bar_percent(bar) -> float:
     return float(width[:-1])
 
 
-def _screenshot(target, name: str) -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / name
+def _screenshot(target, name: str, docs: bool = False) -> Path:
+    """Write tests/artifacts/NAME; a ``docs`` one goes to docs/screenshots/ too, when asked to."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
     target.screenshot(path=str(path))
+    if docs and UPDATE_SCREENSHOTS:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SCREENSHOTS / name)
     return path
 
 
@@ -257,7 +265,7 @@ def test_the_tour_shows_a_live_bar_a_focus_cell_that_resumes_and_the_monitor(tou
     holding.wait_for()
     assert focus.locator(".widget-hprogress").is_visible()
     assert focus.get_by_role("button", name="Cancel").is_enabled()
-    shot_focus = _screenshot(page, "jupyterlab-focus.png")
+    shot_focus = _screenshot(page, "jupyterlab-focus.png", docs=True)
 
     # The first bar moves on: sampled again later, it is further along.
     page.wait_for_function(
@@ -289,8 +297,8 @@ def test_the_tour_shows_a_live_bar_a_focus_cell_that_resumes_and_the_monitor(tou
     cancel = splines.get_by_role("button", name="Cancel")
     assert cancel.is_visible() and cancel.is_enabled()
     assert splines.get_by_role("button", name="Log").is_visible()
-    shot_tour = _screenshot(page, "jupyterlab-tour.png")
-    shot_monitor = _screenshot(cell(page, "bg.monitor()"), "jupyterlab-monitor.png")
+    shot_tour = _screenshot(page, "jupyterlab-tour.png", docs=True)
+    shot_monitor = _screenshot(cell(page, "bg.monitor()"), "jupyterlab-monitor.png", docs=True)
 
     # (5) Cancel in the monitor stops the running task: its row and its bar both say so.
     cancel.click()
