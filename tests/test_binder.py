@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import nbformat
@@ -14,6 +16,20 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+#: the front ends and widget packages the browser test (tests/test_browser.py) runs the notebooks
+#: in: Binder must pin the very versions it passed with
+FRONT_END = ("jupyterlab", "notebook", "ipykernel", "ipywidgets", "jupyterlab_widgets", "widgetsnbextension")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "binder" / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"binder/requirements.txt: {line!r} is not pinned with =="
+            pins[name] = version
+    return pins
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +66,18 @@ def test_binder_environment_runs_every_notebook(binder_python, tmp_path, monkeyp
         capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout
     assert "site-packages" in version  # the installed package, not this checkout
+
+
+def test_binder_installs_exactly_its_pins_and_pins_the_front_ends_the_browser_test_uses(binder_python):
+    pins = _pins()
+    listed = subprocess.run(
+        [str(binder_python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    installed = {p["name"].lower().replace("-", "_"): p["version"] for p in json.loads(listed)}
+    assert {name: installed.get(name.lower()) for name in pins} == pins
+    check = subprocess.run([str(binder_python), "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Notebook 7 too: Binder users may open /tree, and the Cancel click is tested there.
+    tested = {name: metadata.version(name) for name in FRONT_END}
+    assert {name: pins.get(name) for name in FRONT_END} == tested, "update binder/requirements.txt"

@@ -1,7 +1,10 @@
-"""Writes tour.ipynb, the notebook that tests/test_browser.py opens in JupyterLab.
+"""Writes the notebooks that tests/test_browser.py opens in the browser.
+
+tour.ipynb: the tour, in JupyterLab.  focus_cancel.ipynb: a Cancel click in a blocked focus cell
+with the next cell queued behind it, in JupyterLab and in Notebook 7.
 
 Run it after changing the cells below:  .venv/bin/python tests/browser/make_tour.py
-The notebook is stored without outputs; the browser test runs it.
+The notebooks are stored without outputs; the browser test runs them.
 """
 
 from __future__ import annotations
@@ -39,17 +42,54 @@ CELLS = [
     new_code_cell("bg.monitor()"),
 ]
 
+#: Issue 16: the click on Cancel must reach the blocked cell while the next cell waits behind it.
+FOCUS_CANCEL_CELLS = [
+    new_markdown_cell("# Cancel in a blocked focus cell\n\nRun All, then click Cancel while the focus cell holds."),
+    new_code_cell(
+        "import time\n"
+        "import nbbgtask as bg\n"
+        "\n"
+        "def slow(n):\n"
+        '    for i in bg.track(range(n), message="working"):\n'
+        "        time.sleep(0.25)\n"
+        "    return n\n"
+        "\n"
+        "status = bg.run(slow, 400)  # 100 s: far longer than the test waits for the Cancel to work\n"
+        'print("task id:", status.id)'
+    ),
+    # The cell ends in bg.TaskCancelled; "raises-exception" (JupyterLab's and Notebook 7's own
+    # tag) asks the kernel not to abort the queued cells after it, so the next cell runs on.
+    new_code_cell(
+        'bg.full_focus(status, acceptable_wait=0.2, holding="Cancel me")',
+        metadata={"tags": ["raises-exception"]},
+    ),
+    new_code_cell('print("next cell ran; the task is", status.state.value)'),
+]
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(cells=CELLS)
+
+def _notebook(cells: list[nbformat.NotebookNode], prefix: str) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     for i, cell in enumerate(nb.cells):
-        cell["id"] = f"tour-{i}"  # stable ids: the file does not change when it is rewritten
+        cell["id"] = f"{prefix}-{i}"  # stable ids: the file does not change when it is rewritten
     nbformat.validate(nb)
     return nb
 
 
+def build() -> nbformat.NotebookNode:
+    return _notebook(CELLS, "tour")
+
+
+def build_focus_cancel() -> nbformat.NotebookNode:
+    return _notebook(FOCUS_CANCEL_CELLS, "focus-cancel")
+
+
+#: file name -> what it holds
+NOTEBOOKS = {"tour.ipynb": build, "focus_cancel.ipynb": build_focus_cancel}
+
+
 if __name__ == "__main__":
-    nbformat.write(build(), HERE / "tour.ipynb")
-    print("wrote", HERE / "tour.ipynb")
+    for name, make in NOTEBOOKS.items():
+        nbformat.write(make(), HERE / name)
+        print("wrote", HERE / name)
