@@ -11,17 +11,20 @@ worker threads were started here waits in the child for threads that do not exis
 2. **polars' thread pool**: importing polars is harmless (measured: the child of a fork after the
    import runs a group-by), but once a query ran, its pool's threads (named ``polars-N``) exist
    and a forked child's query hangs.
-3. **An OpenMP runtime with workers** (GNU libgomp, LLVM libomp, Intel libiomp; found through
-   threadpoolctl): loaded alone it is harmless (scikit-learn loads libgomp at import: a fork then
-   works), but after a parallel region ran (an ``HistGradientBoostingClassifier().fit``) its
-   worker threads exist and the child's next parallel region hangs.  Its workers have no names
-   and no Python ``threading`` object, so they are counted as the process's unnamed native
-   threads beyond those OpenBLAS starts (``num_threads - 1`` per OpenBLAS library, which does
-   survive a fork: numpy's matmul works in the child).
+3. **An OpenMP runtime that may have workers** (GNU libgomp, LLVM libomp, Intel libiomp; found
+   through threadpoolctl): after a parallel region ran (an ``HistGradientBoostingClassifier().fit``)
+   its worker threads exist and the child's next parallel region hangs.  Its workers have no
+   names and no Python ``threading`` object, and neither have OpenBLAS's, which survive a fork
+   (numpy's matmul works in the child) but come and go (OpenBLAS stops them at every fork and
+   starts them again on its next call), so they cannot be told apart by counting.  So: an OpenMP
+   runtime is loaded and the process has any unnamed native thread.  This errs on the safe side:
+   scikit-learn loads libgomp at import, and a notebook that imported it without fitting
+   anything (where a fork would still work) is sent to the fork server too.
 
 A bare count of native threads is not a rule: numpy's OpenBLAS starts one at import and forks
 safely, so it would send every numpy user to the slower fork server.  The verdict is cached and
-recomputed only when the number of threads or of imported modules changes, so asking before
+recomputed only when the set of threads or the number of imported modules changes (a count of
+threads is not enough: a thread that ends as a pool's worker starts keeps it), so asking before
 every task costs a directory listing (about 10 µs).
 """
 
@@ -44,7 +47,7 @@ KNOWN_RUNTIMES = {
 _POLARS_POOL = re.compile(r"polars-\d+\Z")
 _OPENMP = ("libgomp", "libomp", "libiomp")
 
-_cached: tuple[tuple[int, int], str | None] | None = None
+_cached: tuple[tuple[frozenset[str], int], str | None] | None = None
 _pools: tuple[int, list[dict[str, object]]] | None = None
 
 
@@ -92,13 +95,11 @@ def _assess(tids: list[str]) -> str | None:
             return "polars has started its thread pool, which does not survive a fork"
         if name == main_name:
             unnamed += 1
-    pools = _thread_pools()
-    openmp = [p for p in pools if p.get("user_api") == "openmp"]
-    if openmp:
-        blas = sum(max(0, int(p.get("num_threads") or 1) - 1) for p in pools if p.get("internal_api") == "openblas")  # type: ignore[call-overload]
-        if unnamed > blas:
+    if unnamed:
+        openmp = [p for p in _thread_pools() if p.get("user_api") == "openmp"]
+        if openmp:
             library = os.path.basename(str(openmp[0].get("filepath", "OpenMP")))
-            return f"an OpenMP runtime ({library}) has started worker threads, which do not survive a fork"
+            return f"an OpenMP runtime ({library}) is loaded and native threads run, whose workers do not survive a fork"
     return None
 
 
@@ -106,7 +107,7 @@ def hazard() -> str | None:
     """Why forking this process now would leave a task hanging, or ``None`` if it is safe."""
     global _cached
     tids = _thread_ids()
-    key = (len(tids), len(sys.modules))
+    key = (frozenset(tids), len(sys.modules))
     if _cached is not None and _cached[0] == key:
         return _cached[1]
     verdict = _assess(tids)

@@ -150,3 +150,19 @@ while status.refresh().pid is None: time.sleep(0.01)
     psutil.Process(pid).send_signal(signal.SIGKILL)
     out = kernel.ok("status.wait(5); print(status.state, '|', status.error)")
     assert out.startswith("failed | killed by signal 9 (SIGKILL)")
+
+
+def test_a_kernel_forks_until_polars_has_run_then_uses_the_fork_server(kernel):
+    """A kernel's own threads (zmq's, the heartbeat, the iopub thread) are no hazard; a polars
+    query in a cell is, and the task after it still completes, with the default settings."""
+    kernel.ok("""
+import nbbgtask as bg, polars as pl
+from nbbgtask import _forksafety
+def query():
+    return pl.DataFrame({"k": [i % 7 for i in range(100_000)]}).group_by("k").len().height
+""")
+    assert kernel.ok("print(_forksafety.hazard())").strip() == "None"
+    assert kernel.ok("s = bg.run(query); print(s.result(timeout=60), s.start_method)").split() == ["7", "fork"]
+    kernel.ok("query()")
+    out = kernel.ok("s = bg.run(query); print(s.result(timeout=60), s.start_method)", timeout=90)
+    assert out.split() == ["7", "forkserver"]
