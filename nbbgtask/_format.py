@@ -12,6 +12,7 @@ __all__ = [
     "duration",
     "eta_seconds",
     "html_snapshot",
+    "message_cell",
     "plain_table",
     "row",
     "short_id",
@@ -128,12 +129,18 @@ def html_snapshot(record: dict[str, Any]) -> str:
     )
 
 
-def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
-    """One task as the cells of `COLUMNS`; a stalled task's message starts with the stall note."""
+def message_cell(record: dict[str, Any], now: float | None = None) -> str:
+    """The error, else the message; a stalled task's starts with the stall note."""
     message = str(record.get("error") or record.get("message") or "")
     note = stall_note(record, now)
     if note is not None:
         message = f"{note} · {message}" if message else note
+    return message
+
+
+def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+    """One task as the cells of `COLUMNS`; a stalled task's message starts with the stall note."""
+    message = message_cell(record, now)
     return (
         short_id(record["id"]),
         str(record["name"]),
