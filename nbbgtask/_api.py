@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from . import _backends, _config, _runner
 from ._errors import AmbiguousTaskId, TaskNotFound
-from ._files import log_path, result_path
+from ._files import log_path, result_path, stack_files
 from ._procs import process_start_time
 from ._record import new_record
 from ._states import State
@@ -280,6 +280,8 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     store.sweep()  # temp files of tasks whose start was cut short by a kill
     for task_id in gone:
         log_path(home, task_id).unlink(missing_ok=True)
+        for path, _, _ in stack_files(home, task_id):  # left by a task that was killed
+            path.unlink(missing_ok=True)
         result = result_path(home, task_id)
         for path in (result, *result.parent.glob(f"{task_id}.*.tmp")):  # a task killed mid-save
             path.unlink(missing_ok=True)

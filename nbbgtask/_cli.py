@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="stop a task")
     p.add_argument("id")
 
+    p = sub.add_parser("stack", help="a running task's Python stack, every thread: exit 1 if it has none to show")
+    p.add_argument("id")
+
     p = sub.add_parser("prune", help="forget finished tasks, with their logs and results")
     p.add_argument("--keep", type=int, default=0, help="keep the newest N finished tasks")
 
@@ -64,6 +67,7 @@ def _console(stderr: bool = False) -> Any:
 
 def _table(records: list[dict[str, Any]]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in _format.COLUMNS:
@@ -72,7 +76,8 @@ def _table(records: list[dict[str, Any]]) -> Any:
         else:
             table.add_column(column, justify="right" if column in ("percent", "elapsed") else "left", no_wrap=True)
     for record in records:
-        table.add_row(*_format.row(record), style=_STATE_STYLES.get(record["state"]))
+        style = "yellow" if _format.stalled_for(record) is not None else _STATE_STYLES.get(record["state"])
+        table.add_row(*(Text(cell) for cell in _format.row(record)), style=style)  # data, not markup
     return table
 
 
@@ -144,6 +149,18 @@ def _cancel(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _stack(args: argparse.Namespace) -> int:
+    status = resolve(args.id)
+    try:
+        text = status.stack()
+    except NbbgtaskError as exc:  # ended, not started, elsewhere: the id was fine, there is no stack
+        print(f"nbbgtask: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(text)  # the task's text as it is: never read as markup
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def _prune(args: argparse.Namespace) -> int:
     print(f"forgot {prune(keep=args.keep)} finished tasks")
     return EXIT_OK
@@ -153,6 +170,7 @@ def _monitor_view(finished: int) -> Any:
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
+    from rich.text import Text
 
     records = [s.to_dict() for s in tasks()]
     live = [r for r in records if not State(r["state"]).is_final]
@@ -175,11 +193,11 @@ def _monitor_view(finished: int) -> Any:
         eta = _format.eta_seconds(r, now)
         table.add_row(
             _format.short_id(r["id"]),
-            str(r["name"]),
+            Text(str(r["name"])),  # a task's text is data, never markup
             str(r["state"]),
             ProgressBar(total=100, completed=percent, width=24),
             f"{percent:.0f}%",
-            str(r.get("error") or r.get("message") or ""),
+            Text(_format.message_cell(r, now)),
             _format.duration(_format.elapsed(r, now)),
             _format.duration(eta) if eta is not None else "",
             style=_STATE_STYLES.get(r["state"]),
@@ -209,6 +227,7 @@ _COMMANDS = {
     "logs": _logs,
     "wait": _wait,
     "cancel": _cancel,
+    "stack": _stack,
     "prune": _prune,
     "monitor": _monitor,
 }

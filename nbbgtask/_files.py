@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ._wire import write_all
 
-__all__ = ["log_path", "result_path", "atomic_write"]
+__all__ = ["log_path", "result_path", "stack_path", "stack_files", "atomic_write"]
 
 
 def log_path(home: Path | str, task_id: str) -> Path:
@@ -18,6 +18,25 @@ def log_path(home: Path | str, task_id: str) -> Path:
 
 def result_path(home: Path | str, task_id: str) -> Path:
     return Path(home) / "results" / f"{task_id}.pkl"
+
+
+def stack_path(home: Path | str, task_id: str, pid: int, started: float) -> Path:
+    """Where a running task writes its stack when asked (`TaskStatus.stack`).  The name carries
+    the task's pid and start time: an asker finds the process there even before the task's first
+    report (which a task holding the GIL from its start never makes), and tells it from a reused pid."""
+    return Path(home) / "stacks" / f"{task_id}.{pid}.{started:.3f}.txt"
+
+
+def stack_files(home: Path | str, task_id: str) -> list[tuple[Path, int, float]]:
+    """The stack files of a task, each with the pid and start time its name gives."""
+    found = []
+    for path in (Path(home) / "stacks").glob(f"{task_id}.*.txt"):
+        try:
+            _, pid, started = path.name[: -len(".txt")].split(".", 2)
+            found.append((path, int(pid), float(started)))
+        except ValueError:
+            continue
+    return found
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool, tmp: str | None = None) -> None:

@@ -12,15 +12,21 @@ __all__ = [
     "duration",
     "eta_seconds",
     "html_snapshot",
+    "message_cell",
     "plain_table",
     "row",
     "short_id",
+    "stall_note",
+    "stalled_for",
     "summary",
     "text_bar",
 ]
 
 #: the columns of a task list, in the magic and on the command line
 COLUMNS = ("id", "name", "state", "percent", "message", "elapsed")
+#: seconds without a change of percent or message after which a running task is shown as
+#: stalled, with a pointer to its stack (``status.stack()``, ``nbbgtask stack ID``)
+STALLED_AFTER = 300.0
 
 
 def short_id(task_id: str) -> str:
@@ -56,6 +62,22 @@ def eta_seconds(record: dict[str, Any], now: float | None = None) -> float | Non
     return spent * (100 - percent) / percent
 
 
+def stalled_for(record: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds since a running task's progress last changed, if that is `STALLED_AFTER` or more;
+    else (or for a task that has not reported yet) ``None``."""
+    reported = record.get("reported")
+    if record.get("state") != "running" or reported is None:
+        return None
+    quiet = (now if now is not None else time.time()) - reported
+    return quiet if quiet >= STALLED_AFTER else None
+
+
+def stall_note(record: dict[str, Any], now: float | None = None) -> str | None:
+    """``no progress for 12:03 — see stack`` for a stalled task, else ``None``."""
+    quiet = stalled_for(record, now)
+    return None if quiet is None else f"no progress for {duration(quiet)} — see stack"
+
+
 def summary(record: dict[str, Any], now: float | None = None) -> str:
     """``42% · spline 17 of 40 · 0:12 elapsed · ETA 0:17`` (or how it ended)."""
     state = record["state"]
@@ -69,9 +91,13 @@ def summary(record: dict[str, Any], now: float | None = None) -> str:
         parts.append("queued")
     elif state == "running":
         parts.append(f"{duration(spent)} elapsed")
-        eta = eta_seconds(record, now)
-        if eta is not None:
-            parts.append(f"ETA {duration(eta)}")
+        note = stall_note(record, now)
+        if note is not None:  # an ETA from a rate that no longer holds would mislead
+            parts.append(note)
+        else:
+            eta = eta_seconds(record, now)
+            if eta is not None:
+                parts.append(f"ETA {duration(eta)}")
     else:
         parts.append(f"{state} after {duration(spent)}")
     return " · ".join(parts)
@@ -103,9 +129,18 @@ def html_snapshot(record: dict[str, Any]) -> str:
     )
 
 
-def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
-    """One task as the cells of `COLUMNS`."""
+def message_cell(record: dict[str, Any], now: float | None = None) -> str:
+    """The error, else the message; a stalled task's starts with the stall note."""
     message = str(record.get("error") or record.get("message") or "")
+    note = stall_note(record, now)
+    if note is not None:
+        message = f"{note} · {message}" if message else note
+    return message
+
+
+def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+    """One task as the cells of `COLUMNS`; a stalled task's message starts with the stall note."""
+    message = message_cell(record, now)
     return (
         short_id(record["id"]),
         str(record["name"]),
@@ -142,6 +177,9 @@ def details(record: dict[str, Any]) -> str:
         f"pid:       {record.get('pid') or '-'}",
         f"settings:  {record.get('settings') if record.get('settings') is not None else '-'}",
     ]
+    note = stall_note(record)
+    if note is not None:
+        lines.append(f"stalled:   {note}")
     if record.get("cancel_requested"):
         lines.append("cancel:    requested")
     if record.get("error"):

@@ -13,7 +13,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from . import _backends, _format
 from ._api import prune, resolve, run, tasks
-from ._errors import TaskNotFound
+from ._errors import NbbgtaskError, TaskNotFound
 from ._status import TaskStatus
 
 __all__ = ["BgTaskMagics", "assigned_names", "load_ipython_extension", "unload_ipython_extension"]
@@ -27,6 +27,7 @@ USAGE = """\
 %bgtask result ID                  its return value
 %bgtask wait ID [--timeout S]      block until it ends
 %bgtask cancel ID                  stop it
+%bgtask stack ID                   its Python stack now, every thread (what a stuck task is doing)
 %bgtask monitor                    the live task monitor
 %bgtask prune [--keep N]           forget finished tasks
 An ID is a full id or a unique prefix of one."""
@@ -281,7 +282,7 @@ class BgTaskMagics(Magics):
             args = _parse(" ".join(rest), {"--keep": int})
             print(f"forgot {prune(keep=args.get('--keep', 0))} finished tasks")
             return None
-        if command not in ("show", "logs", "result", "wait", "cancel") or not rest:
+        if command not in ("show", "logs", "result", "wait", "cancel", "stack") or not rest:
             raise UsageError(f"%bgtask {line.strip()!r}: not a command this magic knows.\n{USAGE}")
         status = resolve(rest[0])
         if command == "show":
@@ -299,6 +300,12 @@ class BgTaskMagics(Magics):
                 print(f"{_format.short_id(status.id)} still {status.state}")
             else:
                 print(f"{_format.short_id(status.id)} {status.state}" + (f": {status.error}" if status.error else ""))
+        elif command == "stack":
+            try:
+                text = status.stack()
+            except NbbgtaskError as exc:  # ended, not started, elsewhere: one line, no traceback
+                raise UsageError(str(exc)) from None
+            print(text, end="")
         elif command == "cancel":
             done = status.cancel()
             print(f"{_format.short_id(status.id)} " + ("cancelled" if done else f"had already ended: {status.state}"))

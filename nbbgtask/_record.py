@@ -45,6 +45,8 @@ class TaskRecord(TypedDict, total=False):
     started: float | None
     percent: float  #: 0 to 100
     message: str
+    #: when percent or message last changed (written with that change); long ago: "stalled"
+    reported: float | None
     pid: int | None  #: the task's process; with pid_started, tells it from a reused pid
     pid_started: float | None
     cancel_requested: bool
@@ -76,6 +78,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "finished": _NUMBER,
     "percent": _NUMBER,
     "message": (str,),
+    "reported": _NUMBER,
     "pid": (int,),
     "error": (str,),
     "traceback": (str,),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import faulthandler
 import inspect
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from ._errors import StoreError
-from ._files import atomic_write, result_path
+from ._files import atomic_write, result_path, stack_path
 from ._procs import EXIT_UNRECORDED, describe_exit, own_process
 from ._states import State
 from ._store import store_for
@@ -25,7 +26,7 @@ from ._validate import percent as check_percent
 
 __all__ = [
     "Job", "Reporter", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "run_pickled",
-    "record_exit", "EXIT_UNRECORDED",
+    "record_exit", "EXIT_UNRECORDED", "STACK_SIGNAL",
 ]
 
 T = TypeVar("T")
@@ -180,13 +181,17 @@ class Reporter:
     def flush(self) -> None:
         self._apply_tracker()
         now = (self.percent, self.message)
+        # ``reported``: when the progress last changed (a task whose progress stands still for long
+        # is shown as stalled); it rides with the write of the change, never a write of its own.
         if self._written is None:  # the first report says who is running the task
-            requested = self._sink.progress({"percent": now[0], "message": now[1], **own_process()})
+            requested = self._sink.progress(
+                {"percent": now[0], "message": now[1], "reported": time.time(), **own_process()}
+            )
             self._written = now
         elif now == self._written:
             requested = self._sink.progress(None)
         else:
-            requested = self._sink.progress({"percent": now[0], "message": now[1]})
+            requested = self._sink.progress({"percent": now[0], "message": now[1], "reported": time.time()})
             self._written = now
         if requested and not self.cancel_requested:
             self.cancel_requested = True
@@ -274,9 +279,40 @@ def _save_result(sink: Any, value: Any) -> dict[str, Any]:
     return {"has_result": True, "result_type": kind}
 
 
+#: the signal that asks a local task for its stack (`TaskStatus.stack`): faulthandler's handler,
+#: which writes every thread's stack from the signal handler itself, without the GIL, so a task
+#: blocked in C (a sleep, a lock, a regex holding the GIL) still answers.  SIGUSR2 rather than
+#: SIGUSR1, which code of one's own more often takes (e.g. for its own faulthandler).
+STACK_SIGNAL = signal.SIGUSR2
+
+
+def _answer_stack_requests(job: Job) -> str | None:
+    """Dump every thread's stack into the task's stack file on `STACK_SIGNAL`; the file's path.
+
+    The file's name says which process to signal (`stack_path`); it appears only once the handler
+    is in place, so nobody sends the signal before (its default action would end the task).  It is
+    opened for appending: the asker empties it before each request, and the dump starts at its
+    beginning.  No ``chain``, for the same reason.  It stays registered until the process exits:
+    unregistering would put the default back, and a late request would kill a finished task.
+    """
+    me = own_process()
+    path = str(stack_path(job.home, job.task_id, me["pid"], me["pid_started"]))
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        faulthandler.register(STACK_SIGNAL, file=fd, all_threads=True, chain=False)
+        os.rename(tmp, path)
+    except (OSError, ValueError, RuntimeError) as exc:  # the task runs on; stack() says it cannot answer
+        print(f"nbbgtask: this task cannot show its stack: {exc}", file=sys.stderr)
+        return None
+    return path
+
+
 def run_job(job: Job, sink: Any = None) -> int:
     """Run the task here and record how it ended (in the store, or through ``sink``); the exit code."""
     global _current, _current_reporter
+    # A local task (no sink given) answers stack requests before its first report names its pid.
+    stack_file = _answer_stack_requests(job) if sink is None else None
     sink = StoreSink(job) if sink is None else sink
     reporter = Reporter(job, sink)
     status = job.make_status(dict(job.record), job.home, reporter)
@@ -333,6 +369,12 @@ def run_job(job: Job, sink: Any = None) -> int:
         except Exception:
             pass
         return EXIT_UNRECORDED
+    finally:
+        if stack_file is not None:  # ended: nothing more to ask (a late dump goes to the unlinked file)
+            try:
+                os.unlink(stack_file)
+            except OSError:
+                pass
     return 0
 
 

@@ -6,7 +6,10 @@ import asyncio
 import base64
 import copy
 import datetime as _dt
+import faulthandler
+import fcntl
 import os
+import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -14,9 +17,10 @@ from typing import Any
 
 from . import _backends, _config
 from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
-from ._files import log_path, result_path
+from ._files import log_path, result_path, stack_files
+from ._procs import HOST, same_process
 from ._record import TaskRecord
-from ._runner import Reporter, current_reporter
+from ._runner import STACK_SIGNAL, Reporter, current_reporter
 from ._states import State
 from ._store import store_for
 from ._validate import percent as check_percent
@@ -25,10 +29,42 @@ from ._validate import seconds, whole_number
 __all__ = ["TaskStatus"]
 
 _MISSING = object()
+#: seconds `TaskStatus.stack` waits for the task to write its stack
+STACK_TIMEOUT = 5.0
+#: seconds a stack file must stay the same size before the dump counts as whole
+_STACK_SETTLE = 0.05
 
 
 def _utc(ts: float | None) -> _dt.datetime | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+
+
+def _catches_signal(pid: int, sig: int) -> bool | None:
+    """Whether ``pid`` has a handler for ``sig`` (Linux's /proc); ``None`` where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _read_dump(fd: int, alive: Any, timeout: float) -> str | None:
+    """The stack the task writes into ``fd`` (emptied before asking), once it stops growing;
+    ``None`` if none came within ``timeout`` seconds or the process ended."""
+    deadline = time.monotonic() + timeout
+    size = 0
+    while time.monotonic() < deadline:
+        time.sleep(_STACK_SETTLE if size else 0.005)
+        now = os.fstat(fd).st_size
+        if now and now == size:
+            return os.pread(fd, now, 0).decode("utf-8", errors="replace")
+        if not now and not alive():
+            return None
+        size = now
+    return None
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -301,6 +337,86 @@ class TaskStatus:
         if record is not None:
             self._record = record
         return was_live
+
+    def stack(self) -> str:
+        """The running task's current Python stack, every thread, as text (what a stuck task is
+        doing), most recent call first.  Works while the task is blocked in C code too.
+
+        Raises `NbbgtaskError` with what to do instead when there is no stack to read: the task
+        has ended, has not started (or reported its process) yet, runs on another machine or on
+        Dask, or did not answer within `STACK_TIMEOUT` seconds.
+        """
+        who = f"task {self.name!r} ({self.id[:8]})"
+        if self._reporter is not None:  # asked from inside the task itself: no signal needed
+            with tempfile.TemporaryFile() as f:
+                faulthandler.dump_traceback(file=f, all_threads=True)
+                f.seek(0)
+                return f.read().decode("utf-8", errors="replace")
+        record = self.refresh()._record
+        state = State(record["state"])
+        if state.is_final:
+            raise NbbgtaskError(
+                f"{who} has ended ({state}): it has no stack any more; see its traceback and log instead"
+            )
+        if record.get("backend") == "dask":
+            raise NbbgtaskError(f"{who} runs on Dask: reading its stack is not available for Dask tasks yet")
+        if record.get("host") not in (None, HOST):
+            raise NbbgtaskError(
+                f"{who} runs on the machine {record['host']}, not this one ({HOST}): ask there "
+                f"(nbbgtask stack {self.id[:8]})"
+            )
+        # The task's stack file names its process (the record has the pid only after the first
+        # report, which a task that holds the GIL from its start never makes).
+        deadline = time.monotonic() + STACK_TIMEOUT
+        while True:  # a task that has just started may not be listening yet: give it a moment
+            found = [f for f in stack_files(self._home, self.id) if same_process(f[1], f[2])]
+            if found or state is not State.RUNNING or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+            if self.refresh().state.is_final:
+                break
+        if not found:
+            if self.refresh().state.is_final:
+                raise NbbgtaskError(f"{who} has ended ({self.state}): it has no stack any more")
+            if state is State.QUEUED:
+                raise NbbgtaskError(f"{who} is queued: it has no process yet; try again once it runs")
+            raise NbbgtaskError(
+                f"{who} is {state} but its process did not answer stack requests within "
+                f"{STACK_TIMEOUT:g} s: try again in a moment (a task that keeps saying this was started "
+                f"by an older nbbgtask, or could not make its file in {self._home / 'stacks'}: see its log)"
+            )
+        path, pid, started = found[0]
+        alive = lambda: same_process(pid, started)  # noqa: E731
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NbbgtaskError(f"{who} has ended: it has no stack any more") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one request at a time, whoever asks
+            if not alive():
+                raise NbbgtaskError(f"{who} has ended: it has no stack any more")
+            if _catches_signal(pid, STACK_SIGNAL) is False:
+                # Its default action would end the task: never send it to a process not listening.
+                raise NbbgtaskError(
+                    f"{who} does not listen for {STACK_SIGNAL.name} any more (its code reset that "
+                    f"signal's handler), so its stack cannot be read"
+                )
+            os.ftruncate(fd, 0)
+            try:
+                os.kill(pid, STACK_SIGNAL)
+            except ProcessLookupError:
+                raise NbbgtaskError(f"{who} has ended: it has no stack any more") from None
+            text = _read_dump(fd, alive, max(0.5, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+        if text is None:
+            if self.refresh().state.is_final or not alive():
+                raise NbbgtaskError(f"{who} ended while its stack was asked for")
+            raise NbbgtaskError(
+                f"{who} did not write its stack within {STACK_TIMEOUT:g} s: its process {pid} may be "
+                f"stopped, or its code took over {STACK_SIGNAL.name} (nbbgtask's stack request)"
+            )
+        return text
 
     def log(self, tail: int | None = None) -> str:
         """What the task printed (stdout and stderr), or its last ``tail`` lines."""

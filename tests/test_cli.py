@@ -105,7 +105,7 @@ def test_prune(home):
     assert len(bg.tasks()) == 1
 
 
-@pytest.mark.parametrize("command", ["list", "show", "logs", "wait", "cancel", "prune", "monitor"])
+@pytest.mark.parametrize("command", ["list", "show", "logs", "wait", "cancel", "stack", "prune", "monitor"])
 def test_every_command_has_help(home, command):
     out = cli(home, command, "--help")
     assert out.returncode == 0 and out.stdout.startswith("usage: nbbgtask")

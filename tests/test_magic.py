@@ -112,3 +112,24 @@ def test_unknown_and_ambiguous_ids_get_one_line(kernel, home):
     assert ambiguous.count("\n") == 1
     bad = kernel.run(f"%bgtask logs {statuses[0].id} -n many")["stderr"]
     assert bad == "UsageError: -n takes a whole number, got 'many'\n"
+
+
+def test_stack_line_form(kernel, home, tmp_path):
+    kernel.ok("%load_ext nbbgtask")
+    marker = tmp_path / "blocked"
+    kernel.ok(f"""
+import time, nbbgtask as bg
+def wait_for_the_network():
+    open({str(marker)!r}, "w").close()
+    time.sleep(60)
+stuck = bg.run(wait_for_the_network)
+quick = bg.run(int, "3")
+quick.wait(30)
+""")
+    stuck_id, quick_id = kernel.ok("print(stuck.id, quick.id)").split()
+    kernel.ok(f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)", timeout=30)
+    text = kernel.ok(f"%bgtask stack {stuck_id[:6]}")
+    assert text.split("Current thread", 1)[1].splitlines()[1].endswith("in wait_for_the_network"), text
+    ended = kernel.run(f"%bgtask stack {quick_id[:6]}")["stderr"]
+    assert ended.startswith("UsageError: task 'int'") and "has ended (complete)" in ended and ended.count("\n") == 1
+    kernel.ok(f"%bgtask cancel {stuck_id[:6]}")
