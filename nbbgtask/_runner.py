@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from . import _tqdm_capture
 from ._errors import StoreError
 from ._files import atomic_write, result_path
 from ._procs import EXIT_UNRECORDED, own_process
@@ -176,6 +177,7 @@ class Reporter:
 
     def flush(self) -> None:
         self._apply_tracker()
+        _tqdm_capture.apply(self)
         now = (self.percent, self.message)
         if self._written is None:  # the first report says who is running the task
             requested = self._sink.progress({"percent": now[0], "message": now[1], **own_process()})
@@ -207,6 +209,7 @@ class Reporter:
         if self._thread.is_alive():
             self._thread.join()
         self._apply_tracker()
+        _tqdm_capture.apply(self)
 
 
 _current: Any = None
@@ -278,6 +281,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     reporter = Reporter(job, sink)
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
+    _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
     finishing = cancelled = False
 
     def on_sigterm(signum: int, frame: Any) -> None:
