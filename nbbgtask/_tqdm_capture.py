@@ -41,10 +41,13 @@ _NOTEBOOK_OVERRIDES = ("__init__", "__iter__", "update", "close", "clear", "rese
 _seq = itertools.count()
 #: the task's live bars, by the order they were made (a dict: the writer thread copies it in one step)
 _live: dict[int, weakref.ref[Any]] = {}
-#: (percent, message) of the last outermost bar to close
-_final: tuple[float | None, str] | None = None
-#: the bar's (percent, message) last applied, and the reporter's fields as that write left them
-_seen: tuple[float | None, str] | None = None
+#: what a bar reads as: what identifies its state (which bar, its n, total, description and postfix:
+#: not its elapsed time, which moves on its own), its percent (``None`` without a total), its message
+_Reading = tuple[tuple[Any, ...], float | None, str]
+#: the last outermost bar to close, as it closed
+_final: _Reading | None = None
+#: the state of the bar last applied, and the reporter's fields as that write left them
+_seen: tuple[Any, ...] | None = None
 _basis: tuple[float, str] | None = None
 
 
@@ -70,10 +73,9 @@ def apply(reporter: Any) -> None:
     is newer (see the module's docstring)."""
     global _seen, _basis
     now = (reporter.percent, reporter.message)
-    seen = _outermost()
-    if seen is not None and seen != _seen:
-        _seen = seen
-        percent, message = seen
+    reading = _outermost()
+    if reading is not None and reading[0] != _seen:
+        _seen, percent, message = reading
         basis = _basis or (0.0, "")
         if percent is not None and now[0] == basis[0]:
             reporter.update(percent=percent)
@@ -85,7 +87,7 @@ def apply(reporter: Any) -> None:
 # -- reading a bar ---------------------------------------------------------------------------------
 
 
-def _outermost() -> tuple[float | None, str] | None:
+def _outermost() -> _Reading | None:
     if not _live:
         return _final
     bars = [bar for ref in list(_live.values()) if (bar := ref()) is not None and not bar.disable]
@@ -101,11 +103,12 @@ def _rank(bar: Any) -> tuple[int, int]:
     return abs(getattr(bar, "pos", 0) or 0), bar._nbbgtask_seq
 
 
-def _describe(bar: Any) -> tuple[float | None, str]:
-    """The bar's percent (``None`` without a total) and a one-line message, as tqdm formats them."""
+def _describe(bar: Any) -> _Reading:
+    """The bar's state, its percent (``None`` without a total) and a one-line message, as tqdm formats them."""
     d = dict(bar.format_dict)
     n, total = d["n"], d["total"]
     desc = d.get("prefix") or ""
+    state = (bar._nbbgtask_seq, n, total, desc, d.get("postfix"))
     desc = desc[:-2] if desc.endswith(": ") else desc
     d.update(prefix="", ncols=None, bar_format=(
         "{n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]" if total
@@ -113,7 +116,7 @@ def _describe(bar: Any) -> tuple[float | None, str]:
     ))
     text = bar.format_meter(**d)
     message = f"{desc}: {text}" if desc else text
-    return (100.0 * n / total if total else None), message
+    return state, (100.0 * n / total if total else None), message
 
 
 # -- patching tqdm ---------------------------------------------------------------------------------
