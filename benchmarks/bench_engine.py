@@ -9,6 +9,9 @@ so the noise of a shared machine hits both.  Each section uses a fresh home fold
 2. Inside a running task: per-item overhead of ``bg.track`` over a bare loop vs ``tqdm`` (goal:
    track <= tqdm), and of a ``status.update(percent=...)`` call per item (informational, vs tqdm); ``status.update(percent, message)`` per call in a tight loop, background
    writes included (goal <= 300 ns; baseline: a no-op call); the store writes made meanwhile.
+   tqdm capture: per-item overhead of a tqdm loop in a task (drawing to the task's log, read by the
+   writer thread) against the same loop in a plain process (drawing to a file), rounds taken in
+   turn; goal: what the capture adds <= 1.0x tqdm's own per-item overhead.
 3. Visibility: the task calls ``status.update(percent=p)`` about every 300 ms; the parent polls
    ``bg.get(id).percent`` every 1 ms until it sees p.  Baseline: the same loop noticing the
    update's timestamp arrive through a pipe.  Goal: p95 <= 250 ms (for a task that sleeps
@@ -41,7 +44,7 @@ import warnings
 import common
 
 import nbbgtask as bg
-from nbbgtask import _supervisor
+from nbbgtask import _procs
 from nbbgtask._store import Store, store_for
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
@@ -204,6 +207,58 @@ def bench_overheads(n: int, reps: int, updates: int) -> dict:
     return bg.run(_in_task_overheads, n, reps, updates).result(timeout=600)
 
 
+def _tqdm_round(n: int, **kwargs) -> float:
+    """ns per item a tqdm loop spends over the same bare loop (the two in random order)."""
+    from tqdm import tqdm
+
+    def loop(make_iter):
+        def run():
+            t0 = perf()
+            for _ in make_iter():
+                pass
+            return perf() - t0
+        return run
+
+    t = {k: v[0] for k, v in interleaved({"bare": loop(lambda: range(n)),
+                                          "tqdm": loop(lambda: tqdm(range(n), **kwargs))}, 1).items()}
+    return 1e9 * (t["tqdm"] - t["bare"]) / n
+
+
+def _captured_tqdm(n: int, reps: int, go: int, back: int) -> None:
+    for _ in range(reps):  # a round when the caller says, so the two processes never run at once
+        recv_time(go, timeout=600)
+        send_time(back, _tqdm_round(n))  # tqdm's default: the task's stderr, its log
+
+
+def bench_tqdm_capture(n: int, reps: int) -> dict:
+    """tqdm in a task (captured: its bar read by the writer thread, its redraws made log lines) vs
+    the same loop here, in a process that is no task (plain tqdm, drawing to a file)."""
+    import tqdm  # noqa: F401 - imported before the fork, as a notebook that uses it has
+
+    home = fresh_home()
+    go_r, go_w = os.pipe()
+    back_r, back_w = os.pipe()
+    status = bg.run(_captured_tqdm, n, reps + 1, go_r, back_w)
+    plain, captured = [], []
+    with open(home / "plain-tqdm.log", "w") as log:
+        for i in range(reps + 1):  # the first round of each: a warm-up
+            ns = _tqdm_round(n, file=log)
+            send_time(go_w)
+            if i:
+                plain.append(ns)
+                captured.append(recv_time(back_r, timeout=600))
+            else:
+                recv_time(back_r, timeout=600)
+    status.result(timeout=60)
+    for fd in (go_r, go_w, back_r, back_w):
+        os.close(fd)
+    text, plain_text = status.log(), (home / "plain-tqdm.log").read_bytes().decode()
+    # what the two left in their logs: lines, and \r redraws
+    return {"captured_ns": median(captured), "plain_ns": median(plain), "log_lines": text.count("\n"),
+            "log_redraws": text.count("\r"), "plain_lines": plain_text.count("\n"),
+            "plain_redraws": plain_text.count("\r")}
+
+
 # -- 3. status visibility latency ---------------------------------------------------------------
 
 
@@ -257,8 +312,8 @@ def make_record(state: str = "running", **extra) -> dict:
     return {
         "id": secrets.token_hex(16), "name": "bench", "settings": None, "state": state, "percent": 0.0,
         "message": "", "created": now, "started": now, "finished": None, "pid": None, "pid_started": None,
-        "host": _supervisor.HOST, "owner_pid": os.getpid(),
-        "owner_started": _supervisor.process_start_time(os.getpid()), "backend": "local",
+        "host": _procs.HOST, "owner_pid": os.getpid(),
+        "owner_started": _procs.process_start_time(os.getpid()), "backend": "local",
         "start_method": "fork", "cancel_requested": False, "error": None, "traceback": None,
         "has_result": False, **extra,
     }
@@ -395,6 +450,14 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
     row("2 bg.track per-item overhead (base tqdm)", o["track_ns"], o["tqdm_ns"], "ns/item", "track <= tqdm",
         o["track_ns"] <= o["tqdm_ns"])
     row("2 status.update() per-item overhead (base tqdm)", o["update_item_ns"], o["tqdm_ns"], "ns/item", "info")
+    tc = res.get("tqdm_capture")
+    if tc:
+        added = tc["captured_ns"] - tc["plain_ns"]
+        row("2 tqdm capture: added per-item overhead (base tqdm's own)", added, tc["plain_ns"], "ns/item",
+            "added <= 1.0x tqdm", added <= tc["plain_ns"])
+        row("2 tqdm in a task per-item overhead (base plain tqdm)", tc["captured_ns"], tc["plain_ns"], "ns/item", "info")
+        row("2 tqdm in a task: log lines (base plain tqdm's \\r redraws)", tc["log_lines"], tc["plain_redraws"],
+            "lines", "info")
     row("2 status.update per call (base no-op call)", o["update_ns"], o["noop_call_ns"], "ns/call", "<= 300 ns",
         o["update_ns"] <= 300)
     row("2 store writes/s in update loop", o["update_writes"] / o["update_loop_s"], 1 / o["progress_interval"],
@@ -442,6 +505,8 @@ def main() -> None:
     sections = {
         "start": lambda: bench_start(cfg["start_rounds"]),
         "overheads": lambda: bench_overheads(cfg["n"], cfg["reps"], cfg["updates"]),
+        # loops of about a second: each spans several of the writer thread's reads
+        "tqdm_capture": lambda: bench_tqdm_capture(5 * cfg["n"], cfg["reps"]),
         "visibility": lambda: bench_visibility(cfg["vis_samples"]),
         "visibility_busy": lambda: bench_visibility(cfg["vis_samples"], busy=True),
         "store": lambda: bench_store(cfg["sizes"], cfg["store_calls"], cfg["store_ends"]),

@@ -207,6 +207,7 @@ def summary(res: dict) -> list[dict]:
         "1 start: bg.run dask (base: dask client.submit), median")
     add("progress", "bg.track per item vs tqdm per item", eng, "2 bg.track per-item overhead")
     add("progress", "status.update() per item vs tqdm per item", eng, "2 status.update() per-item overhead")
+    add("progress", "tqdm capture in a task: added per item vs tqdm's own", eng, "2 tqdm capture: added per-item")
     add("progress", "status.update() per call (base: a no-op call)", eng, "2 status.update per call")
     add("throughput", "1,000 tasks end to end: bg.run + result() vs a Process per task", peers,
         "2 1000 tasks end to end: bg.run+result (base: mp.Process per task)")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from . import _tqdm_capture
 from ._errors import StoreError
 from ._files import atomic_write, result_path, stack_path
 from ._procs import EXIT_UNRECORDED, describe_exit, own_process
@@ -180,6 +181,7 @@ class Reporter:
 
     def flush(self) -> None:
         self._apply_tracker()
+        _tqdm_capture.apply(self)
         now = (self.percent, self.message)
         # ``reported``: when the progress last changed (a task whose progress stands still for long
         # is shown as stalled); it rides with the write of the change, never a write of its own.
@@ -215,6 +217,7 @@ class Reporter:
         if self._thread.is_alive():
             self._thread.join()
         self._apply_tracker()
+        _tqdm_capture.apply(self)
 
 
 _current: Any = None
@@ -317,6 +320,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     reporter = Reporter(job, sink)
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
+    _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
     finishing = cancelled = False
 
     def on_sigterm(signum: int, frame: Any) -> None:

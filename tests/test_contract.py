@@ -20,6 +20,7 @@ import time
 import cloudpickle
 import psutil
 import pytest
+import tqdm as tqdm_in_the_caller  # noqa: F401 - a forked task inherits it; spawn and Dask import it afresh
 from waiting import until
 from ways import started_by, started_line
 
@@ -260,6 +261,112 @@ def test_update_from_outside_the_task_is_refused(way):
     status = bg.run(time.sleep, 2)
     with pytest.raises(bg.NbbgtaskError, match="inside task"):
         status.update(10)
+
+
+# -- tqdm inside a task ----------------------------------------------------------------------------
+
+
+def _tqdm_training(steps, pause=0.05):
+    """A training loop as a framework draws it: tqdm to stderr (the task's log), no nbbgtask call."""
+    from tqdm import tqdm
+
+    for _ in tqdm(range(steps), desc="training"):
+        time.sleep(pause)
+    return steps
+
+
+def test_tqdm_progress_reaches_the_status_while_the_task_runs_and_the_log_keeps_lines(way):
+    assert "tqdm.std" in sys.modules  # a forked task inherits tqdm: patched as the task starts
+    status = bg.run(_tqdm_training, 60)
+    seen = []
+
+    def moving():
+        status.refresh()
+        seen.append((status.percent, status.message))
+        return 0 < status.percent < 100 and status.message.startswith("training: ")
+
+    assert until(moving, timeout=30)
+    percent, message = seen[-1]
+    done = int(message.split(": ")[1].split("/")[0])
+    assert message.startswith(f"training: {done}/60 [") and "it/s" in message
+    assert percent == pytest.approx(100 * done / 60)
+    assert status.result(timeout=30) == 60
+    assert status.percent == 100.0
+    assert status.message.startswith("training: 60/60 [")
+    log = status.log()
+    assert "\r" not in log and "\x1b" not in log
+    lines = log.splitlines()
+    # its first state and its last (a line at most every 10 s between): not a redraw per 0.1 s
+    assert len(lines) == 2, log
+    assert lines[0].startswith("training:   0%|") and "0/60" in lines[0]
+    assert lines[1].startswith("training: 100%|") and "60/60" in lines[1]
+
+
+def _nested_bars(epochs, batches):
+    from tqdm.auto import tqdm
+
+    status = bg.current()
+    seen = set()
+    for _ in tqdm(range(epochs), desc="epochs"):
+        for _ in tqdm(range(batches), desc="batches", leave=False):
+            time.sleep(0.01)
+            seen.add((status.percent, status.message.split(" [")[0]))
+    return sorted(seen)
+
+
+def test_nested_tqdm_bars_the_outermost_one_reports(way):
+    seen = bg.run(_nested_bars, 3, 30).result(timeout=60)
+    assert {message for _, message in seen} <= {"", "epochs: 0/3", "epochs: 1/3", "epochs: 2/3"}
+    assert {"epochs: 1/3", "epochs: 2/3"} <= {message for _, message in seen}
+    assert {round(percent, 6) for percent, message in seen if message} <= {0.0, round(100 / 3, 6), round(200 / 3, 6)}
+    status = bg.find_last()
+    assert status.message.startswith("epochs: 3/3 [")
+    lines = status.log().splitlines()
+    assert "\r" not in status.log()
+    assert len(lines) <= 2 + 3, lines  # the outer bar's first and last lines, each inner bar's first
+
+
+def _await(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen in {timeout} s: {bg.current().percent}, {bg.current().message!r}")
+        time.sleep(0.02)
+
+
+def _both_report():
+    """The rule: field by field, the most recent change wins; the task's own report wins a tie."""
+    from tqdm import tqdm
+
+    status = bg.current()
+    seen = {}
+    bar = tqdm(total=10, desc="bar", mininterval=0)
+    bar.update(4)
+    _await(lambda: status.percent == 40)
+    seen["bar moved"] = (status.percent, status.message.split(" [")[0])
+    bg.progress(90, "mine")
+    time.sleep(0.5)  # several writes: the bar has not moved since, so the task's report stays
+    seen["reported since"] = (status.percent, status.message)
+    bar.update(1)
+    _await(lambda: status.percent == 50)
+    seen["bar moved again"] = (status.percent, status.message.split(" [")[0])
+    bar.update(1)
+    bg.progress(message="both")  # with the bar's move, before the next write
+    _await(lambda: status.percent == 60)
+    time.sleep(0.3)
+    seen["both moved"] = (status.percent, status.message)
+    bar.close()
+    return seen
+
+
+def test_tqdm_and_the_tasks_own_reports_the_most_recent_change_wins(way):
+    seen = bg.run(_both_report).result(timeout=60)
+    assert seen == {
+        "bar moved": (40.0, "bar: 4/10"),
+        "reported since": (90.0, "mine"),
+        "bar moved again": (50.0, "bar: 5/10"),
+        "both moved": (60.0, "both"),
+    }
 
 
 # -- bad input: a clear error before any process starts -------------------------------------
