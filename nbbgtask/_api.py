@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_LIVE = {State.QUEUED.value, State.RUNNING.value}
 _OWNER_STARTED: dict[int, float | None] = {}
 
 
@@ -211,7 +212,7 @@ def resolve(id_or_prefix: str) -> TaskStatus:
     store = store_for(home)
     record = store.get(text)
     if record is None:
-        matches = sorted({r["id"] for r in store.all() if r["id"].startswith(text)})
+        matches = store.ids_starting(text)
         if not matches:
             raise TaskNotFound(f"no task id starts with {text!r} (see the list of tasks)")
         if len(matches) > 1:
@@ -238,12 +239,22 @@ def tasks(state: Any = None, name: str | None = None, limit: int | None = None) 
         whole_number(limit, "limit")
     home = _config.home()
     store = store_for(home)
-    records = [_backends.reconcile(store, r) for r in store.all()]
+
+    def matches(r: dict[str, Any]) -> bool:
+        return (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+
+    live = [_backends.reconcile(store, r) for r in store.live()]
+    finished: list[dict[str, Any]] = []
+    if wanted is None or wanted - _LIVE:
+        # The newest finished from the shards' summaries where they can tell, else every record.
+        finals = None if wanted is None else wanted - _LIVE
+        newest = None if limit is None else store.newest_finished(limit, finals, name)
+        finished = store.history() if newest is None else newest
+    ended = {r["id"] for r in finished}
+    # A task found in both places (a move cut short, or reconcile just ended it) counts as finished.
+    records = [r for r in live if r["id"] not in ended and matches(r)] + [r for r in finished if matches(r)]
     records.sort(key=lambda r: r["created"], reverse=True)
-    chosen = [
-        r for r in records if (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
-    ]
-    return [TaskStatus(r, home) for r in chosen[:limit]]
+    return [TaskStatus(r, home) for r in records[:limit]]
 
 
 def find_last(state: Any = None, name: str | None = None) -> TaskStatus | None:

@@ -118,10 +118,7 @@ class Monitor(widgets.VBox):
             return self._name is None or r["name"] == self._name
 
         live = sorted((r for r in snapshot.live.values() if keep(r)), key=lambda r: r["created"], reverse=True)
-        done_ids = {r["id"] for r in live}
-        history = [r for r in snapshot.history() if keep(r) and r["id"] not in done_ids]
-        history.sort(key=lambda r: r.get("finished") or r["created"], reverse=True)
-        return live + history[: self._finished]
+        return live + snapshot.recent_finished(self._finished, self._name)
 
     def _nbbg_refresh(self, snapshot: _refresher.Snapshot, changed: bool) -> bool:
         self._apply(snapshot, row_budget=ROW_BUDGET)

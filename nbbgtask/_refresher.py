@@ -63,6 +63,23 @@ class Snapshot:
             self._history = self.store.history()
         return self._history
 
+    def recent_finished(self, count: int, name: str | None = None) -> list[dict[str, Any]]:
+        """The ``count`` finished tasks (named ``name``) that ended last, newest first, not counting
+        any that is also live (a move cut short): from the shards' summaries where they can tell,
+        so that a monitor costs the same at any size of the history."""
+        wanted = count
+        for _ in range(2):
+            found = None if name is not None else self.store.newest_finished(wanted, by="finished")
+            if found is None:
+                break
+            kept = [r for r in found if r["id"] not in self.live]
+            if len(kept) >= count or len(found) < wanted:
+                return kept[:count]
+            wanted = count + len(found) - len(kept)
+        everything = [r for r in self.history() if (name is None or r["name"] == name) and r["id"] not in self.live]
+        everything.sort(key=lambda r: r.get("finished") or r["created"], reverse=True)
+        return everything[:count]
+
 
 class View(Protocol):
     home: Path
