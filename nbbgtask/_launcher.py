@@ -36,11 +36,10 @@ def open_log(home: str | os.PathLike[str], task_id: str, record: dict[str, Any])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     reason = record.get("start_reason")
     if reason:
-        try:
+        # A note, not the task's output: a full disk leaves it out and the task still starts, as
+        # it did before there was a note (its output then fails as it would anyway).
+        with contextlib.suppress(OSError):
             _wire.write_all(fd, f"nbbgtask: started by {record['start_method']} ({reason})\n".encode())
-        except BaseException:
-            os.close(fd)
-            raise
     return fd
 
 

@@ -49,10 +49,16 @@ WORK = {
 }
 
 
+#: set in this process by Dask's nanny (distributed's pre-spawn-environ) once a test ran a
+#: LocalCluster; a notebook has none of them, and with them set no pool starts threads at all
+_THREAD_LIMITS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "POLARS_MAX_THREADS")
+
+
 def _notebook(tmp_path: Path, body: str, timeout: float = 120) -> dict:
     script = tmp_path / "notebook.py"
     script.write_text(textwrap.dedent(body))
-    env = {**os.environ, "NBBGTASK_HOME": str(tmp_path / "home")}
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
+    env["NBBGTASK_HOME"] = str(tmp_path / "home")
     done = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

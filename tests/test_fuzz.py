@@ -386,8 +386,8 @@ def test_fuzz_configure(tmp_path, monkeypatch):
                 st.one_of(TEXT.filter(_safe_home), TEXT.filter(_safe_home).map(Path), st.just("x" * 300),
                           ANYTHING.filter(lambda v: not isinstance(v, (str, bytes)))),
             ),
-            start_method=_pick(draw, st.sampled_from(["fork", "spawn"]), st.one_of(
-                st.sampled_from(["forkserver", "thread", "", "FORK"]), ANYTHING)),
+            start_method=_pick(draw, st.sampled_from(["auto", "fork", "forkserver", "spawn"]), st.one_of(
+                st.sampled_from(["thread", "", "FORK", "Auto"]), ANYTHING)),
             max_running=_pick(draw, st.one_of(st.integers(1, 100), HUGE.filter(lambda n: n > 0), st.just(math.inf)),
                              st.one_of(st.integers(-2, 0), NUMBERS, TEXT)),
             refresh_interval=_pick(draw, st.floats(0.001, 1e6), st.one_of(NUMBERS, TEXT, st.just(math.nan), st.just(math.inf))),
@@ -404,7 +404,7 @@ def test_fuzz_configure(tmp_path, monkeypatch):
         ok, got = tally.call(bg.configure, **kwargs)
         if ok:
             now = _config.settings()
-            assert now.start_method in ("fork", "spawn") and now.backend == "local"
+            assert now.start_method in ("auto", "fork", "forkserver", "spawn") and now.backend == "local"
             assert now.refresh_interval > 0 and now.cancel_grace > 0 and math.isfinite(now.refresh_interval)
             assert now.max_running == math.inf or (type(now.max_running) is int and now.max_running >= 1)
             assert now.home is None or now.home.is_dir()
