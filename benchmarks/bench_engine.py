@@ -6,6 +6,10 @@ so the noise of a shared machine hits both.  Each section uses a fresh home fold
 1. Start latency: just before ``bg.run(fn)`` / ``MyTask.initiate()`` -> first line of task code
    in the child, which sends ``time.perf_counter()`` (CLOCK_MONOTONIC) through an inherited
    pipe.  Baseline: a bare ``os.fork()`` whose child does the same.  Goal: ratio <= 2.
+   By start method, in the same rounds: ``"auto"`` where a fork is safe (it forks, after asking
+   `_forksafety`) against ``"fork"`` forced (goal <= 1.1); a trivial task through the fork server
+   against ``"spawn"`` (goal <= 0.2; the server is started by the warm-up, as a kernel's is by its
+   first such task).
 2. Inside a running task: per-item overhead of ``bg.track`` over a bare loop vs ``tqdm`` (goal:
    track <= tqdm), and of a ``status.update(percent=...)`` call per item (informational, vs tqdm); ``status.update(percent, message)`` per call in a tight loop, background
    writes included (goal <= 300 ns; baseline: a no-op call); the store writes made meanwhile.
@@ -64,6 +68,15 @@ def send_time(fd: int, value: float | None = None) -> None:
     os.write(fd, struct.pack("d", perf() if value is None else value))
 
 
+def send_time_to(path: str) -> None:
+    """In a task that inherited no descriptor: the time, through the named pipe at ``path``."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        send_time(fd)
+    finally:
+        os.close(fd)
+
+
 def recv_time(fd: int, timeout: float = 30.0) -> float:
     """One 8-byte message (pipe writes that small are atomic, so a read returns it whole)."""
     if not select.select([fd], [], [], timeout)[0]:
@@ -109,6 +122,7 @@ def bench_start(rounds: int) -> dict:
         return t1 - t0
 
     def task(start):
+        bg.configure(start_method="fork")  # the pipe reaches only a forked task
         t0 = perf()
         status = start()
         t1 = recv_time(r)
@@ -116,11 +130,31 @@ def bench_start(rounds: int) -> dict:
             raise RuntimeError(f"probe task ended {status.state}: {status.error}")
         return t1 - t0
 
+    # Spawned and fork-server tasks inherit no descriptor: by start method, every task sends its
+    # time through a named pipe that it opens (the same channel for each pair compared).
+    fifo = os.path.join(tempfile.mkdtemp(prefix="nbbg-bench-"), "times")
+    os.mkfifo(fifo)
+    fifo_r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    keep_open = os.open(fifo, os.O_WRONLY)  # so the read end never sees an end of file
+
+    def run_by(method):
+        def run():
+            bg.configure(start_method=method)
+            t0 = perf()
+            status = bg.run(send_time_to, fifo)
+            t1 = recv_time(fifo_r)
+            if not status.wait(timeout=60) or status.state != "complete":
+                raise RuntimeError(f"probe task ended {status.state}: {status.error}")
+            return t1 - t0
+        return run
+
     fns = {"fork": bare_fork, "run": lambda: task(lambda: bg.run(send_time, w)),
-           "initiate": lambda: task(ProbeTask.initiate)}
-    interleaved(fns, 2)  # warm-up: first store files, psutil, caches
+           "initiate": lambda: task(ProbeTask.initiate), "fork by name": run_by("fork"), "auto": run_by("auto"),
+           "forkserver": run_by("forkserver"), "spawn": run_by("spawn")}
+    interleaved(fns, 2)  # warm-up: first store files, psutil, caches, the fork server
     samples = interleaved(fns, rounds)
-    for fd in (r, w):
+    bg.configure(start_method="fork")
+    for fd in (r, w, fifo_r, keep_open):
         os.close(fd)
     return {k: {"median_ms": 1e3 * median(v), "p95_ms": 1e3 * p95(v)} for k, v in samples.items()}
 
@@ -447,6 +481,11 @@ def build_rows(res: dict, sizes: list[int]) -> list[dict]:
         row(f"1 start: {'bg.run' if kind == 'run' else 'initiate'} -> task code (median)", s[kind]["median_ms"],
             fork, "ms", "ratio <= 2.0", s[kind]["median_ms"] <= 2 * fork)
     row("1 start: bg.run -> task code (p95)", s["run"]["p95_ms"], s["fork"]["p95_ms"], "ms", "info")
+    run = s["fork by name"]["median_ms"]
+    row("1 start: auto, fork safe (base: fork forced), median", s["auto"]["median_ms"], run, "ms", "ratio <= 1.1",
+        s["auto"]["median_ms"] <= 1.1 * run)
+    row("1 start: forkserver, trivial task (base: spawn), median", s["forkserver"]["median_ms"], s["spawn"]["median_ms"],
+        "ms", "ratio <= 0.2", s["forkserver"]["median_ms"] <= 0.2 * s["spawn"]["median_ms"])
     row("2 bg.track per-item overhead (base tqdm)", o["track_ns"], o["tqdm_ns"], "ns/item", "track <= tqdm",
         o["track_ns"] <= o["tqdm_ns"])
     row("2 status.update() per-item overhead (base tqdm)", o["update_item_ns"], o["tqdm_ns"], "ns/item", "info")
