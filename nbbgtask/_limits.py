@@ -26,6 +26,9 @@ How each limit holds, and why this way:
   privilege; children inherit it), so when the machine runs out of memory the task, not the
   kernel, is killed; a task killed by SIGKILL while the machine's OOM kill count rose is recorded
   as killed by the OOM killer.
+
+One job: a task's limits and costs, from the value a user writes to the words its end is
+recorded with; split, its parts would each need the others' definitions.
 """
 
 from __future__ import annotations
@@ -280,6 +283,23 @@ def read_tree(pid: int, started: float | None, uss: bool = True, settle: float =
     return result
 
 
+def costs(records: list[dict[str, Any]], settle: float = 0.2) -> dict[str, dict[str, Any]]:
+    """CPU and RSS of each running local task of this machine in ``records``, by id, over one
+    ``settle`` for all of them (for a one-shot reader: the command line)."""
+    host = socket.gethostname()
+    running = [r for r in records if r["state"] == "running" and r.get("pid") and r.get("host") == host]
+    for r in running:
+        read_tree(r["pid"], r.get("pid_started"), uss=False)
+    if running:
+        time.sleep(settle)
+    found = {}
+    for r in running:
+        figures = read_tree(r["pid"], r.get("pid_started"), uss=False)
+        if figures is not None:
+            found[r["id"]] = figures
+    return found
+
+
 def compact(resources: dict[str, Any] | None) -> str:
     """``CPU 98% · 212 MiB`` (RSS), or ``""``."""
     if not resources:
@@ -348,21 +368,26 @@ class Enforcer:
         if self.timeout is not None:
             signal.signal(signal.SIGALRM, self._on_alarm)
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
-            # The backstop for code that never lets the handler run: a C thread, no GIL needed.
+            # For code that never lets the handler run (C holding the GIL): halfway through the
+            # grace faulthandler's C thread writes every thread's stack to the log, and at its end
+            # the watcher process kills the task's group.
             with contextlib.suppress(RuntimeError, ValueError, OSError):
-                faulthandler.dump_traceback_later(self.timeout + self.grace, exit=True, file=sys.stderr)
-        if self.memory is not None:
-            self._start_watcher(self.memory)
-        else:
+                faulthandler.dump_traceback_later(self.timeout + self.grace / 2, exit=False, file=sys.stderr)
+        if self.memory is not None or self.timeout is not None:
+            self._start_watcher()
+        if self.memory is None:
             self._thread = threading.Thread(target=self._sample_peak, name="nbbgtask-peak", daemon=True)
             self._thread.start()
 
-    def _start_watcher(self, limit: int) -> None:
+    def _start_watcher(self) -> None:
         ours, theirs = socket.socketpair()
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_memwatch.py")
         try:
             self._watcher = subprocess.Popen(
-                [sys.executable, script, str(self._pid), str(limit), repr(self.grace), repr(MEMORY_EVERY)],
+                [
+                    sys.executable, script, str(self._pid), str(self.memory or 0), repr(self.grace), repr(MEMORY_EVERY),
+                    repr(0 if self.timeout is None else time.time() + self.timeout + self.grace),
+                ],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 close_fds=True,

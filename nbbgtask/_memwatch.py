@@ -1,5 +1,8 @@
-"""The memory watcher of a task with a memory limit: a small process of its own, run by path
-(``python .../_memwatch.py PID LIMIT GRACE INTERVAL``), so it imports psutil and nothing of nbbgtask.
+"""The watcher of a task with limits: a small process of its own, run by path
+(``python .../_memwatch.py PID LIMIT GRACE INTERVAL DEADLINE``), so it imports psutil and nothing
+of nbbgtask.  LIMIT 0: no memory limit; DEADLINE (seconds since the epoch, 0: none): the task's
+timeout plus its grace, when the watcher kills the task's whole group (the task itself stops at
+its timeout; this is for one that cannot, blocked in C with the GIL held, and for what it started).
 
 A process rather than a thread of the task's, because a thread needs the task's GIL, and code
 that grows fastest (one large allocation, a copy in C) holds it: a thread would see the memory
@@ -61,15 +64,25 @@ def _signal(pid: int, sig: int) -> None:
 
 def main(argv: list[str]) -> int:
     pid, limit, grace, interval = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3])
+    deadline = float(argv[4]) if len(argv) > 4 and float(argv[4]) > 0 else None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM is for the task
     me = os.getpid()
     channel = 0
     peak = reported = 0
-    pause = interval
+    pause = interval if limit else 3600.0
     while True:
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.time()))
         ready, _, _ = select.select([channel], [], [], pause)
         if ready and not os.read(channel, 4096):
             return 0  # the task has ended
+        if deadline is not None and time.time() >= deadline:
+            print("nbbgtask: the task did not stop within the grace after its timeout; killing it", file=sys.stderr, flush=True)
+            _signal(pid, signal.SIGKILL)
+            return 0
+        if not limit:
+            pause = 3600.0
+            continue
         began = time.perf_counter()
         uss = _uss(pid, me)
         pause = max(interval, 20 * (time.perf_counter() - began))  # at most ~5 % of a core
