@@ -73,14 +73,15 @@ def _table(records: list[dict[str, Any]]) -> Any:
 
     figures = costs(records)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in (*_format.COLUMNS, "cpu · memory"):
+    # A column for the costs only when a task runs here: a list of finished tasks stays as it was.
+    for column in (*_format.COLUMNS, *(("cpu · memory",) if figures else ())):
         if column == "message":
             table.add_column(column, ratio=1, no_wrap=True, overflow="ellipsis")
         else:
             table.add_column(column, justify="right" if column in ("percent", "elapsed") else "left", no_wrap=True)
     for record in records:
         style = "yellow" if _format.stalled_for(record) is not None else _STATE_STYLES.get(record["state"])
-        cells = (*_format.row(record), compact(figures.get(record["id"])))
+        cells = (*_format.row(record), *((compact(figures.get(record["id"])),) if figures else ()))
         table.add_row(*(Text(cell) for cell in cells), style=style)  # data, not markup
     return table
 
