@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._api import (
     BackgroundTask,
+    Limits,
     configure,
     current,
     find_last,
@@ -57,6 +58,7 @@ def unload_ipython_extension(ipython: object) -> None:
 
 __all__ = [
     "BackgroundTask",
+    "Limits",
     "NbbgtaskError",
     "ProgressBar",
     "State",

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from . import _backends, _config, _runner
+from . import _backends, _config, _limits, _runner
 from ._errors import AmbiguousTaskId, TaskNotFound
 from ._files import log_path, result_path, stack_files
+from ._limits import Limits
 from ._procs import process_start_time
 from ._record import new_record
 from ._states import State
@@ -25,6 +26,7 @@ from ._validate import whole_number
 
 __all__ = [
     "BackgroundTask",
+    "Limits",
     "run",
     "progress",
     "track",
@@ -90,12 +92,20 @@ def _launch(
     kwargs: dict[str, Any] | None = None,
     is_task_class: bool = False,
     cooperative_cancel: bool = False,
+    limits: Limits | None = None,
 ) -> TaskStatus:
     config = _config.settings()
     home = _config.home()
     backend = _backends.current()
+    chosen = limits if limits is not None else _limits.checked(config.limits)
+    record = dict(new_record(name, settings, backend.placement(), _owner_started()))
+    limit_fields = chosen.to_record() if chosen is not None else None
+    if limit_fields is not None:
+        record["limits"] = limit_fields
+    if record.get("backend") == "local":
+        record["oom_kills"] = _limits.oom_kills()
     job = _runner.Job(
-        record=dict(new_record(name, settings, backend.placement(), _owner_started())),
+        record=record,
         home=home,
         target=target,
         make_status=TaskStatus._reporting,
@@ -105,6 +115,8 @@ def _launch(
         is_task_class=is_task_class,
         cooperative_cancel=cooperative_cancel,
         progress_interval=config.progress_interval,
+        limits=limit_fields,
+        cancel_grace=config.cancel_grace,
     )
     backend.prepare(job)
     backend.submit(job)
@@ -121,6 +133,8 @@ class BackgroundTask:
     #: True: a cancel only sets ``status.cancel_requested`` and the task stops itself (it is
     #: killed if it has not within the grace period).  False: a cancel interrupts it at once.
     cooperative_cancel: ClassVar[bool] = False
+    #: this task's `bg.Limits` (a timeout, a memory cap); None: `bg.configure(limits=...)`'s
+    limits: ClassVar[Limits | None] = None
 
     def execute(self, status: TaskStatus) -> Any:
         raise NotImplementedError
@@ -132,8 +146,12 @@ class BackgroundTask:
         *,
         secrets: Mapping[str, Any] | None = None,
         name: str | None = None,
+        limits: Limits | None = None,
     ) -> TaskStatus:
-        """Start this task in its own process and return its status at once."""
+        """Start this task in its own process and return its status at once.
+
+        ``limits``: a `bg.Limits` for this run; else the class's ``limits``, else the configured.
+        """
         if cls is BackgroundTask or cls.execute is BackgroundTask.execute:
             raise TypeError(
                 f"{cls.__name__} has no execute(self, status) method: subclass bg.BackgroundTask "
@@ -146,6 +164,7 @@ class BackgroundTask:
             secrets=_checked_secrets(secrets),
             is_task_class=True,
             cooperative_cancel=bool(cls.cooperative_cancel),
+            limits=_limits.checked(limits) or _limits.checked(cls.limits, f"{cls.__name__}.limits"),
         )
 
 
@@ -154,14 +173,25 @@ def run(
     *args: Any,
     name: str | None = None,
     secrets: Mapping[str, Any] | None = None,
+    limits: Limits | None = None,
     **kwargs: Any,
 ) -> TaskStatus:
-    """Run ``fn(*args, **kwargs)`` as a background task; its return value is the result."""
+    """Run ``fn(*args, **kwargs)`` as a background task; its return value is the result.
+
+    ``name``, ``secrets`` and ``limits`` (a `bg.Limits`) are bg.run's own; every other keyword
+    goes to ``fn``.
+    """
     if not callable(fn):
         raise TypeError(f"bg.run needs a function or other callable to run, got {type(fn).__name__}")
     default = getattr(fn, "__name__", None) or type(fn).__name__
     return _launch(
-        _checked_name(name, default), fn, settings=None, secrets=_checked_secrets(secrets), args=args, kwargs=kwargs
+        _checked_name(name, default),
+        fn,
+        settings=None,
+        secrets=_checked_secrets(secrets),
+        args=args,
+        kwargs=kwargs,
+        limits=_limits.checked(limits),
     )
 
 
@@ -309,6 +339,7 @@ def configure(
     backend: str | None = None,
     address: str | None = None,
     dask_client: Any = None,
+    limits: Limits | None = None,
 ) -> _config.Settings:
     """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
 
@@ -324,6 +355,7 @@ def configure(
         backend=backend,
         address=address,
         dask_client=dask_client,
+        limits=limits,
     )
     if changes.get("backend") == "dask":
         # Connect now, so an unreachable scheduler is reported here and changes nothing.

@@ -69,15 +69,20 @@ def _table(records: list[dict[str, Any]]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from ._limits import compact, costs
+
+    figures = costs(records)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in _format.COLUMNS:
+    # A column for the costs only when a task runs here: a list of finished tasks stays as it was.
+    for column in (*_format.COLUMNS, *(("cpu · memory",) if figures else ())):
         if column == "message":
             table.add_column(column, ratio=1, no_wrap=True, overflow="ellipsis")
         else:
             table.add_column(column, justify="right" if column in ("percent", "elapsed") else "left", no_wrap=True)
     for record in records:
         style = "yellow" if _format.stalled_for(record) is not None else _STATE_STYLES.get(record["state"])
-        table.add_row(*(Text(cell) for cell in _format.row(record)), style=style)  # data, not markup
+        cells = (*_format.row(record), *((compact(figures.get(record["id"])),) if figures else ()))
+        table.add_row(*(Text(cell) for cell in cells), style=style)  # data, not markup
     return table
 
 
@@ -94,7 +99,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(_format.details(resolve(args.id).to_dict()))
+    from ._limits import compact, format_bytes
+
+    status = resolve(args.id)
+    print(_format.details(status.to_dict()))
+    figures = status.resources()
+    if figures is not None:
+        print(f"resources: {compact(figures)} RSS, {format_bytes(figures['uss'])} USS, {figures['processes']} processes")
     return EXIT_OK
 
 

@@ -35,6 +35,8 @@ class Settings:
     progress_interval: float = 0.1
     backend: str = "local"
     dask_client: Any = None
+    #: the limits of a task that names none (`_limits.Limits`); None: no limits
+    limits: Any = None
 
 
 _settings = Settings()
@@ -95,6 +97,7 @@ def checked_changes(
     backend: str | None = None,
     address: str | None = None,
     dask_client: Any = None,
+    limits: Any = None,
 ) -> dict[str, Any]:
     """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
@@ -132,6 +135,10 @@ def checked_changes(
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a string such as 'tcp://scheduler:8786', got {address!r}")
         changes["backend"] = chosen
+    if limits is not None:
+        from ._limits import checked
+
+        changes["limits"] = checked(limits)
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)))
     return changes

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _config, _record
+from . import _config, _limits, _record
 from ._dask_wire import TOPIC, cancel_event_name
 from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
@@ -181,7 +181,7 @@ class DaskBackend(DaskRecords):
                 fields["started"] = msg.get("time")
             store.patch(task_id, fields)
         elif kind == "progress":
-            store.patch(task_id, {k: msg[k] for k in ("percent", "message") if k in msg})
+            store.patch(task_id, {k: msg[k] for k in ("percent", "message", "limit_error") if k in msg})
         elif kind == "log":
             fd = os.open(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -189,11 +189,15 @@ class DaskBackend(DaskRecords):
             finally:
                 os.close(fd)
         elif kind == "final":
-            self._finish(task_id, msg)
+            self._finish(task_id, msg, record)
 
-    def _finish(self, task_id: str, msg: dict[str, Any]) -> None:
+    def _finish(self, task_id: str, msg: dict[str, Any], record: dict[str, Any]) -> None:
         fields: dict[str, Any] = {k: msg[k] for k in _record.FINAL_FIELDS if k in msg}
         fields.setdefault("finished", time.time())
+        if fields.get("state") == State.FAILED.value and "percent" not in msg:
+            # Not the child's own report of its end (that always has the percent) but the worker's
+            # of a child that ended without one: say which limit ended it, if one did.
+            fields["error"] = _limits.explain(record, str(fields.get("error") or ""), now=fields["finished"])
         data = msg.get("result")
         if data is not None:
             atomic_write(result_path(self.home, task_id), data, durable=True)

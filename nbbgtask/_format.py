@@ -182,6 +182,13 @@ def details(record: dict[str, Any]) -> str:
         lines.append(f"stalled:   {note}")
     if record.get("cancel_requested"):
         lines.append("cancel:    requested")
+    if record.get("peak_memory") is not None:
+        from ._limits import format_bytes
+
+        lines.append(f"peak memory: {format_bytes(record['peak_memory'])} (USS, children included)")
+    if record.get("limits"):
+        limits = record["limits"]
+        lines.append(f"limits:    timeout={limits.get('timeout')} memory={limits.get('memory')}")
     if record.get("error"):
         lines.append(f"error:     {record['error']}")
     if record.get("traceback"):

@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from . import _config, _launcher
+from . import _config, _launcher, _limits
 from ._forksafety import hazard
 from ._forkserver import FORKSERVER
 from ._procs import HOST, process_start_time, same_process, signal_group
@@ -168,6 +168,12 @@ class LocalBackend:
         pid = record.get("pid")
         if pid is None:
             pid = watcher.pid_of(record["id"])
+        if pid is not None and _limits.overdue(record, _config.settings().cancel_grace):
+            # Past its timeout and its grace, and still not ended by its own process (which
+            # enforces it): whoever reads it now ends it, kernel restarts or not.
+            if same_process(pid, record.get("pid_started")):
+                signal_group(pid, signal.SIGKILL)
+                time.sleep(0.05)
         if pid is not None and watcher.is_child(pid):
             if watcher.reap(pid):
                 return store.get(record["id"]) or record
@@ -191,7 +197,7 @@ class LocalBackend:
         if record.get("cancel_requested"):
             fields = {"state": State.CANCELLED.value, "finished": time.time()}
         else:
-            fields = {"state": State.FAILED.value, "error": error, "finished": time.time()}
+            fields = {"state": State.FAILED.value, "error": _limits.explain(record, error), "finished": time.time()}
         return store.finalize(record["id"], fields, fallback=record) or record
 
     def may_still_report(self, record: dict[str, Any]) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from . import _config, _format, _refresher
+from . import _config, _format, _limits, _refresher
 from ._states import State
 from ._status import TaskStatus
 from ._validate import whole_number
@@ -34,12 +34,14 @@ class _Row:
         self.state = widgets.HTML(layout=widgets.Layout(width="6em"))
         self.bar = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="20%"))
         self.text = widgets.HTML(layout=widgets.Layout(flex="1"))
+        #: CPU % and memory (RSS) of the task's process tree while it runs; its peak once ended
+        self.costs = widgets.HTML(layout=widgets.Layout(width="11em"))
         self.cancel = widgets.Button(description="Cancel", button_style="danger", layout=widgets.Layout(width="6em"))
         self.show_log = widgets.ToggleButton(description="Log", layout=widgets.Layout(width="5em"))
         self.log = widgets.HTML(layout=widgets.Layout(display="none"))
         self.cancel.on_click(self._on_cancel)
         self.show_log.observe(self._on_toggle, names="value")
-        self.line = widgets.HBox([self.name, self.state, self.bar, self.text, self.cancel, self.show_log])
+        self.line = widgets.HBox([self.name, self.state, self.bar, self.costs, self.text, self.cancel, self.show_log])
         self.box = widgets.VBox([self.line, self.log])
         self.final = False
         self.update(record)
@@ -59,9 +61,18 @@ class _Row:
         if self.log.value != value:
             self.log.value = value
 
-    def update(self, record: dict[str, Any], now: float | None = None) -> None:
+    def update(self, record: dict[str, Any], now: float | None = None, costs: dict[str, Any] | None = None) -> None:
         if self.final:
             return
+        if costs:
+            cost = _limits.compact(costs)
+        elif record.get("peak_memory") is not None:
+            cost = f"peak {_limits.format_bytes(record['peak_memory'])}"
+        else:
+            cost = ""
+        cost = f'<span class="nbbgtask-costs" style="white-space:nowrap">{html.escape(cost)}</span>'
+        if self.costs.value != cost:
+            self.costs.value = cost
         state = record["state"]
         name = (
             f'<span style="white-space:nowrap"><b>{html.escape(str(record["name"]))}</b> '
@@ -85,7 +96,7 @@ class _Row:
             self.refresh_log()
 
     def close(self) -> None:
-        for w in (self.name, self.state, self.bar, self.text, self.cancel, self.show_log, self.log, self.line, self.box):
+        for w in (self.name, self.state, self.bar, self.costs, self.text, self.cancel, self.show_log, self.log, self.line, self.box):
             w.close()
 
 
@@ -136,7 +147,7 @@ class Monitor(widgets.VBox):
                     continue  # the next round makes the rest
                 row = self._rows[record["id"]] = _Row(record, self.home)
             else:
-                row.update(record, snapshot.now)
+                row.update(record, snapshot.now, snapshot.resources(record))
             rows.append(row)
         keep = {r.task_id for r in rows}
         for task_id in [t for t in self._rows if t not in keep]:

@@ -50,6 +50,15 @@ class TaskRecord(TypedDict, total=False):
     pid: int | None  #: the task's process; with pid_started, tells it from a reused pid
     pid_started: float | None
     cancel_requested: bool
+    #: the task's limits (`_limits.Limits`): {"timeout": seconds or None, "memory": bytes or None};
+    #: ``started`` + ``timeout`` is its deadline, which any reader enforces if the task did not
+    limits: dict[str, Any] | None
+    #: the machine's OOM kill count when the task started (/proc/vmstat): a SIGKILL while it rose
+    #: is taken for the OOM killer's
+    oom_kills: int | None
+    #: which limit the task went past, written by the task before it is stopped (in case it has
+    #: to be killed, so whoever records that can say why)
+    limit_error: str | None
     # -- once it ends --------------------------------------------------------------------------
     finished: float | None
     error: str | None  #: one line, "ValueError: bad spline"
@@ -57,12 +66,14 @@ class TaskRecord(TypedDict, total=False):
     has_result: bool
     result_type: str  #: "module.qualname" of the return value
     result_inline: str  #: a small pickled result, base64; a larger one has a file of its own
+    #: the highest memory (USS, children included) the task's process tree was seen to use, bytes
+    peak_memory: int | None
 
 
 #: what a task's end may set (its final report, or a backend that saw how it ended)
 FINAL_FIELDS = (
     "state", "percent", "message", "error", "traceback", "has_result", "result_type", "result_inline",
-    "finished", "cancel_requested",
+    "finished", "cancel_requested", "peak_memory",
 )
 #: the fields that say whether and where a result is
 RESULT_FIELDS = ("has_result", "result_type", "result_inline")
@@ -84,6 +95,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "traceback": (str,),
     "settings": (dict,),
     "result_inline": (str,),
+    "limits": (dict,),
+    "peak_memory": (int,),
 }
 _REQUIRED = ("id", "name", "state", "created")
 _STATES = frozenset(s.value for s in State)

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from . import _config
 from ._backends import reconcile
+from ._limits import read_tree
+from ._procs import HOST
 from ._store import store_for
 
 __all__ = ["Snapshot", "View", "register", "refresher_running"]
@@ -53,6 +55,16 @@ class Snapshot:
         self.store = store_for(home)
         self.live = {r["id"]: r for r in self.store.live()}
         self._history: list[dict[str, Any]] | None = None
+        self._costs: dict[str, dict[str, Any] | None] = {}
+
+    def resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """CPU % and RSS of a running task of this machine, read at most once a round and only
+        when elapsed times move (``now`` steps: once a second, or less often with many views),
+        else the last reading; the CPU % is over the time between two readings."""
+        task_id = record["id"]
+        if task_id not in self._costs:
+            self._costs[task_id] = _costs(record, self.now)
+        return self._costs[task_id]
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         record = self.live.get(task_id)
@@ -79,6 +91,25 @@ class Snapshot:
         everything = [r for r in self.history() if (name is None or r["name"] == name) and r["id"] not in self.live]
         everything.sort(key=lambda r: r.get("finished") or r["created"], reverse=True)
         return everything[:count]
+
+
+#: the last reading of each task's costs: id -> (the ``now`` it was read at, figures)
+_COSTS: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+
+def _costs(record: dict[str, Any], now: float) -> dict[str, Any] | None:
+    pid = record.get("pid")
+    if record["state"] != "running" or pid is None or record.get("host") != HOST:
+        _COSTS.pop(record["id"], None)
+        return None
+    last = _COSTS.get(record["id"])
+    if last is not None and last[0] == now:
+        return last[1]
+    figures = read_tree(pid, record.get("pid_started"), uss=False)
+    if len(_COSTS) > 4096:
+        _COSTS.clear()
+    _COSTS[record["id"]] = (now, figures)
+    return figures
 
 
 class View(Protocol):

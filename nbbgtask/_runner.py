@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import faulthandler
 import inspect
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import _tqdm_capture
+from . import _limits, _tqdm_capture
 from ._errors import StoreError
 from ._files import atomic_write, result_path, stack_path
 from ._procs import EXIT_UNRECORDED, describe_exit, own_process
@@ -52,6 +53,10 @@ class Job:
     #: the task stops itself when it sees ``cancel_requested`` (else SIGTERM interrupts it)
     cooperative_cancel: bool = False
     progress_interval: float = 0.1
+    #: the task's `_limits.Limits`, as its record keeps them (None: no limit)
+    limits: dict[str, Any] | None = None
+    #: seconds a task stopped by a limit gets after SIGTERM before it is killed (as a cancel's)
+    cancel_grace: float = 3.0
     #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: the pickled job, for spawn (made by the launcher before anything is stored)
@@ -322,8 +327,14 @@ def run_job(job: Job, sink: Any = None) -> int:
     _current, _current_reporter = status, reporter
     _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
     finishing = cancelled = False
+    enforcer = _limits.Enforcer(job.limits, job.cancel_grace, sink.progress)
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        breach = enforcer.poll()
+        if breach is not None:  # a limit ended it, not a cancel
+            if not finishing:
+                raise breach
+            return
         reporter.cancel_requested = True
         if not finishing and not job.cooperative_cancel:
             raise _Terminated()
@@ -335,9 +346,11 @@ def run_job(job: Job, sink: Any = None) -> int:
     value: Any = None
     try:
         try:
+            enforcer.start()
             value = _call(job, status)
         finally:
             finishing = True
+            enforcer.stop()
             # A cancel asked for before the task ended wins over however it then ended.
             cancelled = reporter.cancel_requested
         fields = {"state": State.COMPLETE.value}
@@ -345,6 +358,15 @@ def run_job(job: Job, sink: Any = None) -> int:
             fields.update(_save_result(sink, value))
     except _Terminated:
         fields = {"state": State.CANCELLED.value}
+    except _limits.LimitExceeded as exc:
+        text = _user_traceback(exc)
+        error = enforcer.error(exc)
+        try:
+            print(f"nbbgtask: {error}", file=sys.stderr)
+        except Exception:
+            pass
+        fields = {"state": State.FAILED.value, "error": error, "traceback": text}
+        cancelled = False
     except SystemExit as exc:
         if exc.code in (None, 0):
             fields = {"state": State.COMPLETE.value}
@@ -365,6 +387,8 @@ def run_job(job: Job, sink: Any = None) -> int:
         fields["percent"] = 100.0
     fields["finished"] = time.time()
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
+    if enforcer.peak is not None:
+        fields["peak_memory"] = enforcer.peak
     try:
         sink.finish(fields)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
@@ -431,8 +455,10 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
         return
     if record.get("cancel_requested"):
         fields: dict[str, Any] = {"state": State.CANCELLED.value}
-    elif code is None:
-        fields = {"state": State.FAILED.value, "error": f"the task process {pid} ended without reporting"}
     else:
-        fields = {"state": State.FAILED.value, "error": describe_exit(pid, code)}
+        error = f"the task process {pid} ended without reporting" if code is None else describe_exit(pid, code)
+        fields = {"state": State.FAILED.value, "error": _limits.explain(record, error, code)}
+        if fields["error"] != error:  # a limit (or the OOM killer) ended it: end what it started too
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
     store.finalize(task_id, {**fields, "finished": time.time()})

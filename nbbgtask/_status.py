@@ -338,6 +338,31 @@ class TaskStatus:
             self._record = record
         return was_live
 
+    def resources(self) -> dict[str, Any] | None:
+        """A running task's CPU and memory, its children included; ``None`` once it has ended.
+
+        ``{"cpu_percent": 98.0, "rss": bytes, "uss": bytes, "processes": 1}``: CPU % since the
+        last reading in this process (100 = one core; the first reading takes 0.2 s), RSS
+        (resident, pages shared with the kernel or between the processes counted in each) and
+        USS (memory private to them: what ending the task gives back).  Re-reads the record.
+        Read from this machine's processes: ``None`` for a task on a Dask cluster.
+        """
+        from ._limits import read_tree
+
+        record = self.refresh()._record
+        pid = record.get("pid")
+        if record["state"] != State.RUNNING.value or pid is None or record.get("host") != HOST:
+            return None
+        if not same_process(pid, record.get("pid_started")):
+            return None
+        return read_tree(pid, record.get("pid_started"), uss=True, settle=0.2)
+
+    @property
+    def peak_memory(self) -> int | None:
+        """The most memory (USS, children included, bytes) the task was seen to use, once it
+        has ended (sampled each second while it ran; ``None`` for one that ended sooner)."""
+        return self._record.get("peak_memory")
+
     def stack(self) -> str:
         """The running task's current Python stack, every thread, as text (what a stuck task is
         doing), most recent call first.  Works while the task is blocked in C code too.

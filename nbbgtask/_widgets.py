@@ -7,7 +7,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from . import _config, _format, _refresher
+from . import _config, _format, _limits, _refresher
 from ._states import State
 from ._status import TaskStatus
 
@@ -66,7 +66,9 @@ class ProgressBar(widgets.HBox):
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def _show(self, record: dict[str, Any] | None, now: float | None = None) -> None:
+    def _show(
+        self, record: dict[str, Any] | None, now: float | None = None, costs: dict[str, Any] | None = None
+    ) -> None:
         if record is None:
             waiting = f" named {self._name_filter!r}" if self._name_filter else ""
             self._label.value = "<b>no task running</b>"
@@ -83,6 +85,8 @@ class ProgressBar(widgets.HBox):
             self._bar.bar_style = bar_style(state)
             self._bar.description = ""
         text = _format.html.escape(_format.summary(record, now))
+        if costs:
+            text += f' <small style="color:#757575">· {_format.html.escape(_limits.compact(costs))}</small>'
         if state == State.FAILED.value:
             text = f'<span style="color:#c62828">{text}</span>'
         if self._text.value != text:
@@ -99,7 +103,7 @@ class ProgressBar(widgets.HBox):
             if newest is not None:
                 record = newest
         self._record = record
-        self._show(record, snapshot.now)
+        self._show(record, snapshot.now, snapshot.resources(record) if record is not None else None)
         if record is not None and State(record["state"]).is_final and not self._follow_last:
             self._settled = True
             return False

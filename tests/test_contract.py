@@ -542,3 +542,49 @@ def test_only_a_forked_task_takes_arguments_that_cannot_be_pickled(way, home):
         with pytest.raises(TypeError, match="cannot be sent to .*cannot be pickled"):
             bg.run(lambda held: held.locked(), lock)
         assert _no_process_started(home)
+
+
+# -- limits: the timeout (API.md, Limits) -------------------------------------------------------
+
+GRACE = 1.0
+
+
+def _sleeps(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+
+def _blocked_in_c_holding_the_gil(seconds):
+    import ctypes
+
+    # PyDLL keeps the GIL through the call, and system() waits on its child retrying on EINTR:
+    # no Python signal handler runs until it returns.  Only the GIL-free backstop can end it.
+    ctypes.PyDLL(None).system(f"sleep {seconds}".encode())
+    return "woke"
+
+
+@pytest.mark.parametrize("target", [_sleeps, _blocked_in_c_holding_the_gil], ids=["sleep", "native"])
+def test_a_task_past_its_timeout_ends_failed_saying_so(way, target):
+    bg.configure(cancel_grace=GRACE)
+    began = time.monotonic()
+    status = bg.run(target, 30, limits=bg.Limits(timeout=1))
+    assert status.wait(timeout=1 + GRACE + 10)
+    took = time.monotonic() - began
+    assert status.state == "failed"
+    assert "timed out after 1 s" in status.error
+    # within timeout + grace + 1 s of starting (the start itself included)
+    assert took < 1 + GRACE + 1, took
+    if target is _sleeps:  # stopped by its own process at the timeout, where it was
+        assert "in _sleeps" in status.traceback
+    pid = status.pid
+    if pid is not None and way.name != "dask":
+        assert until(lambda: _gone(pid), timeout=5)
+
+
+def test_limits_is_bg_runs_own_keyword_and_never_reaches_the_function(way):
+    def takes_kwargs(**kwargs):
+        return sorted(kwargs)
+
+    status = bg.run(takes_kwargs, limits=bg.Limits(timeout=60), other=1)
+    assert status.result(timeout=60) == ["other"]
+    assert status.to_dict()["limits"] == {"timeout": 60.0, "memory": None}
