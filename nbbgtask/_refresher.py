@@ -38,6 +38,8 @@ MAX_PAUSE = 5.0
 #: elapsed times and ETAs move once a second, or less often with many views (each move is a
 #: message per widget): once every ``views / VIEWS_PER_SECOND`` seconds
 VIEWS_PER_SECOND = 20
+#: reading tasks' CPU and memory may cost at most this share of a core, apart from the rounds'
+RESOURCE_BUDGET = 0.005
 #: liveness of tasks (psutil) is checked at most this often
 RECONCILE_EVERY = 1.0
 
@@ -58,12 +60,12 @@ class Snapshot:
         self._costs: dict[str, dict[str, Any] | None] = {}
 
     def resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """CPU % and RSS of a running task of this machine, read at most once a round and only
-        when elapsed times move (``now`` steps: once a second, or less often with many views),
-        else the last reading; the CPU % is over the time between two readings."""
+        """CPU % and RSS of a running task of this machine: a new reading at most once a round and
+        once a second, or less often with many tasks (`_Readings`), else the last one; the CPU %
+        is over the time between two readings."""
         task_id = record["id"]
         if task_id not in self._costs:
-            self._costs[task_id] = _costs(record, self.now)
+            self._costs[task_id] = _costs(record)
         return self._costs[task_id]
 
     def get(self, task_id: str) -> dict[str, Any] | None:
@@ -93,22 +95,53 @@ class Snapshot:
         return everything[:count]
 
 
-#: the last reading of each task's costs: id -> (the ``now`` it was read at, figures)
+#: the last reading of each task's costs: id -> (time.monotonic() when read, figures)
 _COSTS: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
 
-def _costs(record: dict[str, Any], now: float) -> dict[str, Any] | None:
+class _Readings:
+    """The CPU time that reading tasks' resources costs, held to a budget of its own.
+
+    A reading (a task's process tree from /proc) costs about half a millisecond; a task is read
+    again once `interval` has passed: a second, or longer so that reading every shown task costs
+    at most `RESOURCE_BUDGET` of a core (100 tasks: about every 10 s).  Its cost is counted apart
+    from the round's (``spent``), so it never slows the bars' own pace.
+    """
+
+    def __init__(self) -> None:
+        #: moving average of one reading's CPU time
+        self.average = 0.0
+        #: CPU time spent reading in the round under way
+        self.spent = 0.0
+
+    def interval(self, tasks: int) -> float:
+        return max(1.0, tasks * self.average / RESOURCE_BUDGET)
+
+    def read(self, pid: int, started: float | None) -> dict[str, Any] | None:
+        before = time.thread_time()
+        figures = read_tree(pid, started, uss=False)
+        cost = time.thread_time() - before
+        self.spent += cost
+        self.average = cost if not self.average else (1 - COST_WEIGHT) * self.average + COST_WEIGHT * cost
+        return figures
+
+
+_READINGS = _Readings()
+
+
+def _costs(record: dict[str, Any]) -> dict[str, Any] | None:
     pid = record.get("pid")
     if record["state"] != "running" or pid is None or record.get("host") != HOST:
         _COSTS.pop(record["id"], None)
         return None
     last = _COSTS.get(record["id"])
-    if last is not None and last[0] == now:
+    clock = time.monotonic()
+    if last is not None and clock - last[0] < _READINGS.interval(len(_COSTS)):
         return last[1]
-    figures = read_tree(pid, record.get("pid_started"), uss=False)
+    figures = _READINGS.read(pid, record.get("pid_started"))
     if len(_COSTS) > 4096:
         _COSTS.clear()
-    _COSTS[record["id"]] = (now, figures)
+    _COSTS[record["id"]] = (clock, figures)
     return figures
 
 
@@ -151,7 +184,9 @@ class _Refresher:
                 import sys
 
                 print(f"nbbgtask: refreshing widgets failed: {exc!r}", file=sys.__stderr__)
-            cost = time.thread_time() - started
+            # Resource readings have a budget of their own (_Readings): not part of the pace.
+            cost = time.thread_time() - started - _READINGS.spent
+            _READINGS.spent = 0.0
             with self._lock:
                 if not self._views:
                     self._thread = None
