@@ -15,6 +15,7 @@ from ._api import (
     track,
 )
 from ._errors import (
+    HomeError,
     NbbgtaskError,
     StoreDamagedWarning,
     StoreError,
@@ -57,6 +58,7 @@ def unload_ipython_extension(ipython: object) -> None:
 
 __all__ = [
     "BackgroundTask",
+    "HomeError",
     "NbbgtaskError",
     "ProgressBar",
     "State",

@@ -268,6 +268,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     ):
         raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {older_than!r}")
     home = _config.home()
+    _config.verify_home(home)  # it deletes files: only in the home that was checked
     store = store_for(home)
     finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
     cutoff = None if older_than is None else time.time() - older_than  # -inf: forget nothing

@@ -23,6 +23,7 @@ from ._errors import NbbgtaskError
 from ._files import atomic_write, log_path, result_path
 from ._states import State
 from ._store import Store, store_for
+from ._trust import open_owned
 
 __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
 
@@ -183,7 +184,7 @@ class DaskBackend(DaskRecords):
         elif kind == "progress":
             store.patch(task_id, {k: msg[k] for k in ("percent", "message") if k in msg})
         elif kind == "log":
-            fd = os.open(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = open_owned(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
                 os.write(fd, str(msg.get("text", "")).encode())
             finally:
