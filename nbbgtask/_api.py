@@ -231,6 +231,15 @@ def _states(state: Any) -> set[str] | None:
     return {State.parse(s).value for s in state}
 
 
+def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """One record brought up to date; one that cannot be (its process unreadable, say) is
+    listed as it is: one bad record never breaks a listing."""
+    try:
+        return _backends.reconcile(store, record)
+    except Exception:
+        return record
+
+
 def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
     """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
     wanted = _states(state)
@@ -238,7 +247,7 @@ def tasks(state: Any = None, name: str | None = None, limit: int | None = None) 
         whole_number(limit, "limit")
     home = _config.home()
     store = store_for(home)
-    records = [_backends.reconcile(store, r) for r in store.all()]
+    records = [_reconciled(store, r) for r in store.all()]
     records.sort(key=lambda r: r["created"], reverse=True)
     chosen = [
         r for r in records if (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
