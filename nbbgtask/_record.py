@@ -42,6 +42,8 @@ class TaskRecord(TypedDict, total=False):
     host: str | None  #: the machine of a local task's process; None on a cluster
     dask_address: str  #: the scheduler of a Dask task
     worker: str  #: the Dask worker it runs on
+    #: a Dask task's key for its events (hex), while it is live (`_dask_wire.seal`)
+    event_key: str | None
     # -- while it runs -------------------------------------------------------------------------
     started: float | None
     percent: float  #: 0 to 100
@@ -90,6 +92,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "traceback": (str,),
     "settings": (dict,),
     "result_inline": (str,),
+    "event_key": (str,),
 }
 _REQUIRED = ("id", "name", "state", "created")
 _PIDS = ("pid", "owner_pid", "reaper_pid")
