@@ -233,7 +233,8 @@ class LocalBackend:
             if not is_task_process(pid, started) and not watcher.is_child(pid):
                 return self._unproven(store, record, pid, started, config)
             if same_process(pid, started):
-                signal_group(pid, signal.SIGTERM)
+                if not signal_group(pid, signal.SIGTERM) and not watcher.is_child(pid):
+                    return self._unproven(store, record, pid, started, config)
                 deadline = time.monotonic() + config.cancel_grace
                 while time.monotonic() < deadline and same_process(pid, started):
                     if watcher.is_child(pid) and watcher.reap(pid):

@@ -44,13 +44,15 @@ def same_process(pid: int, started: float | None) -> bool:
 
 def is_task_process(pid: Any, started: Any) -> bool:
     """Proof enough to signal ``pid``'s group as a task's: its start time is known and matches,
-    it lives, and it leads its own process group (every task does).  Anything unknown (no start
+    it lives, runs as this user, and leads its own process group (every task does).  Anything unknown (no start
     time, another user's process that cannot be read) is no proof."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(started, (int, float)):
         return False
     try:
         proc = psutil.Process(pid)
         if abs(proc.create_time() - started) > 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if proc.uids().effective != os.geteuid():  # a task runs as the user who started it
             return False
         return os.getpgid(pid) == pid
     except (psutil.Error, OSError, ValueError):
