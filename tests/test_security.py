@@ -339,7 +339,7 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
     from distributed import Client
 
     from nbbgtask import _dask_backend
-    from nbbgtask._dask_wire import TOPIC
+    from nbbgtask._dask_wire import TOPIC, seal
 
     bg.configure(home=scene.base / "home", backend="dask", dask_client=dask_client)
 
@@ -361,13 +361,17 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
             other.log_event(TOPIC, {"task_id": status.id, "kind": "final", "state": "complete", "time": now,
                                     "has_result": True, "result": forged})
             other.log_event(TOPIC, {"task_id": status.id, "v": 1, "nonce": "AAAA", "box": "AAAA", "mac": "AAAA"})
-            assert until(lambda: backend.rejected >= 3, timeout=30), backend.rejected
+            # Sealed with the task's own key but malformed (a broken worker): checked field by field.
+            key = bytes.fromhex(status.to_dict()["event_key"])
+            other.log_event(TOPIC, seal(key, status.id, {"kind": "progress", "percent": "x", "time": now}))
+            assert until(lambda: backend.rejected >= 4, timeout=30), backend.rejected
             assert status.refresh().state is bg.State.RUNNING  # the forged final was not taken
             assert status.result(timeout=60).startswith("GENUINE-RESULT-")
             events = repr(other.get_events(TOPIC))
         finally:
             other.close()
-    assert sum("nbbgtask ignored an event" in str(w.message) for w in caught) >= 3
+    assert sum("nbbgtask ignored an event" in str(w.message) for w in caught) >= 4
+    assert any("bad 'percent'" in str(w.message) for w in caught)
     assert "OUTPUT-CANARY-4711" in status.log()
     assert "OUTPUT-CANARY" not in events and "GENUINE-RESULT" not in events  # sealed for the kernel
     bg.configure(backend="local")
