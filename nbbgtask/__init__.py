@@ -16,6 +16,7 @@ from ._api import (
     track,
 )
 from ._errors import (
+    HomeError,
     NbbgtaskError,
     StoreDamagedWarning,
     StoreError,
@@ -58,6 +59,7 @@ def unload_ipython_extension(ipython: object) -> None:
 
 __all__ = [
     "BackgroundTask",
+    "HomeError",
     "Limits",
     "NbbgtaskError",
     "ProgressBar",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from . import _backends, _config, _limits, _runner
-from ._errors import AmbiguousTaskId, TaskNotFound
+from ._errors import AmbiguousTaskId, StoreError, TaskNotFound
 from ._files import log_path, result_path, stack_files
 from ._limits import Limits
 from ._procs import process_start_time
@@ -262,6 +262,17 @@ def _states(state: Any) -> set[str] | None:
     return {State.parse(s).value for s in state}
 
 
+def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """One record brought up to date; one that cannot be (its process unreadable, say) is
+    listed as it is: one bad record never breaks a listing."""
+    try:
+        return _backends.reconcile(store, record)
+    except StoreError:
+        raise  # the store itself cannot be written: that is for the caller to hear
+    except Exception:
+        return record
+
+
 def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
     """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
     wanted = _states(state)
@@ -273,7 +284,7 @@ def tasks(state: Any = None, name: str | None = None, limit: int | None = None) 
     def matches(r: dict[str, Any]) -> bool:
         return (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
 
-    live = [_backends.reconcile(store, r) for r in store.live()]
+    live = [_reconciled(store, r) for r in store.live()]
     finished: list[dict[str, Any]] = []
     if wanted is None or wanted - _LIVE:
         # The newest finished from the shards' summaries where they can tell, else every record.
@@ -309,6 +320,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     ):
         raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {older_than!r}")
     home = _config.home()
+    _config.verify_home(home)  # it deletes files: only in the home that was checked
     store = store_for(home)
     finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
     cutoff = None if older_than is None else time.time() - older_than  # -inf: forget nothing

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import _config, _format
-from ._api import configure, prune, resolve, tasks
+from ._api import prune, resolve, tasks
 from ._errors import NbbgtaskError, StoreError, TaskNotFound
 from ._files import log_path
 from ._states import State
+from ._trust import open_owned, visible, visible_lines
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+#: the bounds of the numeric options (a float option takes "inf" and "nan": both refused)
+MIN_INTERVAL, MAX_INTERVAL, MAX_FINISHED, MAX_SECONDS = 0.05, 3600.0, 10_000, 1e9
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +95,8 @@ _STATE_STYLES = {"failed": "red", "cancelled": "dim", "complete": "green"}
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise NbbgtaskError("--limit takes a number of tasks, 0 or more")
     found = tasks(state=args.state, name=args.name, limit=args.limit)
     if not found:
         print("no tasks")
@@ -102,7 +109,7 @@ def _show(args: argparse.Namespace) -> int:
     from ._limits import compact, format_bytes
 
     status = resolve(args.id)
-    print(_format.details(status.to_dict()))
+    print(_format.details(status.to_dict()))  # every field one line, made visible
     figures = status.resources()
     if figures is not None:
         print(f"resources: {compact(figures)} RSS, {format_bytes(figures['uss'])} USS, {figures['processes']} processes")
@@ -114,7 +121,7 @@ def _logs(args: argparse.Namespace) -> int:
     if args.lines is not None and args.lines < 0:
         raise NbbgtaskError("-n takes a number of lines, 0 or more")
     text = status.log(tail=args.lines)
-    sys.stdout.write(text)
+    sys.stdout.write(visible_lines(text))  # the task's text as text: no terminal escape codes
     sys.stdout.flush()
     if not args.follow:
         return EXIT_OK
@@ -123,14 +130,14 @@ def _logs(args: argparse.Namespace) -> int:
     while True:
         finished = status.done()
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_owned(path), "rb") as f:
                 f.seek(seen)
                 new = f.read()
         except FileNotFoundError:
             new = b""
         if new:
             seen += len(new)
-            sys.stdout.write(new.decode("utf-8", errors="replace"))
+            sys.stdout.write(visible_lines(new.decode("utf-8", errors="replace")))
             sys.stdout.flush()
         elif finished:
             return EXIT_OK
@@ -139,14 +146,14 @@ def _logs(args: argparse.Namespace) -> int:
 
 def _wait(args: argparse.Namespace) -> int:
     status = resolve(args.id)
-    if args.timeout is not None and args.timeout < 0:
-        raise NbbgtaskError("--timeout takes a number of seconds, 0 or more")
+    if args.timeout is not None and not (0 <= args.timeout <= MAX_SECONDS):
+        raise NbbgtaskError(f"--timeout takes a number of seconds, 0 to {MAX_SECONDS:g}")
     if not status.wait(args.timeout):
         print(f"{_format.short_id(status.id)} still {status.state} after {args.timeout} s", file=sys.stderr)
         return EXIT_TIMEOUT
     line = f"{_format.short_id(status.id)} {status.state}"
     if status.error:
-        line += f": {status.error}"
+        line += f": {visible(status.error)}"
     print(line)
     return EXIT_OK if status.state is State.COMPLETE else EXIT_FAILED
 
@@ -167,7 +174,7 @@ def _stack(args: argparse.Namespace) -> int:
     except NbbgtaskError as exc:  # ended, not started, elsewhere: the id was fine, there is no stack
         print(f"nbbgtask: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    sys.stdout.write(text)  # the task's text as it is: never read as markup
+    sys.stdout.write(visible_lines(text))  # the task's text as text: never markup, no escape codes
     sys.stdout.flush()
     return EXIT_OK
 
@@ -203,25 +210,29 @@ def _monitor_view(finished: int) -> Any:
         percent = float(r.get("percent") or 0)
         eta = _format.eta_seconds(r, now)
         table.add_row(
-            _format.short_id(r["id"]),
-            Text(str(r["name"])),  # a task's text is data, never markup
-            str(r["state"]),
+            Text(_format.short_id(r["id"])),
+            Text(visible(r["name"])),  # a task's text is data, never markup
+            Text(str(r["state"])),
             ProgressBar(total=100, completed=percent, width=24),
             f"{percent:.0f}%",
-            Text(_format.message_cell(r, now)),
-            _format.duration(_format.elapsed(r, now)),
-            _format.duration(eta) if eta is not None else "",
+            Text(visible(_format.message_cell(r, now))),
+            Text(_format.duration(_format.elapsed(r, now))),
+            Text(_format.duration(eta) if eta is not None else ""),
             style=_STATE_STYLES.get(r["state"]),
         )
-    title = f"[bold]nbbgtask[/] · {len(live)} running or queued · {_config.home()} · Ctrl-C to quit"
+    title = Text.assemble(
+        ("nbbgtask", "bold"), f" · {len(live)} running or queued · {visible(_config.home())} · Ctrl-C to quit"
+    )
     return Group(title, table)
 
 
 def _monitor(args: argparse.Namespace) -> int:
     from rich.live import Live
 
-    if args.interval <= 0:
-        raise NbbgtaskError("--interval takes a positive number of seconds")
+    if not (MIN_INTERVAL <= args.interval <= MAX_INTERVAL):
+        raise NbbgtaskError(f"--interval takes a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}")
+    if not 0 <= args.finished <= MAX_FINISHED:
+        raise NbbgtaskError(f"--finished takes a number of tasks from 0 to {MAX_FINISHED}")
     with Live(_monitor_view(args.finished), console=_console(), auto_refresh=False, screen=False) as live:
         try:
             while True:
@@ -244,14 +255,27 @@ _COMMANDS = {
 }
 
 
+def _use_home(given: str | None) -> None:
+    """The home the command works on, checked (`_trust.check_home`) and never created or
+    changed here: a command line call that only reads must leave the folder as it found it."""
+    path = _config.default_home() if not given else Path(os.path.expanduser(given))
+    _config.settings().home = _config.ensure_home(path, create=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.home:
-            configure(home=args.home)
+        _use_home(args.home)
         return _COMMANDS[args.command](args)
     except (TaskNotFound, StoreError, NbbgtaskError, ValueError) as exc:
-        print(f"nbbgtask: {exc}", file=sys.stderr)
+        print(f"nbbgtask: {visible(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:
+        print(
+            f"nbbgtask: permission denied: {visible(exc.filename or exc)}: this needs to run as the "
+            f"user who owns the home folder and its tasks",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from ._errors import HomeError
+from ._trust import check_home
+from ._trust import verify_home as verify
 from ._validate import positive_seconds
 
-__all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home"]
+__all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home", "verify_home"]
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 BACKENDS = ("local", "dask")
@@ -62,34 +62,32 @@ def default_home() -> Path:
 
 
 def home() -> Path:
-    """The home folder, created (0700) on first use."""
+    """The home folder, created (0700) on first use, and checked (`_trust.check_home`)."""
     if _settings.home is None:
         _settings.home = ensure_home(default_home())
     return _settings.home
 
 
-def ensure_home(path: Path) -> Path:
-    """Create ``path`` and its sub-folders readable by the owner only, or raise `HomeError`."""
+#: the (st_dev, st_ino) each home had when it was checked, to see it was not replaced since
+_identity: dict[Path, tuple[int, int]] = {}
+
+
+def ensure_home(path: Path, *, create: bool = True) -> Path:
+    """Check that ``path`` is a home the user can trust (`_trust.check_home`), making it and its
+    sub-folders (0700) if missing and ``create``; raises `HomeError` naming what is wrong."""
     path = Path(path).expanduser().absolute()
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(path.stat().st_mode) != 0o700:
-            path.chmod(0o700)
-        for sub in ("logs", "results", "stacks"):
-            (path / sub).mkdir(mode=0o700, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise HomeError(
-            f"cannot use {path} as the nbbgtask home: {reason}. Point the NBBGTASK_HOME "
-            f"environment variable, or bg.configure(home=...), at a folder you can write."
-        ) from None
+    _identity[path] = check_home(str(path), create=create)
     return path
+
+
+def verify_home(path: Path) -> None:
+    """Before trusting what the home holds: still the folder that was checked, ours alone."""
+    verify(str(path), _identity.get(Path(path)))
 
 
 def checked_changes(
     home: str | os.PathLike[str] | None = None,
+    create_home: bool = True,
     start_method: str | None = None,
     max_running: float | None = None,
     refresh_interval: float | None = None,
@@ -140,7 +138,7 @@ def checked_changes(
 
         changes["limits"] = checked(limits)
     if home is not None:
-        changes["home"] = ensure_home(Path(os.fspath(home)))
+        changes["home"] = ensure_home(Path(os.fspath(home)), create=create_home)
     return changes
 
 

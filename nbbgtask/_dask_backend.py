@@ -10,19 +10,22 @@ unchanged.  A cancel is a ``distributed.Event`` the worker watches: it stops the
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from . import _config, _limits, _record
-from ._dask_wire import TOPIC, cancel_event_name
+from ._dask_wire import TOPIC, cancel_event_name, new_key, unseal
 from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
 from ._files import atomic_write, log_path, result_path
 from ._states import State
 from ._store import Store, store_for
+from ._trust import open_owned, valid_id, visible
 
 __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
 
@@ -74,6 +77,8 @@ class DaskBackend(DaskRecords):
         self.home = home
         self.address = client.scheduler.address
         self.futures: dict[str, Any] = {}
+        #: events of the topic that were ignored: not sealed with their task's key, or malformed
+        self.rejected = 0
         #: tasks sent but not yet recorded in the store (see submit)
         self._recording: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -112,6 +117,10 @@ class DaskBackend(DaskRecords):
                 f"bg.configure(backend='local') runs tasks here instead"
             )
         record = job.record
+        # The task's own key for its events (see _dask_wire, 3): in its record, which only this
+        # user can read, and sent with the task; never in the scheduler's event log.
+        key = new_key()
+        record["event_key"] = key.hex()
         from ._sources import collect
 
         remote = type(job)(**{**job.__dict__, "home": Path("."), "payload": None, "sources": collect(job.target)})
@@ -135,6 +144,7 @@ class DaskBackend(DaskRecords):
                 job.task_id,
                 config.cancel_grace,
                 config.progress_interval,
+                key,
                 key=f"nbbgtask-{job.task_id}",
                 pure=False,
             )
@@ -161,35 +171,59 @@ class DaskBackend(DaskRecords):
     # -- what comes back -----------------------------------------------------------------------
 
     def _on_event(self, event: Any) -> None:
-        _, msg = event
-        if not isinstance(msg, dict) or "task_id" not in msg:
-            return
+        """One event of the topic: from any client of the scheduler, so trusted only once its
+        MAC checks with the task's key, and its every field is what it should be."""
+        _, sealed = event
+        task_id = sealed.get("task_id") if isinstance(sealed, dict) else None
+        if not isinstance(task_id, str) or not valid_id(task_id):
+            return  # not a task's event at all
         store = store_for(self.home)
-        task_id, kind = msg["task_id"], msg.get("kind")
         with self._lock:
             recording = self._recording.get(task_id)
         if recording is not None:  # came back before submit() recorded the task: a moment
             recording.wait(CONNECT_TIMEOUT)
         record = store.get(task_id)
         if record is None or record.get("backend") != "dask" or State(record["state"]).is_final:
+            return  # not ours (another kernel's, or another home's), or over
+        key = record.get("event_key")
+        msg = unseal(bytes.fromhex(key), task_id, sealed) if isinstance(key, str) else None
+        if msg is None:
+            self._reject(task_id, "it was not sealed with the task's key (forged, or altered)")
             return
+        problem = _event_fault(msg)
+        if problem is not None:
+            self._reject(task_id, problem)
+            return
+        kind = msg["kind"]
         if kind == "started":
-            fields: dict[str, Any] = {"state": State.RUNNING.value, "pid": msg.get("pid"), "worker": msg.get("worker")}
+            fields: dict[str, Any] = {"state": State.RUNNING.value, "pid": msg["pid"], "worker": msg["worker"]}
             if record["state"] == State.RUNNING.value:
-                fields["message"] = f"restarted on {msg.get('worker')}: the worker it ran on was lost"
+                fields["message"] = f"restarted on {msg['worker']}: the worker it ran on was lost"
             else:
-                fields["started"] = msg.get("time")
+                fields["started"] = msg["time"]
             store.patch(task_id, fields)
         elif kind == "progress":
             store.patch(task_id, {k: msg[k] for k in ("percent", "message", "limit_error") if k in msg})
         elif kind == "log":
-            fd = os.open(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = open_owned(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
-                os.write(fd, str(msg.get("text", "")).encode())
+                os.write(fd, msg["text"].encode("utf-8", errors="replace"))
             finally:
                 os.close(fd)
         elif kind == "final":
             self._finish(task_id, msg, record)
+
+    def _reject(self, task_id: str, why: str) -> None:
+        with self._lock:
+            self.rejected += 1
+            count = self.rejected
+        warnings.warn(
+            f"nbbgtask ignored an event for task {task_id[:8]} on the Dask topic {TOPIC!r}: {why}. "
+            f"{count} ignored so far: another client of the scheduler at {self.address} may be "
+            f"sending them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _finish(self, task_id: str, msg: dict[str, Any], record: dict[str, Any]) -> None:
         fields: dict[str, Any] = {k: msg[k] for k in _record.FINAL_FIELDS if k in msg}
@@ -198,6 +232,11 @@ class DaskBackend(DaskRecords):
             # Not the child's own report of its end (that always has the percent) but the worker's
             # of a child that ended without one: say which limit ended it, if one did.
             fields["error"] = _limits.explain(record, str(fields.get("error") or ""), now=fields["finished"])
+        fields["event_key"] = None  # no event is taken after the last
+        problem = _record.fault(task_id, {**record, **fields})
+        if problem is not None:
+            self._reject(task_id, f"its final fields are not a task's end ({problem})")
+            return
         data = msg.get("result")
         if data is not None:
             atomic_write(result_path(self.home, task_id), data, durable=True)
@@ -238,6 +277,63 @@ class DaskBackend(DaskRecords):
         if future is not None and current is not None and current["state"] == State.QUEUED.value:
             future.cancel()  # not started: Dask drops it (a running one is stopped by the event)
         return _await_final(home, task_id, _config.settings().cancel_grace)
+
+
+#: at most this much text in a message or a log event; more is not what a worker sends
+_MAX_TEXT = 16 * 1024 * 1024
+#: what each kind of event may carry, and what each field must be
+_EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "started": {"pid": "pid", "host": "text", "worker": "text"},
+    "progress": {"percent": "percent", "message": "text", "reported": "time", "pid": "pid", "pid_started": "time"},
+    "log": {"text": "text"},
+    "final": {
+        "state": "final", "finished": "time", "error": "text?", "traceback": "text?", "has_result": "bool",
+        "result_type": "text", "result_inline": "text", "cancel_requested": "bool", "percent": "percent",
+        "message": "text", "result": "bytes", "pid": "pid", "pid_started": "time",
+    },
+}
+_REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "final": ("state",)}
+
+
+def _field_ok(kind: str, value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "pid":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "time":
+        return number
+    if kind == "percent":
+        return number and 0 <= value <= 100
+    if kind in ("text", "text?"):
+        return (value is None and kind == "text?") or (isinstance(value, str) and len(value) <= _MAX_TEXT)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "bytes":
+        return isinstance(value, bytes)
+    if kind == "final":
+        return value in {s.value for s in State if s.is_final}
+    return False
+
+
+def _event_fault(msg: dict[str, Any]) -> str | None:
+    """What is wrong with an opened event, or ``None``: every field is checked before any
+    reaches the store (a bad one is reported, never stored)."""
+    kind = msg.get("kind")
+    if not isinstance(kind, str) or kind not in _EVENT_FIELDS:
+        return f"unknown kind {visible(repr(kind))[:40]}"
+    if not _field_ok("time", msg.get("time")):
+        return "no valid time"
+    allowed = _EVENT_FIELDS[kind]
+    for field in _REQUIRED_FIELDS.get(kind, ()):
+        if field not in msg:
+            return f"a {kind} event without {field!r}"
+    for field, value in msg.items():
+        if field in ("kind", "time"):
+            continue
+        if field not in allowed:
+            return f"a {kind} event with an unknown field {visible(field)[:40]!r}"
+        if not _field_ok(allowed[field], value):
+            return f"a {kind} event with a bad {field!r} ({visible(repr(value))[:40]})"
+    return None
 
 
 def _request_cancel(client: Any, task_id: str) -> None:

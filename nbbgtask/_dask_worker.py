@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ._dask_spares import Child, Spares, close_pipes, handed_over, start_child
-from ._dask_wire import FINAL, LOG_CHUNK, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report
+from ._dask_wire import FINAL, LOG_CHUNK, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report, seal
 from ._procs import describe_exit
 
 __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
@@ -32,7 +32,7 @@ __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
 STAND_BACK = 0.005
 
 
-async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float) -> str:
+async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float, key: bytes) -> str:
     """Run a task's child process on this worker and report everything as worker events.
 
     A coroutine, so Dask runs it on the worker's event loop as soon as the task arrives: a ready
@@ -40,11 +40,12 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
     waits for one of the worker's threads).  Watching the child and forwarding its reports then
     happen in a thread of the task's own (`_Supervision`).  If Dask gives the task up while it
     runs (the worker closes, and Dask will run the task again elsewhere), its child is stopped.
+    ``key``: the task's own key, which seals every event it sends (`_dask_wire.seal`).
     """
     from distributed import get_worker
 
     worker = get_worker()
-    supervision = _Supervision(worker, _spares(worker), payload, task_id, grace, interval)
+    supervision = _Supervision(worker, _spares(worker), payload, task_id, grace, interval, key)
     supervision.hand_to_spare()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[str] = loop.create_future()
@@ -111,9 +112,10 @@ class _Supervision:
     reports as worker events, stop it on a cancel, and report how it ended."""
 
     def __init__(
-        self, worker: Any, pool: Spares | None, payload: bytes, task_id: str, grace: float, interval: float
+        self, worker: Any, pool: Spares | None, payload: bytes, task_id: str, grace: float, interval: float,
+        key: bytes,
     ) -> None:
-        self.worker, self.pool, self.payload = worker, pool, payload
+        self.worker, self.pool, self.payload, self.key = worker, pool, payload, key
         self.task_id, self.grace, self.interval = task_id, grace, interval
         #: the spare handed the task on the event loop (perhaps not all of it yet), and when
         self.handed: Child | None = None
@@ -174,7 +176,8 @@ class _Supervision:
         return str(self.outcome["state"])
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        self.worker.log_event(TOPIC, {"task_id": self.task_id, "kind": kind, "time": time.time(), **fields})
+        event = {"kind": kind, "time": time.time(), **fields}
+        self.worker.log_event(TOPIC, seal(self.key, self.task_id, event))  # for the kernel's eyes only
 
     def _start(self) -> tuple[Child, float]:
         """The task's process, running it, and when it was handed the task."""

@@ -7,30 +7,32 @@ import os
 import threading
 from pathlib import Path
 
+from ._trust import NOFOLLOW, check_id
 from ._wire import write_all
 
 __all__ = ["log_path", "result_path", "stack_path", "stack_files", "atomic_write"]
 
 
 def log_path(home: Path | str, task_id: str) -> Path:
-    return Path(home) / "logs" / f"{task_id}.log"
+    """Every path made from a task id checks the id first: a record's id is never a path."""
+    return Path(home) / "logs" / f"{check_id(task_id)}.log"
 
 
 def result_path(home: Path | str, task_id: str) -> Path:
-    return Path(home) / "results" / f"{task_id}.pkl"
+    return Path(home) / "results" / f"{check_id(task_id)}.pkl"
 
 
 def stack_path(home: Path | str, task_id: str, pid: int, started: float) -> Path:
     """Where a running task writes its stack when asked (`TaskStatus.stack`).  The name carries
     the task's pid and start time: an asker finds the process there even before the task's first
     report (which a task holding the GIL from its start never makes), and tells it from a reused pid."""
-    return Path(home) / "stacks" / f"{task_id}.{pid}.{started:.3f}.txt"
+    return Path(home) / "stacks" / f"{check_id(task_id)}.{pid}.{started:.3f}.txt"
 
 
 def stack_files(home: Path | str, task_id: str) -> list[tuple[Path, int, float]]:
     """The stack files of a task, each with the pid and start time its name gives."""
     found = []
-    for path in (Path(home) / "stacks").glob(f"{task_id}.*.txt"):
+    for path in (Path(home) / "stacks").glob(f"{check_id(task_id)}.*.txt"):
         try:
             _, pid, started = path.name[: -len(".txt")].split(".", 2)
             found.append((path, int(pid), float(started)))
@@ -45,13 +47,18 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool, tm
     ``durable``: fsync before the rename, so the new content survives a crash of the machine.
     ``tmp``: the temporary file's path; by default ``<path without suffix>.<pid>.<thread>.tmp``,
     this thread's own.
-    The temporary file is removed if anything fails, and the error is raised.
+    The temporary file is removed if anything fails, and the error is raised.  It is made new
+    (``O_EXCL``, never through a symlink): one left by a writer that was killed is removed first.
     """
     path = os.fspath(path)
     if tmp is None:
         tmp = f"{os.path.splitext(path)[0]}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+        except FileExistsError:
+            os.unlink(tmp)  # a symlink is removed, not followed
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
         try:
             write_all(fd, data)
             if durable:

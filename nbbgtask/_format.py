@@ -6,6 +6,8 @@ import html
 import time
 from typing import Any
 
+from ._trust import visible, visible_lines
+
 __all__ = [
     "COLUMNS",
     "details",
@@ -140,10 +142,10 @@ def message_cell(record: dict[str, Any], now: float | None = None) -> str:
 
 def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
     """One task as the cells of `COLUMNS`; a stalled task's message starts with the stall note."""
-    message = message_cell(record, now)
+    message = visible(message_cell(record, now))  # one line, no terminal escape codes
     return (
         short_id(record["id"]),
-        str(record["name"]),
+        visible(record["name"]),
         str(record["state"]),
         f"{float(record.get('percent') or 0):.0f}%",
         message if len(message) <= 60 else message[:59] + "…",
@@ -159,7 +161,8 @@ def plain_table(records: list[dict[str, Any]]) -> str:
 
 
 def details(record: dict[str, Any]) -> str:
-    """Everything about one task, as ``key: value`` lines."""
+    """Everything about one task, as ``key: value`` lines: each value on its own line, its control
+    characters (a newline too) shown as escapes, so that no value can fake another field."""
     import datetime as dt
 
     def when(ts: float | None) -> str:
@@ -167,15 +170,15 @@ def details(record: dict[str, Any]) -> str:
 
     lines = [
         f"id:        {record['id']}",
-        f"name:      {record['name']}",
+        f"name:      {visible(record['name'])}",
         f"state:     {record['state']}",
-        f"progress:  {float(record.get('percent') or 0):.1f}%  {record.get('message') or ''}".rstrip(),
+        f"progress:  {float(record.get('percent') or 0):.1f}%  {visible(record.get('message') or '')}".rstrip(),
         f"created:   {when(record.get('created'))}",
         f"started:   {when(record.get('started'))}",
         f"finished:  {when(record.get('finished'))}",
         f"elapsed:   {duration(elapsed(record))}",
         f"pid:       {record.get('pid') or '-'}",
-        f"settings:  {record.get('settings') if record.get('settings') is not None else '-'}",
+        f"settings:  {visible(record.get('settings')) if record.get('settings') is not None else '-'}",
     ]
     note = stall_note(record)
     if note is not None:
@@ -190,7 +193,8 @@ def details(record: dict[str, Any]) -> str:
         limits = record["limits"]
         lines.append(f"limits:    timeout={limits.get('timeout')} memory={limits.get('memory')}")
     if record.get("error"):
-        lines.append(f"error:     {record['error']}")
-    if record.get("traceback"):
-        lines.append("traceback:\n" + str(record["traceback"]).rstrip())
+        lines.append(f"error:     {visible(record['error'])}")
+    if record.get("traceback"):  # a block of its own, each of its lines indented
+        body = visible_lines(record["traceback"]).rstrip().replace("\t", "    ")
+        lines.append("traceback:\n" + "\n".join("  " + line for line in body.split("\n")))
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import Any, NoReturn, Protocol
 
 from . import _wire
 from ._runner import Job, exit_child, run_job
+from ._trust import check_id, open_owned
 
 __all__ = ["Starter", "STARTERS", "fork_detached", "open_log", "pickle_job"]
 
@@ -32,8 +33,8 @@ __all__ = ["Starter", "STARTERS", "fork_detached", "open_log", "pickle_job"]
 def open_log(home: str | os.PathLike[str], task_id: str, record: dict[str, Any]) -> int:
     """The task's log, for its process's fds 1 and 2; its first line says how the task was started
     and why (the record's ``start_method`` and ``start_reason``)."""
-    path = os.path.join(home, "logs", task_id + ".log")  # log_path's, without pathlib's cost
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    path = os.path.join(home, "logs", check_id(task_id) + ".log")  # log_path's, without pathlib's cost
+    fd = open_owned(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # never through a symlink
     reason = record.get("start_reason")
     if reason:
         # A note, not the task's output: a full disk leaves it out and the task still starts, as

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from . import _config, _launcher, _limits
+from ._errors import NbbgtaskError
 from ._forksafety import hazard
 from ._forkserver import FORKSERVER
-from ._procs import HOST, process_start_time, same_process, signal_group
+from ._procs import HOST, is_task_process, process_start_time, same_process, signal_group
 from ._runner import Job, record_exit
 from ._states import State
 from ._store import Store, store_for
@@ -233,8 +234,13 @@ class LocalBackend:
         if pid is None and record["state"] == State.RUNNING.value:
             _await_end(store, task_id, config.cancel_grace + 2 * config.progress_interval + 1)
         if record["state"] == State.RUNNING.value and pid is not None and record.get("host") == HOST:
+            # Only a process proved to be the task is signalled: a record is data, and its pid
+            # could name anyone's process (a reused pid, or a planted record).
+            if not is_task_process(pid, started) and not watcher.is_child(pid):
+                return self._unproven(store, record, pid, started, config)
             if same_process(pid, started):
-                signal_group(pid, signal.SIGTERM)
+                if not signal_group(pid, signal.SIGTERM) and not watcher.is_child(pid):
+                    return self._unproven(store, record, pid, started, config)
                 deadline = time.monotonic() + config.cancel_grace
                 while time.monotonic() < deadline and same_process(pid, started):
                     if watcher.is_child(pid) and watcher.reap(pid):
@@ -249,6 +255,30 @@ class LocalBackend:
                         break
                     time.sleep(0.01)
         return store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+
+
+    def _unproven(
+        self, store: Store, record: dict[str, Any], pid: int, started: Any, config: _config.Settings
+    ) -> dict[str, Any] | None:
+        """The record's process cannot be proved to be the task: signal nothing.  The cancel
+        request is stored, and a task that still runs stops itself when it sees it; say so if
+        it does not end."""
+        task_id = record["id"]
+        _await_end(store, task_id, config.cancel_grace + 2 * config.progress_interval + 1)
+        now = store.get(task_id)
+        if now is not None and State(now["state"]).is_final:
+            return now
+        if not same_process(pid, started):
+            # its process is gone: nothing runs to be cancelled
+            return store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+        why = "its start time is not recorded" if started is None else (
+            "it is not that process (another start time, another user's, or not leading its own group)"
+        )
+        raise NbbgtaskError(
+            f"cancel of task {task_id[:8]} not confirmed: its record names process {pid}, but {why}, "
+            f"so nothing was signalled. The cancel request is stored: the task stops itself when it "
+            f"sees it, if it is still running"
+        )
 
 
 def _await_end(store: Store, task_id: str, seconds: float) -> None:

@@ -50,7 +50,7 @@ class FileLock:
         if getattr(local, "depth", 0):
             local.depth += 1
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         deadline = None
         try:
             while True:

@@ -10,7 +10,8 @@ from typing import Any
 import psutil
 
 __all__ = [
-    "HOST", "EXIT_UNRECORDED", "process_start_time", "same_process", "own_process", "signal_group", "describe_exit",
+    "HOST", "EXIT_UNRECORDED", "process_start_time", "same_process", "is_task_process", "own_process",
+    "signal_group", "describe_exit",
 ]
 
 HOST = socket.gethostname()
@@ -22,12 +23,14 @@ def process_start_time(pid: int) -> float | None:
     """When ``pid`` started (psutil's create_time), or ``None`` if there is no such process."""
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
 
 
 def same_process(pid: int, started: float | None) -> bool:
     """``pid`` is alive and is the process that started at ``started`` (not a reused pid)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         proc = psutil.Process(pid)
         if started is not None and abs(proc.create_time() - started) > 0.05:
@@ -37,6 +40,23 @@ def same_process(pid: int, started: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def is_task_process(pid: Any, started: Any) -> bool:
+    """Proof enough to signal ``pid``'s group as a task's: its start time is known and matches,
+    it lives, runs as this user, and leads its own process group (every task does).  Anything unknown (no start
+    time, another user's process that cannot be read) is no proof."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(started, (int, float)):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - started) > 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if proc.uids().effective != os.geteuid():  # a task runs as the user who started it
+            return False
+        return os.getpgid(pid) == pid
+    except (psutil.Error, OSError, ValueError):
+        return False
 
 
 def own_process() -> dict[str, Any]:

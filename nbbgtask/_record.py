@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from ._states import State
+from ._trust import valid_id
 
 __all__ = ["TaskRecord", "new_record", "new_task_id", "fault", "merge", "FINAL_FIELDS", "RESULT_FIELDS"]
 
@@ -41,6 +42,8 @@ class TaskRecord(TypedDict, total=False):
     host: str | None  #: the machine of a local task's process; None on a cluster
     dask_address: str  #: the scheduler of a Dask task
     worker: str  #: the Dask worker it runs on
+    #: a Dask task's key for its events (hex), while it is live (`_dask_wire.seal`)
+    event_key: str | None
     # -- while it runs -------------------------------------------------------------------------
     started: float | None
     percent: float  #: 0 to 100
@@ -91,14 +94,21 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "message": (str,),
     "reported": _NUMBER,
     "pid": (int,),
+    "pid_started": _NUMBER,
+    "owner_pid": (int,),
+    "owner_started": _NUMBER,
+    "reaper_pid": (int,),
+    "reaper_started": _NUMBER,
     "error": (str,),
     "traceback": (str,),
     "settings": (dict,),
     "result_inline": (str,),
     "limits": (dict,),
     "peak_memory": (int,),
+    "event_key": (str,),
 }
 _REQUIRED = ("id", "name", "state", "created")
+_PIDS = ("pid", "owner_pid", "reaper_pid")
 _STATES = frozenset(s.value for s in State)
 #: live states in the order a task goes through them: an update never moves a record back
 _RANK = {State.QUEUED: 0, State.RUNNING: 1}
@@ -151,6 +161,11 @@ def fault(key: str, record: Any) -> str | None:
             return f"record {key!r} has a {type(value).__name__} for {field!r}"
     if record["id"] != key:
         return f"record {key!r} says its id is {record['id']!r}"
+    if not valid_id(key):  # ids become file names: one that is not 32 hex digits never does
+        return f"record {key[:80]!r} has an id that is not 32 hex digits"
+    for field in _PIDS:
+        if record.get(field) is not None and record[field] <= 0:
+            return f"record {key!r} has {field} {record[field]!r}, not a process id"
     if record["state"] not in _STATES:
         return f"record {key!r} has an unknown state {record['state']!r}"
     return None

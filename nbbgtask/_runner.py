@@ -24,6 +24,7 @@ from ._files import atomic_write, result_path, stack_path
 from ._procs import EXIT_UNRECORDED, describe_exit, own_process
 from ._states import State
 from ._store import store_for
+from ._trust import redactor
 from ._validate import percent as check_percent
 
 __all__ = [
@@ -213,7 +214,7 @@ class Reporter:
             try:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more
-                print(f"nbbgtask: could not record progress: {exc}", file=sys.stderr)
+                print(redactor(self.secrets)(f"nbbgtask: could not record progress: {exc}"), file=sys.stderr)
             if pace is not None:
                 interval = pace(base)
 
@@ -321,6 +322,8 @@ def run_job(job: Job, sink: Any = None) -> int:
     global _current, _current_reporter
     # A local task (no sink given) answers stack requests before its first report names its pid.
     stack_file = _answer_stack_requests(job) if sink is None else None
+    # The secrets' text never reaches what nbbgtask writes: the error, traceback and log lines.
+    redact = redactor(job.secrets)
     sink = StoreSink(job) if sink is None else sink
     reporter = Reporter(job, sink)
     status = job.make_status(dict(job.record), job.home, reporter)
@@ -371,14 +374,18 @@ def run_job(job: Job, sink: Any = None) -> int:
         if exc.code in (None, 0):
             fields = {"state": State.COMPLETE.value}
         else:
-            fields = {"state": State.FAILED.value, "error": f"SystemExit: {exc.code}", "traceback": _user_traceback(exc)}
+            fields = {
+                "state": State.FAILED.value,
+                "error": redact(f"SystemExit: {exc.code}"),
+                "traceback": redact(_user_traceback(exc)),
+            }
     except BaseException as exc:
-        text = _user_traceback(exc)
+        text = redact(_user_traceback(exc))
         try:
             print(text, file=sys.stderr, end="")
         except Exception:  # a full disk: the traceback still reaches the store below
             pass
-        fields = {"state": State.FAILED.value, "error": _one_line(exc), "traceback": text}
+        fields = {"state": State.FAILED.value, "error": redact(_one_line(exc)), "traceback": text}
     if cancelled:
         fields = {"state": State.CANCELLED.value}
     reporter.stop()
@@ -393,7 +400,7 @@ def run_job(job: Job, sink: Any = None) -> int:
         sink.finish(fields)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
         try:
-            print(f"nbbgtask: the task ended {fields['state']}, but that could not be recorded: {exc}", file=sys.stderr)
+            print(redact(f"nbbgtask: the task ended {fields['state']}, but that could not be recorded: {exc}"), file=sys.stderr)
         except Exception:
             pass
         return EXIT_UNRECORDED

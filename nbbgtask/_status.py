@@ -23,6 +23,7 @@ from ._record import TaskRecord
 from ._runner import STACK_SIGNAL, Reporter, current_reporter
 from ._states import State
 from ._store import store_for
+from ._trust import open_owned, read_owned
 from ._validate import percent as check_percent
 from ._validate import seconds, whole_number
 
@@ -69,7 +70,7 @@ def _read_dump(fd: int, alive: Any, timeout: float) -> str | None:
 
 def _tail(path: Path, lines: int) -> str:
     """The last ``lines`` lines of a file, read from its end (logs can be large)."""
-    with open(path, "rb") as f:
+    with os.fdopen(open_owned(path), "rb") as f:
         f.seek(0, os.SEEK_END)
         end = pos = f.tell()
         chunk = b""
@@ -306,8 +307,10 @@ class TaskStatus:
             data = base64.b64decode(inline)
         else:
             path = result_path(self._home, self.id)
+            # Unpickling runs code: only a file of the user's, in the home that was checked.
+            _config.verify_home(self._home)
             try:
-                data = path.read_bytes()
+                data = read_owned(path)
             except FileNotFoundError:
                 raise NbbgtaskError(
                     f"the result of task {self.id[:8]} is gone: {path} was deleted"
@@ -413,7 +416,7 @@ class TaskStatus:
         path, pid, started = found[0]
         alive = lambda: same_process(pid, started)  # noqa: E731
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise NbbgtaskError(f"{who} has ended: it has no stack any more") from None
         try:
@@ -451,7 +454,7 @@ class TaskStatus:
         try:
             if tail is not None:
                 return _tail(path, tail)
-            return path.read_bytes().decode("utf-8", errors="replace")
+            return read_owned(path).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 

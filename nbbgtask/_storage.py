@@ -19,6 +19,7 @@ from tinydb.table import Table
 from . import _record
 from ._errors import StoreError
 from ._files import atomic_write
+from ._trust import open_owned
 
 __all__ = ["SCHEMA_VERSION", "TASKS", "AtomicJSONStorage", "Damaged", "open_table", "storage_of"]
 
@@ -88,12 +89,14 @@ class AtomicJSONStorage(Storage):
         return data
 
     def _read_file(self) -> tuple[tuple[int, int, int], bytes] | None:
+        # Never through a symlink, and only a file of the user's (`_trust.open_owned`).
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                return (st.st_ino, st.st_size, st.st_mtime_ns), f.read()
+            fd = open_owned(self.path)
         except FileNotFoundError:
             return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            return (st.st_ino, st.st_size, st.st_mtime_ns), f.read()
 
     def read(self) -> dict[str, Any] | None:
         if self.in_session:
@@ -103,7 +106,7 @@ class AtomicJSONStorage(Storage):
             return self.session
         if self.trust_stat:
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)
             except FileNotFoundError:
                 return None
             if (st.st_ino, st.st_size, st.st_mtime_ns) == self._cache[0]:

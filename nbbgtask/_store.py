@@ -17,8 +17,9 @@ lines: the layout, the locks, the reads with their caches, and each transition o
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import re
+import stat
 import threading
 import time
 import warnings
@@ -30,11 +31,12 @@ from typing import Any
 from tinydb.table import Document, Table
 
 from . import _record
-from ._errors import StoreDamagedWarning, StoreError
+from ._errors import HomeError, StoreDamagedWarning, StoreError
 from ._locks import FileLock, LockTimeout
 from ._states import State
 from ._storage import SCHEMA_VERSION, TASKS, AtomicJSONStorage, Damaged, open_table, storage_of
 from ._summaries import Summary, newest
+from ._trust import TASK_ID, check_folder
 
 __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances", "shard_of"]
 
@@ -49,8 +51,8 @@ HISTORY_SHARDS = 64
 #: (file times are taken from a coarse clock), so `Store.version` does not vouch for it yet.
 SETTLE_NS = 50_000_000
 
-#: what a task id may look like to have a live file (ours are 32 hex digits)
-_FILE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
+#: what a task id must look like to have a live file, or any file (`_trust.TASK_ID`)
+_FILE_ID = TASK_ID
 
 
 def shard_of(task_id: str) -> int:
@@ -61,7 +63,7 @@ def shard_of(task_id: str) -> int:
 
 
 def _live_name_ok(name: str) -> bool:
-    return name.endswith(".json") and not name.startswith(".")
+    return name.endswith(".json") and TASK_ID.match(name[:-5]) is not None
 
 
 class Store:
@@ -177,8 +179,14 @@ class Store:
         if self._ready:
             return
         try:
+            if os.geteuid() == 0 and not os.stat(self.home).st_mode & stat.S_IWUSR:
+                # root may write anyway: a home its owner made read-only stays so
+                raise PermissionError(errno.EACCES, "Permission denied (the folder is read-only)")
             for folder in (self._live_dir, self._history_dir, self._lock_dir):
                 os.makedirs(folder, mode=0o700, exist_ok=True)
+                check_folder(self.home, folder)  # a plain folder of the user's, not a link
+        except HomeError:
+            raise
         except OSError as exc:
             raise StoreError(
                 f"cannot write the nbbgtask store in {self.home}: {exc.strerror or exc}; fix its "

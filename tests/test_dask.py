@@ -122,10 +122,13 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
 
 
 def _reported(client, task_id, kind):
-    """The task's worker has sent an event of ``kind`` (see _dask_wire)."""
-    from nbbgtask._dask_wire import TOPIC
+    """The task's worker has sent an event of ``kind`` (see _dask_wire): events are sealed with
+    the task's key, which its record (in the home) holds."""
+    from nbbgtask._dask_wire import TOPIC, unseal
 
-    return any(event["task_id"] == task_id and event["kind"] == kind for _, event in client.get_events(TOPIC))
+    key = bytes.fromhex(bg.get(task_id).to_dict()["event_key"])
+    opened = [unseal(key, task_id, event) for _, event in client.get_events(TOPIC)]
+    return any(event is not None and event["kind"] == kind for event in opened)
 
 
 def test_an_unreachable_scheduler_is_a_clear_error_and_local_tasks_go_on(home):

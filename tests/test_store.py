@@ -31,13 +31,19 @@ def test_home_is_private_to_its_owner(home):
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
 
 
-def test_an_existing_home_is_made_private(tmp_path):
+def test_an_existing_home_is_never_chmodded_and_one_others_can_write_is_refused(tmp_path):
+    """Issue 13: a home is used as its owner left it (0755: others may read, not write), and one
+    that others can write is refused, never silently made private."""
     path = tmp_path / "open"
     path.mkdir(mode=0o755)
     _config.reset()
     try:
         bg.configure(home=path)
-        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755
+        path.chmod(0o777)
+        with pytest.raises(bg.HomeError, match="writable by others"):
+            bg.configure(home=path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777
     finally:
         _config.reset()
 
@@ -114,7 +120,7 @@ def test_a_schema_version_is_recorded(home):
 @pytest.mark.parametrize("which", ["live", "history"])
 def test_a_store_from_a_newer_version_is_refused_clearly(home, which):
     bg.run(print).wait(30)  # makes the folders
-    path = home / "live" / "0123abcd.json" if which == "live" else home / "history" / "07.json"
+    path = home / "live" / f"{'0123abcd' * 4}.json" if which == "live" else home / "history" / "07.json"
     path.write_text(json.dumps({"_meta": {"1": {"schema": 99}}, "tasks": {}}))
     with pytest.raises(bg.StoreError, match="newer nbbgtask"):
         bg.tasks()
