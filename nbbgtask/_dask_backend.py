@@ -203,7 +203,7 @@ class DaskBackend(DaskRecords):
                 fields["started"] = msg["time"]
             store.patch(task_id, fields)
         elif kind == "progress":
-            store.patch(task_id, {k: msg[k] for k in ("percent", "message", "limit_error") if k in msg})
+            store.patch(task_id, {k: msg[k] for k in ("percent", "message", "reported", "limit_error") if k in msg})
         elif kind == "log":
             fd = open_owned(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
@@ -284,12 +284,13 @@ _MAX_TEXT = 16 * 1024 * 1024
 #: what each kind of event may carry, and what each field must be
 _EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "started": {"pid": "pid", "host": "text", "worker": "text"},
-    "progress": {"percent": "percent", "message": "text", "reported": "time", "pid": "pid", "pid_started": "time"},
+    "progress": {"percent": "percent", "message": "text", "reported": "time", "pid": "pid", "pid_started": "time",
+                 "limit_error": "text?"},
     "log": {"text": "text"},
     "final": {
         "state": "final", "finished": "time", "error": "text?", "traceback": "text?", "has_result": "bool",
         "result_type": "text", "result_inline": "text", "cancel_requested": "bool", "percent": "percent",
-        "message": "text", "result": "bytes", "pid": "pid", "pid_started": "time",
+        "message": "text", "result": "bytes", "pid": "pid", "pid_started": "time", "peak_memory": "size?",
     },
 }
 _REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "final": ("state",)}
@@ -307,6 +308,8 @@ def _field_ok(kind: str, value: Any) -> bool:
         return (value is None and kind == "text?") or (isinstance(value, str) and len(value) <= _MAX_TEXT)
     if kind == "bool":
         return isinstance(value, bool)
+    if kind == "size?":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
     if kind == "bytes":
         return isinstance(value, bytes)
     if kind == "final":

@@ -125,9 +125,9 @@ def test_list_and_show_tell_a_running_tasks_costs_and_a_finished_ones_peak(home,
     status = bg.run(_busy, 20)
     assert until(lambda: status.refresh().pid is not None, timeout=10)
     try:
-        assert cli(["list"]) == 0
+        assert cli(["--home", str(home), "list"]) == 0
         assert "CPU" in capsys.readouterr().out
-        assert cli(["show", status.id]) == 0
+        assert cli(["--home", str(home), "show", status.id]) == 0
         assert "resources: CPU" in capsys.readouterr().out
     finally:
         status.cancel()
@@ -141,7 +141,7 @@ def test_list_and_show_tell_a_running_tasks_costs_and_a_finished_ones_peak(home,
     done = bg.run(grows)
     assert done.result(30) == 64 << 20
     assert done.peak_memory is not None and done.peak_memory >= 64 << 20
-    assert cli(["show", done.id]) == 0
+    assert cli(["--home", str(home), "show", done.id]) == 0
     assert "peak memory: " in capsys.readouterr().out
     assert "peak memory" in _format.details(done.to_dict())
 
