@@ -23,11 +23,10 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    scheduler can read the event log and write to it, so each event is sealed (`seal`) with the
    task's own key: 32 random bytes the kernel makes per task, keeps in the task's record (in the
    home, never in an event) and sends as an argument of 1.  A sealed event is
-   ``{"task_id", "v": 1, "nonce", "box", "mac"}``: ``box`` is the event as JSON, encrypted with
-   a keystream of SHAKE-256 over (encryption key, nonce), and ``mac`` an HMAC-SHA256 over
-   (task id, nonce, box) with a second key; both keys are derived from the task's key by HMAC.
-   The kernel checks the MAC before anything else and ignores (and counts, in a warning) an
-   event that fails; then every field is checked.  So other clients see only ids, sizes and
+   ``{"task_id", "v": 2, "nonce", "box"}``: ``box`` is the event as JSON, encrypted and
+   authenticated with AES-256-GCM (the `cryptography` package) under the task's key, with the
+   task id as associated data and a fresh 96-bit nonce.  The kernel opens it before anything
+   else and ignores (and counts, in a warning) an event that fails; then every field is checked.  So other clients see only ids, sizes and
    times: never the output, progress, errors or results.  Opened, an event is a dict with
    ``kind`` and ``time``, and by kind:
 
@@ -81,8 +80,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import os
 import pickle
@@ -136,52 +133,41 @@ def new_key() -> bytes:
     return secrets.token_bytes(32)
 
 
-def _keys(key: bytes) -> tuple[bytes, bytes]:
-    return hmac.digest(key, b"nbbgtask-encrypt", "sha256"), hmac.digest(key, b"nbbgtask-mac", "sha256")
+def _aead(key: bytes) -> Any:
+    # cryptography is the Dask extra's (imported here: a worker that runs no task never needs it)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-
-def _xor(data: bytes, enc: bytes, nonce: bytes) -> bytes:
-    stream = hashlib.shake_256(enc + nonce).digest(len(data)) if data else b""
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
-
-
-def _mac(mac_key: bytes, task_id: str, nonce: bytes, box: bytes) -> bytes:
-    return hmac.digest(mac_key, task_id.encode() + b"\0" + nonce + box, "sha256")
+    return AESGCM(key)
 
 
 def seal(key: bytes, task_id: str, event: dict[str, Any]) -> dict[str, Any]:
-    """``event`` (JSON, with ``result`` bytes as base64) encrypted and authenticated with ``key``."""
+    """``event`` (JSON, with ``result`` bytes as base64) encrypted and authenticated with ``key``
+    (AES-256-GCM, the task's id as associated data, a fresh 96-bit nonce each time)."""
     if isinstance(event.get("result"), bytes):
         event = {**event, "result": base64.b64encode(event["result"]).decode("ascii")}
-    enc, mac_key = _keys(key)
-    nonce = os.urandom(16)
-    box = _xor(json.dumps(event, allow_nan=False).encode(), enc, nonce)
-    b64 = base64.b64encode
+    nonce = os.urandom(12)
+    box = _aead(key).encrypt(nonce, json.dumps(event, allow_nan=False).encode(), task_id.encode())
     return {
         "task_id": task_id,
-        "v": 1,
-        "nonce": b64(nonce).decode("ascii"),
-        "box": b64(box).decode("ascii"),
-        "mac": b64(_mac(mac_key, task_id, nonce, box)).decode("ascii"),
+        "v": 2,
+        "nonce": base64.b64encode(nonce).decode("ascii"),
+        "box": base64.b64encode(box).decode("ascii"),
     }
 
 
 def unseal(key: bytes, task_id: str, sealed: Any) -> dict[str, Any] | None:
     """The event in ``sealed``, or ``None`` if it was not sealed with ``key`` for ``task_id``."""
-    if not isinstance(sealed, dict) or sealed.get("v") != 1 or sealed.get("task_id") != task_id:
+    from cryptography.exceptions import InvalidTag
+
+    if not isinstance(sealed, dict) or sealed.get("v") != 2 or sealed.get("task_id") != task_id:
         return None
     try:
-        nonce, box, mac = (base64.b64decode(sealed[k], validate=True) for k in ("nonce", "box", "mac"))
-    except (KeyError, TypeError, ValueError, binascii.Error):
-        return None
-    enc, mac_key = _keys(key)
-    if not hmac.compare_digest(mac, _mac(mac_key, task_id, nonce, box)):
-        return None
-    try:
-        event = json.loads(_xor(box, enc, nonce))
+        nonce, box = (base64.b64decode(sealed[k], validate=True) for k in ("nonce", "box"))
+        plain = _aead(key).decrypt(nonce, box, task_id.encode())
+        event = json.loads(plain)
         if isinstance(event, dict) and isinstance(event.get("result"), str):
             event["result"] = base64.b64decode(event["result"], validate=True)
-    except (ValueError, binascii.Error):
+    except (KeyError, TypeError, ValueError, binascii.Error, InvalidTag):
         return None
     return event if isinstance(event, dict) else None
 

@@ -360,7 +360,7 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
             other.log_event(TOPIC, {"task_id": status.id, "kind": "progress", "percent": "x", "time": now})
             other.log_event(TOPIC, {"task_id": status.id, "kind": "final", "state": "complete", "time": now,
                                     "has_result": True, "result": forged})
-            other.log_event(TOPIC, {"task_id": status.id, "v": 1, "nonce": "AAAA", "box": "AAAA", "mac": "AAAA"})
+            other.log_event(TOPIC, {"task_id": status.id, "v": 2, "nonce": "AAAAAAAAAAAAAAAA", "box": "AAAA" * 8})
             # Sealed with the task's own key but malformed (a broken worker): checked field by field.
             key = bytes.fromhex(status.to_dict()["event_key"])
             other.log_event(TOPIC, seal(key, status.id, {"kind": "progress", "percent": "x", "time": now}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -155,3 +156,20 @@ def test_write_all_writes_everything_when_signals_cut_writes_short(pipe):
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert read["value"] == data
+
+
+def test_a_sealed_event_opens_only_with_its_key_and_task_and_unaltered():
+    from nbbgtask._dask_wire import new_key, seal, unseal
+
+    key, task = new_key(), "ab" * 16
+    event = {"kind": "final", "time": 1.5, "result": b"\x00pickle\xff" * 100}
+    sealed = seal(key, task, event)
+    assert b"pickle" not in repr(sealed).encode() and "final" not in repr(sealed)  # encrypted
+    assert unseal(key, task, sealed) == event
+    assert unseal(new_key(), task, sealed) is None  # another key
+    assert unseal(key, "cd" * 16, {**sealed, "task_id": "cd" * 16}) is None  # moved to another task
+    box = bytearray(base64.b64decode(sealed["box"]))
+    box[3] ^= 1
+    assert unseal(key, task, {**sealed, "box": base64.b64encode(bytes(box)).decode()}) is None  # altered
+    assert unseal(key, task, {**sealed, "nonce": "!!"}) is None and unseal(key, task, "junk") is None
+    assert seal(key, task, event)["nonce"] != sealed["nonce"]  # a fresh nonce each time
