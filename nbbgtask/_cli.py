@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from . import _config, _format
+from . import _config, _format, _outputs
 from ._api import configure, prune, resolve, tasks
 from ._errors import NbbgtaskError, StoreError, TaskNotFound
 from ._files import log_path
@@ -94,8 +96,19 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(_format.details(resolve(args.id).to_dict()))
+    status = resolve(args.id)
+    print(_format.details(status.to_dict()))
+    parts = _outputs.text_parts(_outputs.read_records(status.home, status.id))
+    if parts:  # what it displayed, as text (the bar shows the rest)
+        print("outputs:")
+        for part in parts:
+            print(textwrap.indent(_as_text(part), "  ", lambda line: True))
     return EXIT_OK
+
+
+def _as_text(text: str) -> str:
+    """A task's text for a terminal: control characters (escape sequences) shown, not obeyed."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
 
 
 def _logs(args: argparse.Namespace) -> int:

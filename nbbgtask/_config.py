@@ -73,7 +73,7 @@ def ensure_home(path: Path) -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         if stat.S_IMODE(path.stat().st_mode) != 0o700:
             path.chmod(0o700)
-        for sub in ("logs", "results", "stacks"):
+        for sub in ("logs", "outputs", "results", "stacks"):
             (path / sub).mkdir(mode=0o700, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")

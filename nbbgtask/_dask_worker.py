@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ._dask_spares import Child, Spares, close_pipes, handed_over, start_child
-from ._dask_wire import FINAL, LOG_CHUNK, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report
+from ._dask_wire import FINAL, LOG_CHUNK, OUTPUT, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report
 from ._procs import describe_exit
 
 __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
@@ -217,6 +217,8 @@ class _Supervision:
             kind, body = report
             if kind == PROGRESS:
                 self._emit("progress", **body)
+            elif kind == OUTPUT:
+                self._emit("output", line=bytes(body).decode("utf-8", errors="replace"))
             elif kind == RESULT:
                 self.outcome["result"] = body
             elif kind == FINAL:
