@@ -119,6 +119,8 @@ def publish(
     if _offset is not None:
         with contextlib.suppress(Exception):
             offset = _offset()
+    else:  # the log is read elsewhere (a pipe, on Dask): what came before goes first
+        _flush()
     record: dict[str, Any] = {
         "kind": kind, "data": data, "metadata": metadata or {}, "offset": offset,
         "display_id": display_id, "update": bool(update), "time": time.time(),
@@ -437,10 +439,14 @@ def _print_traceback(exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
     traceback.print_exception(kind, value, tb, file=sys.stderr)
 
 
-def _log_size() -> int | None:
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def _log_size() -> int | None:
+    _flush()
     st = os.fstat(1)
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
