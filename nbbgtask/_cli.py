@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from . import _config, _format, _outputs
+from . import _config, _format, _output_tail
 from ._api import configure, prune, resolve, tasks
 from ._errors import NbbgtaskError, StoreError, TaskNotFound
 from ._files import log_path
@@ -98,7 +98,7 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     status = resolve(args.id)
     print(_format.details(status.to_dict()))
-    parts = _outputs.text_parts(_outputs.read_records(status.home, status.id))
+    parts = _output_tail.text_parts(_output_tail.read_records(status.home, status.id))
     if parts:  # what it displayed, as text (the bar shows the rest)
         print("outputs:")
         for part in parts:

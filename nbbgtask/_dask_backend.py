@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _config, _outputs, _record
+from . import _config, _output_tail, _record
 from ._dask_wire import TOPIC, cancel_event_name
 from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
@@ -189,7 +189,7 @@ class DaskBackend(DaskRecords):
             finally:
                 os.close(fd)
         elif kind == "output":
-            _outputs.append_line(self.home, task_id, str(msg.get("line", "")))
+            _output_tail.append_line(self.home, task_id, str(msg.get("line", "")))
         elif kind == "final":
             self._finish(task_id, msg)
 

@@ -1,7 +1,7 @@
 """`OutputArea`: what a task prints and displays, shown under its bar as a cell shows its output.
 
 A stock ipywidgets ``Output`` whose outputs the refresher thread sets: every round it looks at the
-task's log and outputs file (`_outputs.Tail`: a stat of each, and a read of what was appended),
+task's log and outputs file (`_output_tail.Tail`: a stat of each, and a read of what was appended),
 so it costs next to nothing while the task is quiet and keeps to the refresher's CPU budget when
 it is not (a costly round spaces the next ones out).  It shows a bounded tail, with a note of what
 was left out; once the task has ended it takes in the rest and is never changed again.
@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from . import _format, _outputs, _refresher
+from . import _format, _output_tail, _refresher
 from ._states import State
 from ._status import TaskStatus
 
@@ -26,7 +26,7 @@ class OutputArea(widgets.Output):
         super().__init__()
         self.home: Path = status.home
         self.task_id = status.id
-        self._tail = _outputs.Tail(status.home, status.id, _format.short_id(status.id))
+        self._tail = _output_tail.Tail(status.home, status.id, _format.short_id(status.id))
         self._nbbg_poll()
         if not status.state.is_final:
             _refresher.register(self)

@@ -1,5 +1,5 @@
 """What a task displays is kept with it, in every way a task runs: display(), a figure, an object
-whose display fails; read back as the bar reads it (`_outputs.Tail`) and by ``nbbgtask show``.
+whose display fails; read back as the bar reads it (`_output_tail.Tail`) and by ``nbbgtask show``.
 The widget that shows them under a bar is tested in a real kernel (tests/test_outputs_kernel.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from IPython.display import HTML, display
 
 import nbbgtask as bg
-from nbbgtask import _outputs
+from nbbgtask import _output_tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -56,7 +56,7 @@ def _shows_things():
 
 
 def _records(status):
-    return _outputs.read_records(status.home, status.id)
+    return _output_tail.read_records(status.home, status.id)
 
 
 def test_a_tasks_displays_are_kept_in_order_among_its_prints(way):
@@ -78,7 +78,7 @@ def test_a_tasks_displays_are_kept_in_order_among_its_prints(way):
     assert half.startswith("HalfShowable()\n[nbbgtask: it could not be displayed (_repr_html_: RuntimeError: the html broke)")
     for record in records[3:]:
         assert base64.b64decode(record["data"]["image/png"]).startswith(PNG)
-    outputs = _outputs.Tail(status.home, status.id, status.id[:8])
+    outputs = _output_tail.Tail(status.home, status.id, status.id[:8])
     assert outputs.read()
     shown = [(o["output_type"], o.get("text") or sorted(o["data"])) for o in outputs.outputs()]
     if way.name == "dask":
@@ -138,14 +138,14 @@ def _floods(n):
 def test_the_tail_under_a_bar_is_bounded_and_says_what_it_left_out(home):
     status = bg.run(_floods, 5000)
     status.wait(60)
-    tail = _outputs.Tail(status.home, status.id, status.id[:8])
+    tail = _output_tail.Tail(status.home, status.id, status.id[:8])
     tail.read()
     shown = tail.outputs()
     note, text = shown[0]["text"], "".join(o["text"] for o in shown[1:])
     assert note.startswith("… ") and f"nbbgtask logs {status.id[:8]}" in note and "status.log()" in note
     lines = text.splitlines()
-    assert len(lines) == _outputs.TAIL_LINES and lines[-1] == "line 4999"
-    assert len(text.encode()) <= _outputs.TAIL_BYTES
+    assert len(lines) == _output_tail.TAIL_LINES and lines[-1] == "line 4999"
+    assert len(text.encode()) <= _output_tail.TAIL_BYTES
 
 
 def test_a_reader_skips_lines_that_are_not_outputs_and_never_unpickles(home, tmp_path):
@@ -157,7 +157,7 @@ def test_a_reader_skips_lines_that_are_not_outputs_and_never_unpickles(home, tmp
     evil = pickle.dumps(Exploit(str(canary)))
     good = {"kind": "display", "data": {"text/plain": "fine"}, "metadata": {}, "offset": None}
     path.write_bytes(evil + b"\n[1, 2]\n" + json.dumps({"kind": "shell"}).encode() + b"\n" + json.dumps(good).encode() + b"\n{\"kind\"")
-    assert _outputs.text_parts(_outputs.read_records(home, "0123")) == ["fine"]
+    assert _output_tail.text_parts(_output_tail.read_records(home, "0123")) == ["fine"]
     assert not canary.exists()
 
 
@@ -186,8 +186,8 @@ def test_display_handles_update_in_place_and_clear_output_clears(home, method):
     status = bg.run(_updates)
     status.wait(60)
     assert status.state == "complete", status.error
-    assert _outputs.text_parts(_records(status)) == ["'kept'"]
-    tail = _outputs.Tail(status.home, status.id, status.id[:8])
+    assert _output_tail.text_parts(_records(status)) == ["'kept'"]
+    tail = _output_tail.Tail(status.home, status.id, status.id[:8])
     tail.read()
     assert [o["data"]["text/plain"] for o in tail.outputs()] == ["'kept'"]
     records = _records(status)
