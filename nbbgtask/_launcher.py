@@ -220,9 +220,7 @@ def _redirect_output(output: int) -> None:
     os.dup2(null, 0)
     os.close(null)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
-    # Block-buffered, as a script's stdout to a file: a print costs as much as it would there.  The
-    # runner's reporter thread flushes it every progress interval, so the bar still shows it live.
-    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False))  # noqa: SIM115
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
     sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
 
 

@@ -216,8 +216,8 @@ class Reporter:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more
                 print(f"nbbgtask: could not record progress: {exc}", file=sys.stderr)
-            # What the task printed reaches its log, and so its bar, within an interval however
-            # its stream buffers (a spawned task's stdout is block-buffered).
+            # What the task printed reaches its log, and so its bar, within an interval, also
+            # where the task put a buffered stream of its own in place of sys.stdout.
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
