@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from . import _backends, _config, _limits, _runner
 from ._errors import AmbiguousTaskId, StoreError, TaskNotFound
-from ._files import log_path, result_path, stack_files
+from ._files import log_path, outputs_path, result_path, stack_files
 from ._limits import Limits
 from ._procs import process_start_time
 from ._record import new_record
@@ -305,7 +305,7 @@ def find_last(state: Any = None, name: str | None = None) -> TaskStatus | None:
 
 
 def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int:
-    """Forget finished tasks, with their logs and results; returns how many.
+    """Forget finished tasks, with their logs, outputs and results; returns how many.
 
     ``keep``: the newest this many finished tasks stay.  ``older_than``: only tasks that finished
     more than this long ago (seconds or a timedelta) go.  ``prune()`` forgets every finished task.
@@ -333,6 +333,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     store.sweep()  # temp files of tasks whose start was cut short by a kill
     for task_id in gone:
         log_path(home, task_id).unlink(missing_ok=True)
+        outputs_path(home, task_id).unlink(missing_ok=True)
         for path, _, _ in stack_files(home, task_id):  # left by a task that was killed
             path.unlink(missing_ok=True)
         result = result_path(home, task_id)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _config, _format
+from . import _config, _format, _output_tail
 from ._api import prune, resolve, tasks
 from ._errors import NbbgtaskError, StoreError, TaskNotFound
 from ._files import log_path
@@ -113,7 +115,17 @@ def _show(args: argparse.Namespace) -> int:
     figures = status.resources()
     if figures is not None:
         print(f"resources: {compact(figures)} RSS, {format_bytes(figures['uss'])} USS, {figures['processes']} processes")
+    parts = _output_tail.text_parts(_output_tail.read_records(status.home, status.id))
+    if parts:  # what it displayed, as text (the bar shows the rest)
+        print("outputs:")
+        for part in parts:
+            print(textwrap.indent(_as_text(part), "  ", lambda line: True))
     return EXIT_OK
+
+
+def _as_text(text: str) -> str:
+    """A task's text for a terminal: control characters (escape sequences) shown, not obeyed."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
 
 
 def _logs(args: argparse.Namespace) -> int:

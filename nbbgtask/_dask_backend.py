@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import _config, _limits, _record
+from . import _config, _limits, _output_tail, _record
 from ._dask_wire import TOPIC, cancel_event_name, new_key, unseal
 from ._dask_worker import run_on_worker
 from ._errors import NbbgtaskError
@@ -210,6 +210,8 @@ class DaskBackend(DaskRecords):
                 os.write(fd, msg["text"].encode("utf-8", errors="replace"))
             finally:
                 os.close(fd)
+        elif kind == "output":
+            _output_tail.append_line(self.home, task_id, str(msg.get("line", "")))
         elif kind == "final":
             self._finish(task_id, msg, record)
 
@@ -287,13 +289,14 @@ _EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "progress": {"percent": "percent", "message": "text", "reported": "time", "pid": "pid", "pid_started": "time",
                  "limit_error": "text?"},
     "log": {"text": "text"},
+    "output": {"line": "text"},
     "final": {
         "state": "final", "finished": "time", "error": "text?", "traceback": "text?", "has_result": "bool",
         "result_type": "text", "result_inline": "text", "cancel_requested": "bool", "percent": "percent",
         "message": "text", "result": "bytes", "pid": "pid", "pid_started": "time", "peak_memory": "size?",
     },
 }
-_REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "final": ("state",)}
+_REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "output": ("line",), "final": ("state",)}
 
 
 def _field_ok(kind: str, value: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _dask_wire
+from . import _dask_wire, _outputs
 from ._runner import Job, Reporter, run_job
 from ._sources import collect, restore
 
@@ -42,6 +42,9 @@ class PipeSink:
 
     def save_result(self, data: bytes) -> None:
         self._send(_dask_wire.RESULT, data)
+
+    def output(self, line: bytes) -> None:
+        self._send(_dask_wire.OUTPUT, line)
 
     def finish(self, fields: dict[str, Any]) -> None:
         self._send(_dask_wire.FINAL, fields)
@@ -75,6 +78,7 @@ def spare_main(commands: int, reports: int, inherited: frozenset[int] = frozense
             os.environ.clear()
             os.environ.update(environ)
         sys.path[:] = path
+    _outputs.prepare()  # before the job is unpickled: its display() is then this process's
     job = pickle.loads(payload)
     job.home = Path(os.getcwd())
     return run_job(job, PipeSink(reports))

@@ -33,6 +33,7 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    - ``"started"``: ``pid``, ``host``, ``worker`` (its address);
    - ``"log"``: ``text``, printed output (at most `LOG_CHUNK` bytes of it, decoded as UTF-8);
    - ``"progress"``: the fields of a progress report (percent, message, ...);
+   - ``"output"``: ``line``, one output the task displayed (a JSON line of `_outputs`);
    - ``"final"``: the fields of the task's end (``state``, ``finished``, ``error``,
      ``cancel_requested``, ``result``: the pickled return value when it is too big for the
      record, ...).  Sent once, last.  A worker that gives the task up (it closes; Dask runs the
@@ -66,7 +67,8 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    before both frames came: the spare was let go with no task, and leaves quietly.
 
 6. Child -> worker: reports, on the *reports* pipe, as frames, each a pickled ``(kind, body)``:
-   ``("progress", fields)``, ``("result", pickled value)``, ``("final", fields)``.  The end of the
+   ``("progress", fields)``, ``("output", JSON line)``, ``("result", pickled value)``,
+   ``("final", fields)``.  The end of the
    pipe: the child has ended (or closed it); how it ended comes from its exit code.
 
 7. Child -> worker: printed output, as raw bytes on the *output* pipe (the child's fds 1 and 2).
@@ -98,6 +100,7 @@ __all__ = [
     "FORK_FDS",
     "KILL",
     "LOG_CHUNK",
+    "OUTPUT",
     "PID",
     "PROGRESS",
     "RECORD",
@@ -227,7 +230,7 @@ def read_task(fd: int) -> tuple[Context | None, bytes] | None:
 
 # -- 6: child to worker, the reports --------------------------------------------------------------
 
-PROGRESS, RESULT, FINAL = "progress", "result", "final"
+PROGRESS, OUTPUT, RESULT, FINAL = "progress", "output", "result", "final"
 
 
 def send_report(fd: int, kind: str, body: Any) -> None:

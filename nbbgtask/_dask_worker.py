@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import time
 from typing import Any
 
 from ._dask_spares import Child, Spares, close_pipes, handed_over, start_child
-from ._dask_wire import FINAL, LOG_CHUNK, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report, seal
+from ._dask_wire import FINAL, LOG_CHUNK, OUTPUT, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report, seal
 from ._procs import describe_exit
 
 __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
@@ -127,6 +128,9 @@ class _Supervision:
         self._ended = threading.Event()
         #: the fields of the "final" event, as they come from the child and the watchers
         self.outcome: dict[str, Any] = {}
+        #: printed output not yet sent, and the lock that keeps it in order with the outputs
+        self._printed: list[bytes] = []
+        self._printed_lock = threading.Lock()
 
     # -- on the worker's event loop ------------------------------------------------------------
 
@@ -197,19 +201,33 @@ class _Supervision:
 
     def _pump_output(self, child: Child) -> None:
         """Printed output, as "log" events: at most every ``interval`` seconds, or LOG_CHUNK bytes."""
-        pending: list[bytes] = []
         last = time.monotonic()
         while True:
-            chunk = os.read(child.output, LOG_CHUNK)
-            if chunk:
-                pending.append(chunk)
-            if pending and (
-                not chunk or time.monotonic() - last >= self.interval or sum(map(len, pending)) >= LOG_CHUNK
-            ):
-                self._emit("log", text=b"".join(pending).decode("utf-8", errors="replace"))
-                pending, last = [], time.monotonic()
-            if not chunk:
+            select.select([child.output], [], [], self.interval)
+            with self._printed_lock:  # read under the lock: an output never overtakes what was printed before it
+                ended = not self._take_printed(child, wait=False)
+                pending = self._printed
+                if pending and (ended or time.monotonic() - last >= self.interval or sum(map(len, pending)) >= LOG_CHUNK):
+                    self._send_printed()
+                    last = time.monotonic()
+            if ended:
                 return
+
+    def _take_printed(self, child: Child, wait: bool) -> bool:
+        """Read what the child printed and is there to read now; ``False`` at the end of the pipe."""
+        while select.select([child.output], [], [], None if wait else 0)[0]:
+            chunk = os.read(child.output, LOG_CHUNK)
+            if not chunk:
+                return False
+            self._printed.append(chunk)
+            if sum(map(len, self._printed)) >= LOG_CHUNK:
+                break
+        return True
+
+    def _send_printed(self) -> None:
+        if self._printed:
+            self._emit("log", text=b"".join(self._printed).decode("utf-8", errors="replace"))
+            self._printed = []
 
     def _pump_reports(self, child: Child) -> None:
         """The child's reports: progress goes on as events, result and end are kept for "final"."""
@@ -220,6 +238,13 @@ class _Supervision:
             kind, body = report
             if kind == PROGRESS:
                 self._emit("progress", **body)
+            elif kind == OUTPUT:
+                # What it printed before it displayed this is in the pipe (the child flushed it
+                # first): sent first, so the kernel places the output after it.
+                with self._printed_lock:
+                    self._take_printed(child, wait=False)
+                    self._send_printed()
+                    self._emit("output", line=bytes(body).decode("utf-8", errors="replace"))
             elif kind == RESULT:
                 self.outcome["result"] = body
             elif kind == FINAL:

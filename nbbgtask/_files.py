@@ -1,4 +1,4 @@
-"""Files under the home folder: where a task's log and result are, and writing a file atomically."""
+"""Files under the home folder: where a task's log, outputs and result are, and writing a file atomically."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ from pathlib import Path
 from ._trust import NOFOLLOW, check_id
 from ._wire import write_all
 
-__all__ = ["log_path", "result_path", "stack_path", "stack_files", "atomic_write"]
+__all__ = ["log_path", "outputs_path", "result_path", "stack_path", "stack_files", "atomic_write"]
 
 
 def log_path(home: Path | str, task_id: str) -> Path:
     """Every path made from a task id checks the id first: a record's id is never a path."""
     return Path(home) / "logs" / f"{check_id(task_id)}.log"
+
+
+def outputs_path(home: Path | str, task_id: str) -> Path:
+    """What the task displayed (`_outputs`): JSON lines, data only."""
+    return Path(home) / "outputs" / f"{check_id(task_id)}.jsonl"
 
 
 def result_path(home: Path | str, task_id: str) -> Path:

@@ -249,8 +249,9 @@ def _release_sockets() -> None:
 
 
 def _silence_kernel() -> None:
-    """The child must never write to the kernel's zmq sockets: display(), widgets and comms
-    would send through the parent's session ("attempted to send message from fork")."""
+    """The child must never write to the kernel's zmq sockets: widgets and comms would send
+    through the parent's session ("attempted to send message from fork").  display() does not
+    come here: the runner keeps its bundles with the task (`_outputs`)."""
     if "ipykernel" not in sys.modules:
         return
     from ipykernel.kernelbase import Kernel
@@ -264,8 +265,8 @@ def _silence_kernel() -> None:
         if not noted:
             noted.append(True)
             print(
-                "nbbgtask: this task tried to send output to the notebook (display() or a widget); "
-                "only printed output is kept, in status.log()",
+                "nbbgtask: this task tried to send a message to the notebook (a widget or a comm); "
+                "a task's widgets are not shown: print, display() and figures are",
                 file=sys.stderr,
             )
 

@@ -16,7 +16,7 @@ from ._api import prune, resolve, run, tasks
 from ._errors import NbbgtaskError, TaskNotFound
 from ._status import TaskStatus
 
-__all__ = ["BgTaskMagics", "assigned_names", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["BgTaskMagics", "assigned_names", "split_last_expression", "load_ipython_extension", "unload_ipython_extension"]
 
 USAGE = """\
 %%bgtask [--name NAME] [--focus]   run the cell in the background (by fork: it sees every name);
@@ -112,16 +112,48 @@ def used_names(source: str) -> list[str]:
     return found
 
 
+def split_last_expression(source: str) -> tuple[ast.Module, ast.Expression | None]:
+    """The cell without its last statement if that is an expression whose value a cell would show
+    (not when the cell ends with ``;``), and that expression."""
+    tree = ast.parse(source)
+    end = tree.body[-1] if tree.body else None
+    if not isinstance(end, ast.Expr) or _ends_with_semicolon(source):
+        return tree, None
+    tree.body.pop()
+    return tree, ast.Expression(end.value)
+
+
+def _ends_with_semicolon(source: str) -> bool:
+    """As IPython decides it: the cell's last token, comments aside, is ``;``."""
+    import io
+    import tokenize
+
+    skip = {tokenize.COMMENT, tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT}
+    last = None
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type not in skip:
+                last = token
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return last is not None and last.type == tokenize.OP and last.string == ";"
+
+
 def _run_cell_body(source: str, filename: str, names: list[str], namespace: dict[str, Any]) -> dict[str, Any]:
     """In the task process: run the cell in (a copy of) the notebook's namespace; what to send back."""
     import linecache
 
     import cloudpickle
 
+    from ._outputs import display_value
+
     if filename not in linecache.cache:  # on a Dask worker: so the traceback shows the cell's lines
         lines = source.splitlines(keepends=True)
         linecache.cache[filename] = (len(source), None, lines, filename)
-    exec(compile(source, filename, "exec"), namespace)
+    body, last = split_last_expression(source)
+    exec(compile(body, filename, "exec"), namespace)
+    if last is not None:  # shown under the bar, as a cell shows its value
+        display_value(eval(compile(last, filename, "eval"), namespace))
     values: dict[str, bytes] = {}
     skipped: list[str] = []
     for name in names:

@@ -152,6 +152,10 @@ class View(Protocol):
         """Bring the widget up to date; ``False`` once it has nothing more to follow."""
 
 
+    # A view may also have ``_nbbg_poll()``, called every round, whether or not the store changed
+    # (an output area, which follows files of its own).
+
+
 class _Refresher:
     def __init__(self) -> None:
         self._views: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -218,6 +222,10 @@ class _Refresher:
                 continue
             by_home.setdefault(view.home, []).append(view)
         for home, group in by_home.items():
+            for view in group:  # output areas: a look at their files every round
+                poll = getattr(view, "_nbbg_poll", None)
+                if poll is not None:
+                    poll()
             store = store_for(home)
             if check_liveness:
                 for record in store.live():

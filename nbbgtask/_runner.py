@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import _limits, _tqdm_capture
+from . import _limits, _outputs, _tqdm_capture
 from ._errors import StoreError
 from ._files import atomic_write, result_path, stack_path
 from ._procs import EXIT_UNRECORDED, describe_exit, own_process
@@ -97,6 +97,7 @@ class StoreSink:
     def __init__(self, job: Job) -> None:
         self._job = job
         self._store = store_for(job.home)
+        self._write_output: Callable[[bytes], None] | None = None
 
     def interval(self, base: float) -> float:
         """Seconds until the next progress write: longer when many tasks are live,
@@ -114,6 +115,12 @@ class StoreSink:
 
     def save_result(self, data: bytes) -> None:
         atomic_write(result_path(self._job.home, self._job.task_id), data, durable=True)
+
+    def output(self, line: bytes) -> None:
+        """One of the task's outputs (`_outputs`), into its outputs file."""
+        if self._write_output is None:
+            self._write_output = _outputs.file_writer(self._job.home, self._job.task_id)
+        self._write_output(line)
 
     def finish(self, fields: dict[str, Any]) -> None:
         # This process is the task's: its pid and start time let a later reader tell it apart.
@@ -215,6 +222,13 @@ class Reporter:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more
                 print(redactor(self.secrets)(f"nbbgtask: could not record progress: {exc}"), file=sys.stderr)
+            # What the task printed reaches its log, and so its bar, within an interval, also
+            # where the task put a buffered stream of its own in place of sys.stdout.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
             if pace is not None:
                 interval = pace(base)
 
@@ -329,6 +343,9 @@ def run_job(job: Job, sink: Any = None) -> int:
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
     _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
+    output = getattr(sink, "output", None)
+    if output is not None:  # display(), figures and a cell's last value, kept with the task
+        _outputs.install(output)
     finishing = cancelled = False
     enforcer = _limits.Enforcer(job.limits, job.cancel_grace, sink.progress)
 
@@ -356,6 +373,8 @@ def run_job(job: Job, sink: Any = None) -> int:
             enforcer.stop()
             # A cancel asked for before the task ended wins over however it then ended.
             cancelled = reporter.cancel_requested
+            if not cancelled and output is not None:
+                _outputs.finish()  # figures left open are shown, as at the end of a cell
         fields = {"state": State.COMPLETE.value}
         if not cancelled:
             fields.update(_save_result(sink, value))
@@ -447,6 +466,7 @@ def run_pickled(path: bytes, job: bytes) -> int:
     from . import _config
 
     sys.path[:] = pickle.loads(path)
+    _outputs.prepare()  # before the job is unpickled: its display() is then this process's
     loaded: Job = pickle.loads(job)
     _config.settings().home = loaded.home
     return run_job(loaded)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 from ._wire import read_frame
 
@@ -20,6 +22,11 @@ def main() -> int:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    # As a forked task's (`_launcher._redirect_output`): line-buffered, whatever the environment
+    # says.  Block-buffered (Python's default for a file) a print would reach the log after what
+    # a subprocess wrote later, and not live; unbuffered (PYTHONUNBUFFERED) it costs two writes.
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
     from nbbgtask._runner import run_pickled
 
     return run_pickled(path, job)

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: the folders ``ensure_home`` makes; the store makes `STORE_FOLDERS` on its first write
-SUBFOLDERS = ("logs", "results", "stacks")
+SUBFOLDERS = ("logs", "outputs", "results", "stacks")
 STORE_FOLDERS = ("live", "history", "locks")
 #: what a task id is: 32 hex digits (`_record.new_task_id`)
 TASK_ID = re.compile(r"[0-9a-f]{32}\Z")

@@ -135,15 +135,18 @@ class ProgressBar(widgets.HBox):
 
 
 def status_mimebundle(status: TaskStatus, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-    """What a `TaskStatus` that ends a cell displays: a live bar, with static fallbacks."""
+    """What a `TaskStatus` that ends a cell displays: a live bar with the task's output under it,
+    with static fallbacks."""
     record = dict(status.refresh().to_dict())
     bundle: dict[str, Any] = {
         "text/plain": _format.text_snapshot(record),
         "text/html": _format.html_snapshot(record),
     }
     if _has_kernel():
-        bar = ProgressBar(status)
-        widget_bundle = bar._repr_mimebundle_(include=include, exclude=exclude) or {}
+        from ._output_area import task_view
+
+        view = task_view(status, ProgressBar(status))  # what it prints and displays, under its bar
+        widget_bundle = view._repr_mimebundle_(include=include, exclude=exclude) or {}
         for key, value in widget_bundle.items():
             if key != "text/plain":
                 bundle[key] = value

@@ -424,6 +424,41 @@ def test_the_focus_cell_keeps_the_finished_bar_in_place_of_the_holding_content(t
     focus.get_by_text(re.compile(r"complete after")).wait_for(timeout=5_000)
 
 
+def test_a_background_cell_shows_what_it_prints_and_plots_under_its_bar(browser, tmp_path):
+    """Issue 17: the printed lines, the figure and the cell's value, under the bar, in JupyterLab."""
+    with _serving(tmp_path, "jupyterlab") as lab:
+        page = _open(browser, lab, "magic_output.ipynb")
+        try:
+            page.locator(".jp-Notebook").click(position={"x": 5, "y": 5})
+            page.keyboard.press("Control+b")
+            page.locator(".jp-FileBrowser").wait_for(state="hidden")
+            _run_all(page)
+            shown = outputs(page, "%%bgtask --name plotting")
+            shown.locator(".widget-hprogress").wait_for()
+            area = shown.locator(".widget-output")
+            # The lines come one by one, as they are printed, while the task runs.
+            area.get_by_text("step 0").wait_for()
+            assert not area.get_by_text("step 4").is_visible()
+            area.get_by_text("step 4").wait_for()
+            figure = area.locator('[data-mime-type="image/png"] img')
+            figure.wait_for()
+            assert figure.evaluate("img => img.naturalWidth") > 300
+            area.get_by_text("45", exact=True).wait_for()  # the cell's last value
+            shown.get_by_text(re.compile(r"complete after")).wait_for()
+            lines = area.locator('[data-mime-type="application/vnd.jupyter.stdout"]').inner_text()
+            assert lines.split() == ["step", "0", "step", "1", "step", "2", "step", "3", "step", "4"]
+            cell(page, "%%bgtask --name plotting").scroll_into_view_if_needed()
+            shot = _screenshot(page, "jupyterlab-bgtask-output.png", docs=True)
+            assert page.get_by_text(re.compile("Error displaying widget|Widget not found|model not found")).count() == 0
+            assert not lab.page_errors, f"{lab.page_errors}\n--- server log ---\n{lab.log_tail()}"
+            assert shot.stat().st_size > 10_000, shot
+        except BaseException:
+            _screenshot(page, "jupyterlab-bgtask-output-failed.png")
+            raise
+        finally:
+            page.close()
+
+
 @pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
 def test_a_click_on_cancel_stops_a_blocked_focus_cell_and_the_queued_cell_runs(browser, tmp_path, front_end):
     """Issue 16: JupyterLab >= 4.4 and Notebook 7 send the click through a kernel subshell."""

@@ -1,7 +1,8 @@
 """Writes the notebooks that tests/test_browser.py opens in the browser.
 
 tour.ipynb: the tour, in JupyterLab.  focus_cancel.ipynb: a Cancel click in a blocked focus cell
-with the next cell queued behind it, in JupyterLab and in Notebook 7.
+with the next cell queued behind it, in JupyterLab and in Notebook 7.  magic_output.ipynb: a
+%%bgtask cell that prints and plots, its output under its bar (JupyterLab).
 
 Run it after changing the cells below:  .venv/bin/python tests/browser/make_tour.py
 The notebooks are stored without outputs; the browser test runs them.
@@ -66,6 +67,25 @@ FOCUS_CANCEL_CELLS = [
     new_code_cell('print("next cell ran; the task is", status.state.value)'),
 ]
 
+#: Issue 17: what a %%bgtask cell prints and plots appears under its bar.
+MAGIC_OUTPUT_CELLS = [
+    new_markdown_cell("# Output under the bar\n\nA background cell that prints and plots."),
+    new_code_cell("%load_ext nbbgtask"),
+    new_code_cell(
+        "%%bgtask --name plotting\n"
+        "import time\n"
+        "import matplotlib.pyplot as plt\n"
+        "for i in range(5):\n"
+        '    print("step", i)\n'
+        "    time.sleep(0.3)\n"
+        "plt.plot([i * i for i in range(10)])\n"
+        'plt.title("squares, from a background cell")\n'
+        "plt.show()\n"
+        "total = sum(range(10))\n"
+        "total"
+    ),
+]
+
 
 def _notebook(cells: list[nbformat.NotebookNode], prefix: str) -> nbformat.NotebookNode:
     nb = new_notebook(cells=cells)
@@ -86,7 +106,11 @@ def build_focus_cancel() -> nbformat.NotebookNode:
 
 
 #: file name -> what it holds
-NOTEBOOKS = {"tour.ipynb": build, "focus_cancel.ipynb": build_focus_cancel}
+def build_magic_output() -> nbformat.NotebookNode:
+    return _notebook(MAGIC_OUTPUT_CELLS, "magic-output")
+
+
+NOTEBOOKS = {"tour.ipynb": build, "focus_cancel.ipynb": build_focus_cancel, "magic_output.ipynb": build_magic_output}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""`OutputArea`: what a task prints and displays, shown under its bar as a cell shows its output.
+
+A stock ipywidgets ``Output`` whose outputs the refresher thread sets: every round it looks at the
+task's log and outputs file (`_output_tail.Tail`: a stat of each, and a read of what was appended),
+so it costs next to nothing while the task is quiet and keeps to the refresher's CPU budget when
+it is not (a costly round spaces the next ones out).  It shows a bounded tail, with a note of what
+was left out; once the task has ended it takes in the rest and is never changed again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+
+from . import _format, _output_tail, _refresher
+from ._states import State
+from ._status import TaskStatus
+
+__all__ = ["OutputArea"]
+
+
+class OutputArea(widgets.Output):
+    def __init__(self, status: TaskStatus) -> None:
+        super().__init__()
+        self.home: Path = status.home
+        self.task_id = status.id
+        self._tail = _output_tail.Tail(status.home, status.id, _format.short_id(status.id))
+        self._nbbg_poll()
+        if not status.state.is_final:
+            _refresher.register(self)
+
+    def _nbbg_poll(self) -> None:
+        """Show what the task printed or displayed since the last look (every refresher round)."""
+        if self._tail.read():
+            self.outputs = tuple(self._tail.outputs())
+
+    def _nbbg_refresh(self, snapshot: _refresher.Snapshot, changed: bool) -> bool:
+        record = snapshot.get(self.task_id) if changed else None
+        if record is not None and State(record["state"]).is_final:
+            self._nbbg_poll()  # what came before the end
+            return False
+        return True
+
+    def close(self) -> None:
+        self._nbbg_closed = True
+        super().close()
+
+
+def task_view(status: TaskStatus, bar: Any) -> widgets.VBox:
+    """A task's bar with its output area under it."""
+    return widgets.VBox([bar, OutputArea(status)])
