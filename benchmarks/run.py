@@ -34,7 +34,8 @@ import common  # this folder (benchmarks/) is on sys.path when run.py is run
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = Path(sys.executable)  # the venv's interpreter (not resolved: that would leave the venv)
-BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py"}
+BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py",
+           "scale": "bench_scale.py"}
 nan = common.nan
 
 
@@ -186,7 +187,7 @@ def find_row(bench: dict, prefix: str) -> dict | None:
 
 def summary(res: dict) -> list[dict]:
     """The figures the issue asks for, in its order; each with its baseline, goal and verdict."""
-    eng, wid, peers = (res.get(k, {}) for k in ("engine", "widgets", "peers"))
+    eng, wid, peers, scale = (res.get(k, {}) for k in ("engine", "widgets", "peers", "scale"))
     rows: list[dict] = []
 
     def add(area: str, label: str, bench: dict, prefix: str) -> None:
@@ -201,6 +202,10 @@ def summary(res: dict) -> list[dict]:
     add("start", "bg.run vs ProcessPoolExecutor, cold", peers, "1 start: bg.run fork (base: ProcessPoolExecutor cold)")
     add("start", "bg.run vs ProcessPoolExecutor, warm", peers, "1 start: bg.run fork (base: ProcessPoolExecutor warm)")
     add("start", "bg.run vs Dask client.submit (warm)", peers, "1 start: bg.run fork (base: dask client.submit)")
+    add("start", "start_method='auto' where a fork is safe vs 'fork' forced (median)", eng,
+        "1 start: auto, fork safe (base: fork forced), median")
+    add("start", "a trivial task through the fork server vs 'spawn' (median)", eng,
+        "1 start: forkserver, trivial task (base: spawn), median")
     add("start", "bg.run spawn mode vs multiprocessing.Process, spawn", peers,
         "1 start: bg.run spawn (base: mp.Process spawn)")
     add("start", "nbbgtask on Dask vs plain client.submit (median)", peers,
@@ -224,6 +229,16 @@ def summary(res: dict) -> list[dict]:
         add("store", f"bg.get of a live task with {size:,} finished (base: 0)", eng,
             f"4 bg.get(live task) @{size} vs 0")
     add("store", "a task's end (finalize) with 10,000 finished (base: 0)", eng, "4 Store.finalize (task end) @10000")
+    for size in (10000, 100000):
+        for read in ("bg.get(live task)", "bg.find_last(name=...)", "bg.find_last(state='running')",
+                     "bg.tasks(state='running')", "bg.tasks(limit=20)", "progress write (Store.patch)"):
+            add("scale", f"{read} with {size:,} finished (base: 0)", scale, f"1 {read} @{size} vs 0")
+    add("scale", "monitor refresher CPU, 100,000 finished + 20 running (base: 0 + 20)", scale,
+        "2 monitor refresher cpu_percent")
+    add("scale", "monitor refresh interval, 100,000 finished + 20 running (base: 0 + 20)", scale,
+        "2 monitor refresher interval_s")
+    add("scale", "prune 90,000 of 100,000 finished: seconds", scale, "3 prune")
+    add("scale", "prune: peak RSS of the pruning process", scale, "3 prune: peak RSS")
     add("store", "progress write with 100 tasks live (base: 1 live)", eng, "4 Store.patch with 100 tasks live")
     add("store", "progress write with 1,000 tasks live (base: 1 live)", eng, "4 Store.patch with 1000 tasks live")
     add("100 bars", "kernel CPU added by 100 live bars", wid, "1 kernel CPU added by")

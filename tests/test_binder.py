@@ -75,7 +75,7 @@ def test_binder_installs_exactly_its_pins_and_pins_the_front_ends_the_browser_te
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     installed = {p["name"].lower().replace("-", "_"): p["version"] for p in json.loads(listed)}
-    assert {name: installed.get(name.lower()) for name in pins} == pins
+    assert {name: installed.get(name.lower().replace("-", "_")) for name in pins} == pins
     check = subprocess.run([str(binder_python), "-m", "pip", "check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     # Notebook 7 too: Binder users may open /tree, and the Cancel click is tested there.

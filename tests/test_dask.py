@@ -566,9 +566,9 @@ def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
         for spare in (_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)):
             try:
                 # Sent once the spare has left fork_detached's SIGTERM-ignoring set-up, before its task.
-                assert until(lambda spare=spare: _takes_sigterm(spare.pid), timeout=10)
+                assert until(lambda spare=spare: _takes_sigterm(spare.pid), timeout=30)
                 os.kill(spare.pid, signal.SIGTERM)
-                assert until(lambda spare=spare: spare.poll() is not None, timeout=10)
+                assert until(lambda spare=spare: spare.poll() is not None, timeout=30)
                 assert spare.poll() == -signal.SIGTERM
             finally:
                 spare.discard()

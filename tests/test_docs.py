@@ -213,7 +213,9 @@ def test_every_magic_form_is_documented() -> None:
 def test_what_is_listed_as_not_yet_available_does_not_exist() -> None:
     _, not_yet = _parts()
     leads = re.findall(r"^- \*\*(.+?)\*\*", not_yet, flags=re.MULTILINE)
-    assert leads, f"no '- **...**' items under {NOT_YET!r}"
+    if not leads:  # everything is built: the section says so
+        assert "Nothing" in not_yet, f"{NOT_YET}: list what is not built as '- **...**' items, or say 'Nothing'"
+        return
     subcommands, forms = _subcommands(), _magic_forms()
     built = []
     for span in (s for lead in leads for s in _spans(lead)):

@@ -101,7 +101,7 @@ print(status.result(timeout=60))
     assert not [m for m in kernel.iopub + late if m["msg_type"] == "comm_open"]
     log = kernel.ok("print(status.log())")
     assert "printed in the task" in log and "to stderr in the task" in log
-    assert "only printed output is kept" in log
+    assert "a task's widgets are not shown" in log
     assert "before the task" not in log
 
 

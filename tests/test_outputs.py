@@ -152,12 +152,13 @@ def test_a_reader_skips_lines_that_are_not_outputs_and_never_unpickles(home, tmp
     import pickle
 
     (home / "outputs").mkdir(exist_ok=True)
-    path = home / "outputs" / "0123.jsonl"
+    task_id = "0123" * 8
+    path = home / "outputs" / f"{task_id}.jsonl"
     canary = tmp_path / "unpickled"
     evil = pickle.dumps(Exploit(str(canary)))
     good = {"kind": "display", "data": {"text/plain": "fine"}, "metadata": {}, "offset": None}
     path.write_bytes(evil + b"\n[1, 2]\n" + json.dumps({"kind": "shell"}).encode() + b"\n" + json.dumps(good).encode() + b"\n{\"kind\"")
-    assert _output_tail.text_parts(_output_tail.read_records(home, "0123")) == ["fine"]
+    assert _output_tail.text_parts(_output_tail.read_records(home, task_id)) == ["fine"]
     assert not canary.exists()
 
 

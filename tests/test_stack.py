@@ -90,7 +90,10 @@ def test_every_thread_is_shown(home, tmp_path, start_method):
     text = status.stack()
     assert "in second_thread_waits" in text and "in wait_for_the_network" in text
     assert "in _loop" in text  # nbbgtask's own progress thread, too
-    assert len(re.findall(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", text, re.M)) == 3
+    # the task's two threads and nbbgtask's progress writer, and whatever else nbbgtask runs there
+    # (the memory sampler of its limits): every thread, each with a header
+    headers = re.findall(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", text, re.M)
+    assert len(headers) >= 3 and headers.count("Current thread") == 1
 
 
 def test_an_ended_or_queued_task_has_no_stack(home, tmp_path):
