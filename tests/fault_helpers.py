@@ -200,22 +200,26 @@ def limit_file_size(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
 
-def as_nobody(fn: Callable[..., dict], *args: Any) -> dict:
-    """``fn(*args)`` in a forked child running as an ordinary user (permissions do not bind root);
-    its dict of findings, sent back through a pipe."""
+def in_child_as(uid: int, gid: int, fn: Callable[..., Any], *args: Any, umask: int | None = None) -> dict:
+    """``fn(*args)`` in a forked child running as ``uid``/``gid`` (no other groups), sent back
+    through a pipe as JSON: ``{"value": ...}``, or ``{"error": repr}`` if it raised."""
     read, write = os.pipe()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\)")
         pid = os.fork()
     if pid == 0:  # the fork hooks already gave the child its own stores and supervisor
+        found: dict = {}
         try:
             os.close(read)
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            found = fn(*args)
+            if os.geteuid() != uid:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            if umask is not None:
+                os.umask(umask)
+            found = {"value": fn(*args)}
         except BaseException as exc:
-            found = {"child_error": repr(exc)}
+            found = {"error": repr(exc)}
         finally:
             with contextlib.suppress(BaseException):
                 os.write(write, json.dumps(found).encode())
@@ -227,3 +231,11 @@ def as_nobody(fn: Callable[..., dict], *args: Any) -> dict:
     os.close(read)
     os.waitpid(pid, 0)
     return json.loads(b"".join(chunks) or b"{}")
+
+
+def as_nobody(fn: Callable[..., dict], *args: Any) -> dict:
+    """``fn(*args)`` in a forked child running as an ordinary user (permissions do not bind root);
+    its dict of findings (``{"child_error": repr}`` if it raised)."""
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    found = in_child_as(uid, 65534 if os.geteuid() == 0 else os.getegid(), fn, *args)
+    return found["value"] if "value" in found else {"child_error": found.get("error")}

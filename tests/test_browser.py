@@ -393,6 +393,8 @@ def test_the_tour_shows_a_live_bar_a_focus_cell_that_resumes_and_the_monitor(tou
     cancel = splines.get_by_role("button", name="Cancel")
     assert cancel.is_visible() and cancel.is_enabled()
     assert splines.get_by_role("button", name="Log").is_visible()
+    # Its costs column: the running task's CPU and memory, read by the refresher (issue 15).
+    splines.get_by_text(re.compile(r"^CPU \d+% · [\d.]+ [KMG]iB$")).wait_for(timeout=WAIT)
     shot_tour = _screenshot(page, "jupyterlab-tour.png", docs=True)
     shot_monitor = _screenshot(cell(page, "bg.monitor()"), "jupyterlab-monitor.png", docs=True)
 

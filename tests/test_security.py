@@ -10,7 +10,6 @@ changed (a sentinel file beside it keeps its bytes, mode and owner).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fault_helpers import in_child_as
 from waiting import until
 
 import nbbgtask as bg
@@ -108,31 +108,7 @@ def scene() -> Iterator[Scene]:
 
 def as_user(user: pwd.struct_passwd, fn, *args):  # type: ignore[no-untyped-def]
     """``fn(*args)`` in a forked child running as ``user``; what it returns (JSON), or its error."""
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\)")
-        pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            os.umask(0o022)
-            found = {"value": fn(*args)}
-        except BaseException as exc:
-            found = {"error": repr(exc)}
-        finally:
-            with contextlib.suppress(BaseException):
-                os.write(write, json.dumps(found).encode())
-            os._exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
-    found = json.loads(b"".join(chunks) or b"{}")
+    found = in_child_as(user.pw_uid, user.pw_gid, fn, *args, umask=0o022)
     assert "error" not in found, found
     return found.get("value")
 
