@@ -88,6 +88,16 @@ def p95(xs):
     return sorted(xs)[round(0.95 * (len(xs) - 1))]
 
 
+def timed_loop(make_iter):
+    """A function that times one pass over ``make_iter()`` (doing nothing with the items)."""
+    def run():
+        t0 = perf()
+        for _ in make_iter():
+            pass
+        return perf() - t0
+    return run
+
+
 def interleaved(fns: dict, rounds: int) -> dict:
     """Call each of ``fns`` once per round, in a new random order each round; their results."""
     out = {name: [] for name in fns}
@@ -180,14 +190,6 @@ def _in_task_overheads(n: int, reps: int, updates: int) -> dict:
 
     store.patch = timed_patch
 
-    def timed_loop(make_iter):
-        def run():
-            t0 = perf()
-            for _ in make_iter():
-                pass
-            return perf() - t0
-        return run
-
     def updating(n):  # the loop a user writes with status.update(): one call per item
         update, scale = status.update, 100.0 / n
         for i in range(n):
@@ -245,16 +247,8 @@ def _tqdm_round(n: int, **kwargs) -> float:
     """ns per item a tqdm loop spends over the same bare loop (the two in random order)."""
     from tqdm import tqdm
 
-    def loop(make_iter):
-        def run():
-            t0 = perf()
-            for _ in make_iter():
-                pass
-            return perf() - t0
-        return run
-
-    t = {k: v[0] for k, v in interleaved({"bare": loop(lambda: range(n)),
-                                          "tqdm": loop(lambda: tqdm(range(n), **kwargs))}, 1).items()}
+    t = {k: v[0] for k, v in interleaved({"bare": timed_loop(lambda: range(n)),
+                                          "tqdm": timed_loop(lambda: tqdm(range(n), **kwargs))}, 1).items()}
     return 1e9 * (t["tqdm"] - t["bare"]) / n
 
 
