@@ -413,7 +413,9 @@ def prepare() -> None:
             patch(module)
     for name in ("IPython.display", "IPython.core.display"):  # copies made by `import *`
         copy: Any = sys.modules.get(name)
-        if copy is not None and hasattr(copy, "display"):
+        # vars(), not hasattr(): IPython 8's IPython.core.display hands out a deprecated `display`
+        # through a module __getattr__ that warns (and a task inherits its kernel's filters)
+        if copy is not None and "display" in vars(copy):
             copy.display = display
             copy.clear_output = clear_output
     if "matplotlib.pyplot" in sys.modules:  # a forked kernel's: figures of its own go with the switch
