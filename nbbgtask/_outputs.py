@@ -1,6 +1,7 @@
 """What a task displays, kept with it: the task's side (``display()``, figures, a cell's last value)
 and the format of the file that keeps them, ``outputs/<id>.jsonl``; `_output_tail` reads it back
-(under the task's bar, and for the CLI).
+(under the task's bar, and for the CLI).  One job: the task's side of rich outputs (about 500
+lines: IPython's display hooks, matplotlib's, the %%bgtask cell's last value, and the writer).
 
 Printed output is not here: it goes to the task's log at the descriptor level (so C extensions and
 subprocesses are captured), and the bar tails the log.  This file holds the rich outputs, one JSON
