@@ -139,9 +139,12 @@ class _Supervision:
         spare = self.pool.take() if self.pool is not None else None
         if spare is None:
             return
+        # The time is taken before the hand-over: a short task can end on another core before
+        # this thread runs again, and its start must not come after its end.
+        handed_at = time.time()
         if handed_over(spare, self.payload, block=False):
             self.handed = self.child = spare
-            self._handed_at = time.time()
+            self._handed_at = handed_at
         else:
             spare.discard()  # died just now, before it read the task
 
@@ -190,8 +193,9 @@ class _Supervision:
             if child.finish_hand_over():
                 return child, self._handed_at
             child.discard()  # died before it had read all of its task
+        started = time.time()  # before: the child may have ended by the time this thread runs on
         child = self.child = start_child(self.payload, self.pool)
-        return child, time.time()
+        return child, started
 
     def _announce(self, child: Child, started: float) -> None:
         if self.abandoned.is_set():  # given up before it started: the run Dask starts elsewhere reports
