@@ -292,6 +292,14 @@ def _wait_for_kernel(server: Server, notebook: str) -> None:
     raise TimeoutError(f"no idle kernel for {notebook} within {SLOW // 1000} s:\n{server.log_tail()}")
 
 
+def _hide_files_and_run_all(page) -> None:  # type: ignore[no-untyped-def]
+    """JupyterLab: hide the file browser (for the screenshots), then run the notebook."""
+    page.locator(".jp-Notebook").click(position={"x": 5, "y": 5})
+    page.keyboard.press("Control+b")
+    page.locator(".jp-FileBrowser").wait_for(state="hidden")
+    _run_all(page)
+
+
 def _run_all(page) -> None:
     """As a person does it: the Run menu, Run All Cells (the same menu in both front ends)."""
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
@@ -304,11 +312,7 @@ def tour(browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ob
     with _serving(tmp_path_factory.mktemp("browser"), "jupyterlab") as lab:
         page = _open(browser, lab, "tour.ipynb")
         try:
-            # Hide the file browser, then run the notebook.
-            page.locator(".jp-Notebook").click(position={"x": 5, "y": 5})
-            page.keyboard.press("Control+b")
-            page.locator(".jp-FileBrowser").wait_for(state="hidden")
-            _run_all(page)
+            _hide_files_and_run_all(page)
             yield page, lab
         finally:
             page.close()
@@ -431,10 +435,7 @@ def test_a_background_cell_shows_what_it_prints_and_plots_under_its_bar(browser,
     with _serving(tmp_path, "jupyterlab") as lab:
         page = _open(browser, lab, "magic_output.ipynb")
         try:
-            page.locator(".jp-Notebook").click(position={"x": 5, "y": 5})
-            page.keyboard.press("Control+b")
-            page.locator(".jp-FileBrowser").wait_for(state="hidden")
-            _run_all(page)
+            _hide_files_and_run_all(page)
             shown = outputs(page, "%%bgtask --name plotting")
             shown.locator(".widget-hprogress").wait_for()
             area = shown.locator(".widget-output")
