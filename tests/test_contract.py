@@ -21,7 +21,7 @@ import cloudpickle
 import psutil
 import pytest
 import tqdm as tqdm_in_the_caller  # noqa: F401 - a forked task inherits it; spawn and Dask import it afresh
-from waiting import until
+from waiting import gone, until
 from ways import started_by, started_line
 
 import nbbgtask as bg
@@ -50,14 +50,6 @@ def _steps(n, pause=0.1):
         time.sleep(pause)
     print("done in", os.getpid(), flush=True)
     return n * 2
-
-
-def _gone(pid):
-    """The process ``pid`` has ended (a zombie not yet reaped by whoever adopted it counts)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_initiate_runs_execute_in_another_process_and_returns_its_value(way):
@@ -482,7 +474,7 @@ def test_cancel_stops_a_running_task_and_runs_its_cleanup(way):
     assert status.cancel() is True
     assert time.monotonic() - asked < 5  # SIGTERM is enough: no wait for the grace period
     assert status.state == "cancelled" and status.cancel_requested
-    assert until(lambda: _gone(pid), timeout=5)
+    assert until(lambda: gone(pid), timeout=5)
     assert "cleaned up" in status.log()
     with pytest.raises(bg.TaskCancelled):
         status.result()
@@ -578,7 +570,7 @@ def test_a_task_past_its_timeout_ends_failed_saying_so(way, target):
         assert "in _sleeps" in status.traceback
     pid = status.pid
     if pid is not None and way.name != "dask":
-        assert until(lambda: _gone(pid), timeout=5)
+        assert until(lambda: gone(pid), timeout=5)
 
 
 def test_limits_is_bg_runs_own_keyword_and_never_reaches_the_function(way):

@@ -17,7 +17,7 @@ import time
 import cloudpickle
 import psutil
 import pytest
-from waiting import until
+from waiting import gone, until
 from ways import local_cluster
 
 import nbbgtask as bg
@@ -69,8 +69,7 @@ def test_a_worker_killed_mid_task_is_never_left_running(on_dask):
     finally:
         client.close()
     # Its forker sees the worker go and ends the task's child: no copy of it runs on unwatched.
-    assert until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE,
-                 timeout=15)
+    assert until(lambda: gone(first), timeout=15)
     # Dask may run it again on the other worker, or give up: either way it ends, and says so.
     assert until(status.done, timeout=120)
     if status.state == "complete":  # run again, to the end, on the worker that is left
@@ -421,11 +420,6 @@ def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
         [forker] = client.run(_forker_pid).values()
         os.kill(_worker_pid(client), signal.SIGKILL)
 
-        def gone(pid):
-            try:
-                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # whoever adopted it reaps it
-            except psutil.NoSuchProcess:
-                return True
 
         # Their connections to the worker closed with it: they leave rather than run on without it.
         assert until(lambda: gone(spare) and gone(forker), timeout=15)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from waiting import until
+from waiting import gone, until
 
 import nbbgtask as bg
 from nbbgtask import _forksafety
@@ -203,7 +203,7 @@ def test_the_fork_server_leaves_with_its_last_task_once_its_kernel_has_gone(tmp_
     bg.configure(home=tmp_path / "home")
     status = bg.get(out["id"])
     assert status.result(timeout=30) == "after the kernel left"
-    assert until(lambda: not psutil.pid_exists(out["server"]) or psutil.Process(out["server"]).status() == "zombie", timeout=15)
+    assert until(lambda: gone(out["server"]), timeout=15)
 
 
 def test_a_job_that_cannot_travel_to_the_fork_server_names_the_object_and_the_choice(home):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from waiting import until
+from waiting import gone, until
 
 import nbbgtask as bg
 from nbbgtask import _store
@@ -83,7 +83,7 @@ def test_cancel_stops_a_running_task(home):
     assert status.cancel() is True
     assert status.state == "cancelled"
     assert status.cancel_requested
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(pid)
     with pytest.raises(bg.TaskCancelled):
         status.result()
     assert status.cancel() is False  # already over
@@ -146,7 +146,7 @@ def test_cancel_reaches_the_tasks_own_children(home):
     _started(status)
     child_pid = int(status.log(tail=1).split()[1])
     status.cancel()
-    assert until(lambda: not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == "zombie")
+    assert until(lambda: gone(child_pid))
 
 
 def test_max_running_queues_the_rest_and_starts_them_as_slots_free(home):
