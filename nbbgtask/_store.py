@@ -69,13 +69,14 @@ def _live_name_ok(name: str) -> bool:
 class Store:
     """Task records under one home folder.  One instance per home per process (`store_for`)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, ready: bool = False) -> None:
         self.home = Path(home)
         # Plain strings: these paths are joined on every write, and pathlib costs more than the write's Python.
         self._live_dir = os.path.join(self.home, "live")
         self._history_dir = os.path.join(self.home, "history")
         self._lock_dir = os.path.join(self.home, "locks")
-        self._ready = False
+        #: the folders are made and proved the user's own (`_make_folders`)
+        self._ready = ready
         self._global: FileLock | None = None
         self._stripes: dict[int, FileLock] = {}
         self._shards: dict[int, Any] = {}
@@ -119,8 +120,17 @@ class Store:
         return os.path.join(self._live_dir, task_id + ".json")
 
     def _may_be_live(self, task_id: str) -> bool:
-        """``task_id`` could name a live file, and it exists (an id from a user is never a path)."""
-        return _FILE_ID.match(task_id) is not None and os.path.exists(self._live_path(task_id))
+        """``task_id`` could name a live file, and it exists (an id from a user is never a path).
+
+        A table kept for it while it was live is dropped once its file is gone: else every task
+        read while it ran would stay in memory."""
+        if _FILE_ID.match(task_id) is None:
+            return False
+        if os.path.exists(self._live_path(task_id)):
+            return True
+        if task_id in self._live:
+            self._forget_live(task_id)
+        return False
 
     def _forget_live(self, task_id: str) -> None:
         with self._tables_lock:
@@ -565,6 +575,20 @@ def forget_instances() -> None:
     _instances_lock = threading.Lock()
 
 
-# Locks held by another thread at the moment of a fork would stay locked forever in the child,
-# and the parent's file locks are not the child's.
-os.register_at_fork(after_in_child=forget_instances)
+#: the parent's stores, in a forked child: kept, never freed, since freeing their caches there
+#: would write to (and so copy) every page they sit on, at a cost that grew with the history read
+_inherited: list[dict[Path, Store]] = []
+
+
+def _after_fork_in_child() -> None:
+    """Locks held by another thread at the moment of a fork would stay locked forever in the child,
+    and the parent's file locks are not the child's: the child starts with no Store."""
+    global _instances, _instances_lock
+    _inherited.append(_instances)
+    # What the parent proved of a home's folders (made, the user's own, not links) holds for the
+    # child born from it a moment later: a new Store need not prove it again on its first write.
+    _instances = {home: Store(home, ready=store._ready) for home, store in _inherited[-1].items()}
+    _instances_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -228,10 +228,16 @@ def supervisor() -> _Supervisor:
     return _supervisor
 
 
+#: the parent's supervisor, in a forked child: kept rather than freed (freeing it would write to
+#: the pages it sits on, copying them)
+_inherited: list[_Supervisor] = []
+
+
 def _reset_after_fork() -> None:
     """A forked task owns none of its parent's children, hooks or thread."""
     global _supervisor
     _supervisor.exit_watch.close()
+    _inherited.append(_supervisor)
     _supervisor = _Supervisor()
 
 

@@ -331,3 +331,36 @@ def test_prune_sweeps_temp_files_left_by_a_start_cut_short(home):
     assert not orphan.exists()
     assert fresh.exists()  # it may be a start under way: only old ones go
     assert [s.name for s in bg.tasks()] == []
+
+
+def _store_in_child():
+    import psutil
+
+    from nbbgtask import _procs, _store
+
+    store = next(iter(_store._instances.values()))
+    return {"ready": store._ready, "inherited": len(_store._inherited), "started": _procs.own_process()["pid_started"],
+            "psutil": psutil.Process().create_time(), "pid": os.getpid()}
+
+
+def test_a_kernel_keeps_nothing_of_the_tasks_it_watched_end(home):
+    """Reading a task while it runs keeps a table of its live file; once the task has ended it
+    is dropped, so a kernel that ran thousands of tasks holds none of them (each one it held was
+    also freed, page by page, by every later forked task)."""
+    statuses = [bg.run(time.sleep, 0.05) for _ in range(12)]
+    for status in statuses:
+        status.refresh()  # read while live: a table is made
+    for status in statuses:
+        status.wait(timeout=30)
+    store = _store.store_for(_config.home())
+    assert statuses[0].state == "complete" and not store._live
+
+
+def test_a_forked_task_starts_with_the_stores_its_parent_proved(home):
+    """The child gets new stores (locks are per process) that know the folders are proved, and
+    keeps the parent's rather than freeing them; its start time is psutil's reckoning."""
+    status = bg.run(_store_in_child)
+    out = status.result(timeout=30)
+    assert out["ready"] is True and out["inherited"] >= 1
+    assert out["pid"] != os.getpid() and abs(out["started"] - out["psutil"]) < 0.01
+    assert status.to_dict()["pid_started"] == out["started"]  # what the task recorded at its end
