@@ -27,11 +27,11 @@ def result_path(home: Path | str, task_id: str) -> Path:
     return Path(home) / "results" / f"{check_id(task_id)}.pkl"
 
 
-def stack_path(home: Path | str, task_id: str, pid: int, started: float) -> Path:
+def stack_path(home: Path | str, task_id: str, pid: int, started: float) -> str:
     """Where a running task writes its stack when asked (`TaskStatus.stack`).  The name carries
     the task's pid and start time: an asker finds the process there even before the task's first
     report (which a task holding the GIL from its start never makes), and tells it from a reused pid."""
-    return Path(home) / "stacks" / f"{check_id(task_id)}.{pid}.{started:.3f}.txt"
+    return os.path.join(home, "stacks", f"{check_id(task_id)}.{pid}.{started:.3f}.txt")  # made in every task: no pathlib
 
 
 def stack_files(home: Path | str, task_id: str) -> list[tuple[Path, int, float]]:

@@ -362,8 +362,10 @@ class Enforcer:
         self._channel: socket.socket | None = None
         self._pending = b""
         self._pid = os.getpid()
+        self._began = time.monotonic()
 
     def start(self) -> None:
+        self._began = time.monotonic()
         raise_oom_score()
         if self.timeout is not None:
             signal.signal(signal.SIGALRM, self._on_alarm)
@@ -375,7 +377,12 @@ class Enforcer:
                 faulthandler.dump_traceback_later(self.timeout + self.grace / 2, exit=False, file=sys.stderr)
         if self.memory is not None or self.timeout is not None:
             self._start_watcher()
-        if self.memory is None:
+
+    def start_sampler(self) -> None:
+        """Without a memory cap, start the thread that samples the peak (its first sample is
+        due `PEAK_EVERY` after the task began).  The runner calls this once the task has run for
+        a progress interval, so a task shorter than that starts no thread for it."""
+        if self.memory is None and self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(target=self._sample_peak, name="nbbgtask-peak", daemon=True)
             self._thread.start()
 
@@ -455,7 +462,7 @@ class Enforcer:
             pass
 
     def _sample_peak(self) -> None:
-        interval = PEAK_EVERY
+        interval = max(0.0, PEAK_EVERY - (time.monotonic() - self._began))
         while not self._stop.wait(interval):
             began = time.perf_counter()
             _, uss = _tree_memory(self._pid)
@@ -474,11 +481,13 @@ class Enforcer:
 
 def oom_kills() -> int | None:
     """How many processes the OOM killer has killed on this machine since boot (Linux 4.13+)."""
+    # Asked before every local task: one read and a search, not a loop over its 180 lines.
     try:
-        with open("/proc/vmstat", "rb") as f:
-            for line in f:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
+        with open("/proc/vmstat", "rb", buffering=0) as f:
+            text = f.read(65536)
+        at = text.find(b"\noom_kill ")
+        if at >= 0:
+            return int(text[at + 10 : text.index(b"\n", at + 10)])
     except (OSError, ValueError):
         pass
     return None

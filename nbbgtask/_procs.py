@@ -60,8 +60,44 @@ def is_task_process(pid: Any, started: Any) -> bool:
 
 
 def own_process() -> dict[str, Any]:
-    """The pid and start time that let others signal this process and tell it from a reused pid."""
-    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+    """The pid and start time that let others signal this process and tell it from a reused pid.
+
+    Read once per process (a task asks at its start, its first report and its end): a forked
+    child has a pid of its own, so the entry its parent made is never its answer."""
+    pid = os.getpid()
+    started = _OWN_START.get(pid)
+    if started is None:
+        started = _OWN_START[pid] = _own_start_time()
+    return {"pid": pid, "pid_started": started}
+
+
+def _own_start_time() -> float:
+    """psutil's ``create_time()`` of this process, as psutil reckons it on Linux (boot time from
+    /proc/stat plus the start tick from /proc/self/stat), in two reads.  A forked task asks first
+    thing, and psutil's general path, run for the first time in the child, wrote to (and so
+    copied) about 85 of the pages it shares with the kernel: half a millisecond per task."""
+    try:
+        with open("/proc/self/stat", "rb", buffering=0) as f:
+            stat = f.read(4096)
+        ticks = int(stat[stat.rindex(b")") + 2 :].split(None, 20)[19])  # field 22, starttime
+        with open("/proc/stat", "rb", buffering=0) as f:
+            text = b"\n"
+            while (at := text.find(b"\nbtime ")) < 0 or text.find(b"\n", at + 1) < 0:
+                more = f.read(65536)
+                if not more:
+                    raise ValueError("no btime in /proc/stat")
+                text += more
+        boot = float(text[at + 7 : text.index(b"\n", at + 1)])
+        return ticks / _CLOCK_TICKS + boot
+    except (OSError, ValueError, IndexError):
+        return psutil.Process().create_time()
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+#: this process's start time, by pid
+_OWN_START: dict[int, float] = {}
 
 
 def signal_group(pid: int, sig: int) -> bool:

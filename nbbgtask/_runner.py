@@ -134,8 +134,11 @@ class Reporter:
     the writer thread also brings ``cancel_requested`` back.
     """
 
-    def __init__(self, job: Job, sink: Any) -> None:
+    def __init__(self, job: Job, sink: Any, later: Callable[[], None] | None = None) -> None:
         self.task_id = job.task_id
+        #: called once from the writer thread after its first interval: what only a task that
+        #: runs that long needs (the peak sampler's thread)
+        self._later = later
         self.secrets = job.secrets
         self.percent = 0.0
         self.message = ""
@@ -218,6 +221,12 @@ class Reporter:
         base = interval = self._job.progress_interval
         pace = getattr(self._sink, "interval", None)
         while not self._stop.wait(interval):
+            if self._later is not None:
+                later, self._later = self._later, None
+                try:
+                    later()
+                except Exception as exc:  # no thread to spare, say: the task runs on without it
+                    print(f"nbbgtask: {exc}", file=sys.stderr)
             try:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more
@@ -319,7 +328,7 @@ def _answer_stack_requests(job: Job) -> str | None:
     unregistering would put the default back, and a late request would kill a finished task.
     """
     me = own_process()
-    path = str(stack_path(job.home, job.task_id, me["pid"], me["pid_started"]))
+    path = stack_path(job.home, job.task_id, me["pid"], me["pid_started"])
     tmp = path + ".tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -339,7 +348,8 @@ def run_job(job: Job, sink: Any = None) -> int:
     # The secrets' text never reaches what nbbgtask writes: the error, traceback and log lines.
     redact = redactor(job.secrets)
     sink = StoreSink(job) if sink is None else sink
-    reporter = Reporter(job, sink)
+    enforcer = _limits.Enforcer(job.limits, job.cancel_grace, sink.progress)
+    reporter = Reporter(job, sink, later=enforcer.start_sampler)
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
     _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
@@ -347,7 +357,6 @@ def run_job(job: Job, sink: Any = None) -> int:
     if output is not None:  # display(), figures and a cell's last value, kept with the task
         _outputs.install(output)
     finishing = cancelled = False
-    enforcer = _limits.Enforcer(job.limits, job.cancel_grace, sink.progress)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         breach = enforcer.poll()
