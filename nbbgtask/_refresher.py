@@ -27,9 +27,11 @@ __all__ = ["Snapshot", "View", "register", "refresher_running"]
 #: a round may cost at most this share of a core (CPU time, not wall time); about as much again
 #: is spent by the kernel's iopub thread sending what the round changed
 BUDGET = 0.005
-#: a round that costs at most this much CPU (seconds) comes every refresh_interval whatever the
-#: budget: one bar's round costs about 1 ms, and held to the budget it moved every 0.2 s, so a
-#: change took up to 0.3 s to show; this costs at most 1 % of a core at the default 0.1 s interval
+#: this much of a round's CPU (seconds) is free of the budget: a round of one or two bars costs
+#: 1-2 ms, and held to the budget whole it came every 0.2-0.3 s, so a change took up to 0.4 s to
+#: show.  The pause is ``(cost - CHEAP_ROUND) / BUDGET`` (at least refresh_interval), a slope
+#: rather than a cliff at 1 ms: at most 1.5 % of a core (a 1.5 ms round every 0.1 s), falling
+#: towards `BUDGET` as rounds grow (100 bars: a 38 ms round about every 5 s)
 CHEAP_ROUND = 0.001
 #: the weight of the latest round in the moving average of a round's cost
 COST_WEIGHT = 0.25
@@ -199,10 +201,7 @@ class _Refresher:
             # burst of changes) spreads its pause over the next few, instead of one long gap.
             self._cost = cost if self._cost is None else (1 - COST_WEIGHT) * self._cost + COST_WEIGHT * cost
             interval = _config.settings().refresh_interval
-            if self._cost <= CHEAP_ROUND:  # a bar or two: not held back (1 % of a core at most)
-                pause = interval
-            else:
-                pause = min(MAX_PAUSE, max(interval, self._cost / BUDGET))
+            pause = min(MAX_PAUSE, max(interval, (self._cost - CHEAP_ROUND) / BUDGET))
             self._wake.wait(pause)
             self._wake.clear()
 

@@ -194,3 +194,38 @@ def test_display_handles_update_in_place_and_clear_output_clears(home, method):
     records = _records(status)
     updated = [r for r in records if r.get("update")]
     assert [r["data"]["text/html"] for r in updated] == ["<i>1</i>", "<i>2</i>", "<i>3</i>"]
+
+
+def _prints_for(seconds):
+    import time
+
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        print("line", n, flush=True)
+        n += 1
+        time.sleep(0.005)
+    return n
+
+
+def test_the_area_under_a_bar_follows_a_flood_of_prints_at_its_own_pace(home):
+    """Each update of an output area sends its whole tail: while a task prints without pause it
+    is updated at most every OUTPUT_EVERY, however often it is looked at; its end shows all."""
+    from nbbgtask import _output_area
+
+    status = bg.run(_prints_for, 1.5)
+    area = _output_area.OutputArea(status)  # a widget without a front end: outputs are set all the same
+    area.close()  # follows nothing by itself: this test looks at it
+    updates, last = 0, area.outputs
+    import time
+
+    began = time.monotonic()
+    while not status.done():
+        area._nbbg_poll()
+        if area.outputs != last:
+            updates, last = updates + 1, area.outputs
+        time.sleep(0.01)
+    spent = time.monotonic() - began
+    assert 2 <= updates <= spent / _output_area.OUTPUT_EVERY + 2  # looked at 100 times a second
+    area._nbbg_poll(final=True)
+    text = "".join(o.get("text", "") for o in area.outputs)
+    assert text.rstrip().endswith(f"line {status.result() - 1}")
