@@ -48,3 +48,36 @@ def test_spawn_runs_main_lambdas_closures_and_classes(home, tmp_path):
     for path in home.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes()
+
+
+LONG = (
+    textwrap.dedent("""
+        import sys
+        import nbbgtask as bg
+        from nbbgtask import _sources
+        bg.configure(home=sys.argv[1], start_method="spawn")
+    """)
+    + "".join(f"# padding line {i}: not the task's code\n" for i in range(2000))
+    + textwrap.dedent("""
+        def inner(x):
+            return x / 0  # the failing line
+
+        def task():
+            return inner(1)
+
+        print(min(_sources.collect(task)["lines"][__file__]), len(_sources.collect(task)["lines"][__file__]))
+        failing = bg.run(task)
+        failing.wait(60)
+        print("the failing line" in failing.traceback, "padding" in failing.traceback)
+    """)
+)
+
+
+def test_a_task_from_a_long_script_carries_only_its_own_lines_and_its_traceback_shows_them(home, tmp_path):
+    script = tmp_path / "long_script.py"
+    script.write_text(LONG)
+    out = subprocess.run([sys.executable, str(script), str(home)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    first, count = map(int, out.stdout.splitlines()[0].split())
+    assert first > 2000 and count <= 6  # task's and inner's lines, not the 2,000 above them
+    assert out.stdout.splitlines()[1] == "True False"
