@@ -321,8 +321,12 @@ OOM_SCORE_ADJ = 1000
 
 def raise_oom_score() -> None:
     """Make this process (and what it starts) the OOM killer's first choice."""
-    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
-        f.write(str(OOM_SCORE_ADJ))
+    with contextlib.suppress(OSError):  # system calls, no file object: every task does this first
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(OOM_SCORE_ADJ).encode())
+        finally:
+            os.close(fd)
 
 
 def _tree_memory(pid: int) -> tuple[int, int]:

@@ -77,20 +77,30 @@ def _own_start_time() -> float:
     thing, and psutil's general path, run for the first time in the child, wrote to (and so
     copied) about 85 of the pages it shares with the kernel: half a millisecond per task."""
     try:
-        with open("/proc/self/stat", "rb", buffering=0) as f:
-            stat = f.read(4096)
+        stat = _read_proc("/proc/self/stat", b")")
         ticks = int(stat[stat.rindex(b")") + 2 :].split(None, 20)[19])  # field 22, starttime
-        with open("/proc/stat", "rb", buffering=0) as f:
-            text = b"\n"
-            while (at := text.find(b"\nbtime ")) < 0 or text.find(b"\n", at + 1) < 0:
-                more = f.read(65536)
-                if not more:
-                    raise ValueError("no btime in /proc/stat")
-                text += more
+        text = _read_proc("/proc/stat", b"\nbtime ")
+        at = text.index(b"\nbtime ")
         boot = float(text[at + 7 : text.index(b"\n", at + 1)])
         return ticks / _CLOCK_TICKS + boot
     except (OSError, ValueError, IndexError):
         return psutil.Process().create_time()
+
+
+def _read_proc(path: str, needed: bytes) -> bytes:
+    """The start of a /proc file, up to the end of the line holding ``needed`` (plain system
+    calls: no file object)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = b"\n"
+        while (at := text.find(needed)) < 0 or text.find(b"\n", at + len(needed)) < 0:
+            more = os.read(fd, 65536)
+            if not more:
+                return text
+            text += more
+        return text
+    finally:
+        os.close(fd)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
