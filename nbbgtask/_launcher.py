@@ -11,6 +11,7 @@ import _signal
 import asyncio
 import contextlib
 import faulthandler
+import fcntl
 import gc
 import io
 import os
@@ -93,7 +94,8 @@ def fork_detached(run: Callable[[], int], output: int) -> int:
             pass
     global _STDIO
     if _STDIO is None:
-        _STDIO = _make_stdio()
+        with contextlib.suppress(OSError):  # one of this process's fds 0-2 is closed: the child makes them
+            _STDIO = _make_stdio()
     # Frozen objects are skipped by the child's garbage collector, so it does not write to (and
     # so copy) every page of the kernel's heap; see the note on gc.freeze in Python's docs.
     gc.freeze()
@@ -222,16 +224,23 @@ def _redirect_output(output: int) -> None:
     The kernel's sys.stdout/sys.stderr send to its zmq sockets from a thread the child does not
     have; plain files on the new fds replace them.
     """
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    os.close(output)
+    # The log and /dev/null are first moved above 2: where the parent had fd 0, 1 or 2 closed,
+    # either may sit on one of them, and a dup2 onto it, or its close, would lose it.
     null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    sources = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (output, null)}
+    for fd in (output, null):
+        if fd > 2:
+            os.close(fd)
+    os.dup2(sources[output], 1)
+    os.dup2(sources[output], 2)
+    os.dup2(sources[null], 0)
+    for fd in sources.values():
+        os.close(fd)
     global _STDIO
-    assert _STDIO is not None, "made by fork_detached"
-    sys.stdin, sys.stdout, sys.stderr = _STDIO  # made by the parent, never used there
-    _STDIO = None  # this process uses them: one it forks in turn (a Dask forker) gets new ones
+    # Made by the parent and never used there; this process uses them, so one it forks in turn
+    # (a Dask forker) gets new ones.  Made here if the parent could not (its fd 0 was closed).
+    made, _STDIO = _STDIO, None
+    sys.stdin, sys.stdout, sys.stderr = made if made is not None else _make_stdio()
 
 
 def _make_stdio() -> tuple[Any, Any, Any]:

@@ -297,3 +297,30 @@ def test_unknown_ids_raise_task_not_found(home):
         bg.get("nope")
     with pytest.raises(TypeError):
         bg.get(42)
+
+
+CLOSED_STDIO = textwrap.dedent("""
+    import os, sys
+    import nbbgtask as bg
+    bg.configure(home=sys.argv[1])
+    out = os.dup(1)
+    os.close(0)  # a daemon's, or a service's, process may have none of these
+    os.close(2)
+
+    def task():
+        print("to the log")
+        return sys.stdout.isatty(), sys.stdin.read()
+
+    status = bg.run(task)
+    os.write(out, repr((status.result(timeout=60), status.log().splitlines()[-1])).encode())
+""")
+
+
+def test_a_task_starts_from_a_process_whose_standard_fds_are_closed(home, tmp_path):
+    """The task's standard streams are made by its parent before the fork, over fds 0-2; where
+    the parent has none of those, the task makes its own, and prints reach its log all the same."""
+    script = tmp_path / "closed.py"
+    script.write_text(CLOSED_STDIO)
+    out = subprocess.run([sys.executable, str(script), str(home)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == repr(((False, ""), "to the log"))
