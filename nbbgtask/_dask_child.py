@@ -18,7 +18,8 @@ from typing import Any
 import cloudpickle
 
 from . import _dask_wire, _outputs
-from ._runner import Job, Reporter, run_job
+from ._reporter import Reporter
+from ._runner import Job, run_job
 from ._sources import collect, restore
 
 __all__ = ["PipeSink", "spare_main"]

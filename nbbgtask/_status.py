@@ -20,7 +20,8 @@ from ._errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
 from ._files import log_path, result_path, stack_files
 from ._procs import HOST, same_process
 from ._record import TaskRecord
-from ._runner import STACK_SIGNAL, Reporter, current_reporter
+from ._reporter import Reporter
+from ._runner import STACK_SIGNAL, current_reporter
 from ._states import State
 from ._store import store_for
 from ._trust import open_owned, read_owned
