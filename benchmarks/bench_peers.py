@@ -294,32 +294,32 @@ def bench_throughput(n: int, rounds: int, cluster: Cluster) -> dict:
 
     import nbbgtask as bg
 
-    expected = n * (n - 1) // 2
     ctx = mp.get_context("fork")
 
-    def check(total, what):
+    def check(total, what, count=n):
+        expected = count * (count - 1) // 2
         if total != expected:
             raise RuntimeError(f"{what}: results add up to {total}, not {expected}")
 
-    def nbbgtask_run():
+    def nbbgtask_run(count=n):
         bg.configure(home=tmpdir("nbbg-peers-tp-"), start_method="fork")
         t0 = perf()
-        statuses = [bg.run(trivial, i) for i in range(n)]
+        statuses = [bg.run(trivial, i) for i in range(count)]
         t_sub = perf() - t0
-        check(sum(s.result(timeout=600) for s in statuses), "nbbgtask")
+        check(sum(s.result(timeout=600) for s in statuses), "nbbgtask", count)
         return perf() - t0, t_sub
 
-    def mp_process():
+    def mp_process(count=n):
         t0 = perf()
         queue = ctx.SimpleQueue()
-        procs = [ctx.Process(target=trivial_to_queue, args=(queue, i)) for i in range(n)]
+        procs = [ctx.Process(target=trivial_to_queue, args=(queue, i)) for i in range(count)]
         for p in procs:
             p.start()
         t_sub = perf() - t0
-        got = [queue.get() for _ in range(n)]
+        got = [queue.get() for _ in range(count)]
         for p in procs:
             p.join()
-        check(sum(got), "multiprocessing")
+        check(sum(got), "multiprocessing", count)
         elapsed = perf() - t0
         queue.close()
         return elapsed, t_sub
@@ -353,14 +353,15 @@ def bench_throughput(n: int, rounds: int, cluster: Cluster) -> dict:
     # data does), where the fork itself and the copy-on-write of shared pages cost most.
     global _BALLAST
     _BALLAST = bytearray(b"\x01") * (200 << 20)  # every page written: resident
-    n, expected = 300, 300 * 299 // 2
+    heavy_n = 300
     try:
-        heavy = interleaved({"bg.run + result()": nbbgtask_run, "mp.Process per task": mp_process},
+        heavy = interleaved({"bg.run + result()": lambda: nbbgtask_run(heavy_n),
+                             "mp.Process per task": lambda: mp_process(heavy_n)},
                             max(3, 2 * rounds + 1), "throughput, 200 MB")
     finally:
         _BALLAST = None
     out["heavy"] = {k: {"median_s": median(e for e, _ in v), "samples_s": [e for e, _ in v]} for k, v in heavy.items()}
-    out["heavy"] |= {"tasks": n, "held_mb": 200}
+    out["heavy"] |= {"tasks": heavy_n, "held_mb": 200}
     return out
 
 

@@ -366,10 +366,11 @@ class Enforcer:
         self._channel: socket.socket | None = None
         self._pending = b""
         self._pid = os.getpid()
+        #: when the task began (made just before it starts): the peak's first sample is due
+        #: `PEAK_EVERY` after this
         self._began = time.monotonic()
 
     def start(self) -> None:
-        self._began = time.monotonic()
         raise_oom_score()
         if self.timeout is not None:
             signal.signal(signal.SIGALRM, self._on_alarm)

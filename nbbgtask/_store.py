@@ -582,7 +582,8 @@ _inherited: list[dict[Path, Store]] = []
 
 def _after_fork_in_child() -> None:
     """Locks held by another thread at the moment of a fork would stay locked forever in the child,
-    and the parent's file locks are not the child's: the child starts with no Store."""
+    and the parent's file locks are not the child's: the child gets new Stores, the parent's are
+    kept unused."""
     global _instances, _instances_lock
     _inherited.append(_instances)
     # What the parent proved of a home's folders (made, the user's own, not links) holds for the
