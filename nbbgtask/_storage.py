@@ -25,7 +25,8 @@ __all__ = ["SCHEMA_VERSION", "TASKS", "AtomicJSONStorage", "Damaged", "open_tabl
 
 #: Bumped when a record's layout changes incompatibly; recorded in every store file.
 #: 2: live tasks in ``live/<id>.json`` (1 kept them all in ``live.json``).
-SCHEMA_VERSION = 2
+#: 3: a shard's newest finished tasks in ``history/NN.recent.json`` (which 2 would not read).
+SCHEMA_VERSION = 3
 TASKS = "tasks"
 _META = "_meta"
 

@@ -3,8 +3,9 @@
 The files themselves (atomic, cached, checked TinyDB files) are `_storage`'s; this module
 says which files there are and what a task's life does to its record.  Each queued or running
 task has a small file of its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to the
-history, spread over ``history/NN.json`` shards by id, so that ending a task rewrites a
-sixty-fourth of the history.  A read-modify-write takes one of 64 stripe locks
+history, spread over 64 shards by id.  A shard is two files: ``history/NN.recent.json`` takes
+each task that ends, and once it holds `RECENT_MAX` of them they join ``history/NN.json`` in one
+write, so ending a task rewrites a small file, not one that grows with the history.  A read-modify-write takes one of 64 stripe locks
 (``locks/NN.lock``, chosen by id as the history shard is), so tasks that report or end at the
 same moment seldom wait for each other.  Only admission under a ``max_running`` limit takes the
 store-wide ``store.lock``, to count the running tasks.  Every write replaces its file
@@ -47,6 +48,13 @@ LOCK_TIMEOUT = 30.0
 LOCK_POLL = 0.002
 #: How many files the history is spread over (by task id); also the number of stripe locks.
 HISTORY_SHARDS = 64
+#: A shard's recent file takes this many finished tasks before they join the shard's main file.
+#: Ending a task rewrites the recent file (up to this many records), and one end in this many
+#: rewrites the main file: at 100,000 finished tasks (1,560 a shard) that is 20 ms, where
+#: rewriting the shard at every end cost each task those 20 ms.
+RECENT_MAX = 32
+#: the name of a shard's recent file, after its two digits
+RECENT_SUFFIX = ".recent.json"
 #: A folder changed less than this long ago may change again within the same timestamp tick
 #: (file times are taken from a coarse clock), so `Store.version` does not vouch for it yet.
 SETTLE_NS = 50_000_000
@@ -80,11 +88,12 @@ class Store:
         self._global: FileLock | None = None
         self._stripes: dict[int, FileLock] = {}
         self._shards: dict[int, Any] = {}
+        self._recents: dict[int, Any] = {}
         #: live files' tables, kept while the task is live so that unchanged files are not re-parsed
         self._live: dict[str, Any] = {}
         self._tables_lock = threading.Lock()
-        #: shard index -> (the parsed shard it was made from, its summary)
-        self._summary_of: dict[int, tuple[Any, Summary]] = {}
+        #: history file name -> (the parsed file it was made from, its summary)
+        self._summary_of: dict[str, tuple[Any, Summary]] = {}
         #: the history folder's signature when `_summarised` was made, and the summaries
         self._summarised: tuple[Any, list[Summary]] = (None, [])
         #: answers of `newest_finished` for the summaries they were made from (the monitor and
@@ -110,8 +119,21 @@ class Store:
             lambda: open_table(os.path.join(self._history_dir, f"{index:02d}.json"), trust_stat=True, durable=True),
         )
 
-    def _history(self, task_id: str) -> Any:
-        return self._shard(shard_of(task_id))
+    def _recent(self, index: int) -> Any:
+        return self._cached(
+            self._recents,
+            index,
+            lambda: open_table(os.path.join(self._history_dir, f"{index:02d}{RECENT_SUFFIX}"), trust_stat=True, durable=True),
+        )
+
+    def _finished(self, task_id: str) -> dict[str, Any] | None:
+        """A finished task's record, from its shard's recent file or else its main file."""
+        index = shard_of(task_id)
+        for table in (self._recent(index), self._shard(index)):
+            found = self._guard(table, table.get, doc_id=task_id)
+            if found is not None:
+                return dict(found)
+        return None
 
     def _live_table(self, task_id: str) -> Any:
         return self._cached(self._live, task_id, lambda: open_table(self._live_path(task_id)))
@@ -136,15 +158,22 @@ class Store:
         with self._tables_lock:
             self._live.pop(task_id, None)
 
-    def _existing_shards(self) -> list[Table]:
-        return [self._shard(index) for index in self._shard_indexes()]
-
-    def _shard_indexes(self) -> list[int]:
+    def _existing_history(self) -> list[tuple[str, Table]]:
+        """Every history file there is, main and recent, with its name."""
         try:
-            names = os.listdir(self._history_dir)
+            names = sorted(os.listdir(self._history_dir))
         except FileNotFoundError:
             return []
-        return [int(n[:-5]) for n in sorted(names) if n.endswith(".json") and n[:-5].isdigit()]
+        found = []
+        for name in names:
+            digits = name[:2]
+            if not digits.isdigit():
+                continue
+            if name == f"{digits}.json":
+                found.append((name, self._shard(int(digits))))
+            elif name == digits + RECENT_SUFFIX:
+                found.append((name, self._recent(int(digits))))
+        return found
 
     def _folder_signature(self, path: str) -> Any:
         """A folder's (inode, size, mtime), which a file renamed into it changes; ``None`` while it
@@ -165,13 +194,12 @@ class Store:
         if signature is not None and signature == known:
             return summaries
         summaries = []
-        for index in self._shard_indexes():
-            shard = self._shard(index)
-            data = self._guard(shard, storage_of(shard).read)  # a stat, if the file is unchanged
-            made = self._summary_of.get(index)
+        for name, table in self._existing_history():
+            data = self._guard(table, storage_of(table).read)  # a stat, if the file is unchanged
+            made = self._summary_of.get(name)
             if made is None or made[0] is not data:
                 made = (data, Summary((data or {}).get(TASKS, {}).values()))
-                self._summary_of[index] = made
+                self._summary_of[name] = made
             summaries.append(made[1])
         self._summarised = (signature, summaries)
         return summaries
@@ -255,12 +283,13 @@ class Store:
                 storage.session, storage.in_session = None, False
 
     @contextlib.contextmanager
-    def _task(self, task_id: str) -> Iterator[tuple[Any, Any]]:
-        """Hold ``task_id``'s stripe lock; yields its live table and its history shard, in session."""
+    def _task(self, task_id: str) -> Iterator[tuple[Any, Any, Any]]:
+        """Hold ``task_id``'s stripe lock; yields its live table and its shard's recent and main
+        tables, in session (each is parsed only if it is read)."""
         index = shard_of(task_id)
-        live, shard = self._live_table(task_id), self._shard(index)
-        with self._held(self._stripe_lock(index)), self._session(live, shard):
-            yield live, shard
+        live, recent, shard = self._live_table(task_id), self._recent(index), self._shard(index)
+        with self._held(self._stripe_lock(index)), self._session(live, recent, shard):
+            yield live, recent, shard
 
     def _guard(self, table: Table, op: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one table operation; a damaged file is set aside once and the operation retried."""
@@ -332,11 +361,7 @@ class Store:
     def get(self, task_id: str) -> dict[str, Any] | None:
         # A finished task (the common case) has no live file, and no table is made for it.
         rec = self._read_live(task_id) if self._may_be_live(task_id) else None
-        if rec is None:
-            shard = self._history(task_id)
-            found = self._guard(shard, shard.get, doc_id=task_id)
-            rec = dict(found) if found is not None else None
-        return rec
+        return rec if rec is not None else self._finished(task_id)
 
     def live(self) -> list[dict[str, Any]]:
         ids = self._live_ids()
@@ -355,7 +380,13 @@ class Store:
         return len(self._live_ids())
 
     def history(self) -> list[dict[str, Any]]:
-        return [dict(d) for shard in self._existing_shards() for d in self._guard(shard, shard.all)]
+        """Every finished task's record; one found in both files of its shard (a move into the
+        main file cut short) once."""
+        seen: dict[str, dict[str, Any]] = {}
+        for _, table in self._existing_history():
+            for doc in self._guard(table, table.all):
+                seen.setdefault(doc.doc_id, dict(doc))
+        return list(seen.values())
 
     def newest_finished(
         self, limit: int, states: set[str] | None = None, name: str | None = None, by: str = "created"
@@ -385,8 +416,7 @@ class Store:
         if index is None:
             records = self.all()
         else:
-            shard = self._shard(index)
-            records = [*self.live(), *self._guard(shard, shard.all)]
+            records = [*self.live(), *(r for t in (self._recent(index), self._shard(index)) for r in self._guard(t, t.all))]
         return sorted({r["id"] for r in records if r["id"].startswith(prefix)})
 
     def all(self) -> list[dict[str, Any]]:
@@ -445,10 +475,10 @@ class Store:
         ``recreate``: the full record to write back if the live one has vanished (a damaged
         file was set aside) and the task has not finished meanwhile.
         """
-        with self._task(task_id) as (live, shard):
+        with self._task(task_id) as (live, _, _):
             doc = self._guard(live, live.get, doc_id=task_id)
             if doc is None:
-                if recreate is None or self._guard(shard, shard.get, doc_id=task_id):
+                if recreate is None or self._finished(task_id):
                     self._forget_live(task_id)
                     return None
                 doc = dict(recreate)
@@ -467,18 +497,52 @@ class Store:
         """
         if not State(fields["state"]).is_final:
             raise ValueError(f"finalize needs a final state, got {fields['state']!r}")
-        with self._task(task_id) as (live, shard):
-            final = self._guard(shard, shard.get, doc_id=task_id)
+        with self._task(task_id) as (live, recent, shard):
+            final = self._guard(recent, recent.get, doc_id=task_id)
             if final is None:
-                current = self._guard(live, live.get, doc_id=task_id) or fallback
+                current = self._guard(live, live.get, doc_id=task_id)
                 if current is None:
-                    return None
-                final = {**current, **fields}
-                shard.insert(Document(final, task_id))  # type: ignore[arg-type]
+                    # Not live: it may have ended long ago, and joined the shard's main file.
+                    # (A task with a live file is never there: see `_join_shard`.)
+                    final = self._guard(shard, shard.get, doc_id=task_id)
+                    current = fallback
+                if final is None:
+                    if current is None:
+                        return None
+                    final = {**current, **fields}
+                    self._add_finished_doc(recent, shard, Document(final, task_id))  # type: ignore[arg-type]
             # History first, then live: a reader that misses it in one finds it in the other.
             self._unlink_live(task_id)
         self._forget_live(task_id)
         return dict(final)
+
+    def _add_finished_doc(self, recent: Table, shard: Table, doc: Document) -> None:
+        """Put a finished task's record in its shard's recent file; when that is full, it and
+        the recent file's records join the main file instead, in one write (under the lock)."""
+        waiting = (self._guard(recent, storage_of(recent).read) or {}).get(TASKS, {})
+        if len(waiting) + 1 >= RECENT_MAX:
+            try:
+                self._join_shard(recent, shard, [*(Document(r, i) for i, r in waiting.items()), doc])  # type: ignore[arg-type]
+                return
+            except StoreError:
+                pass  # the big write failed (a full disk, say): the small one may still succeed
+        recent.insert(doc)
+
+    def _join_shard(self, recent: Table, shard: Table, docs: list[Document]) -> None:
+        """Write ``docs`` into the shard's main file, then remove its recent file.  The main file
+        first: a crash between the two leaves a task in both, and readers take it once."""
+        known = (self._guard(shard, storage_of(shard).read) or {}).get(TASKS, {})
+        new = [doc for doc in docs if doc.doc_id not in known]
+        if new:
+            shard.insert_multiple(new)
+        storage = storage_of(recent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(storage.path)
+        storage.session = None  # what the session read is gone with the file
+        # A task in the main file never has a live file (`finalize` relies on it): remove those
+        # a crash between a recent write and its live file's removal left.
+        for doc in docs:
+            self._unlink_live(str(doc.doc_id))
 
     def _unlink_live(self, task_id: str) -> bool:
         """Remove a task's live file, and the temp file a writer killed mid-write left (only the
@@ -531,9 +595,9 @@ class Store:
         self._make_folders()
         added = 0
         for index, docs in by_shard.items():
-            shard = self._shard(index)
-            with self._held(self._stripe_lock(index)), self._session(shard):
-                known = {doc.doc_id for doc in self._guard(shard, shard.all)}
+            recent, shard = self._recent(index), self._shard(index)
+            with self._held(self._stripe_lock(index)), self._session(recent, shard):
+                known = {k for t in (recent, shard) for k in (self._guard(t, storage_of(t).read) or {}).get(TASKS, {})}
                 new = [Document(doc, doc["id"]) for doc in docs if doc["id"] not in known]
                 if new:
                     shard.insert_multiple(new)  # type: ignore[arg-type]
@@ -546,9 +610,13 @@ class Store:
             by_shard.setdefault(shard_of(task_id), []).append(task_id)
         gone: list[str] = []
         for index, ids in by_shard.items():
-            shard = self._shard(index)
-            with self._held(self._stripe_lock(index)), self._session(shard):
-                gone += self._guard(shard, shard.remove, doc_ids=ids)
+            recent, shard = self._recent(index), self._shard(index)
+            with self._held(self._stripe_lock(index)), self._session(recent, shard):
+                for table in (recent, shard):
+                    held = (self._guard(table, storage_of(table).read) or {}).get(TASKS, {})
+                    present = [task_id for task_id in ids if task_id in held]
+                    if present:  # else no write (and no recent file made just to be empty)
+                        gone += table.remove(doc_ids=present)
                 for task_id in ids:
                     if _FILE_ID.match(task_id) and self._unlink_live(task_id):
                         gone.append(task_id)

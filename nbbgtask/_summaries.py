@@ -69,4 +69,6 @@ def newest(
         if len(matching) < limit and not summary.complete:
             return None
         chosen.extend(matching[:limit])
-    return heapq.nlargest(limit, chosen, key=key)
+    # A task is in two files of its shard only after a crash cut its move short: it counts once.
+    unique = list({record["id"]: record for record in chosen}.values())
+    return heapq.nlargest(limit, unique, key=key)

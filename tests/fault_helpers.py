@@ -97,29 +97,58 @@ def assert_store_intact(home: Path) -> dict:
     return records
 
 
+def history_file(home: Path, task_id: str) -> Path:
+    """The history file that holds ``task_id``'s record: its shard's recent file, where a task
+    that has just ended is, else the shard's main file."""
+    index = _store.shard_of(task_id)
+    recent = home / "history" / f"{index:02d}{_store.RECENT_SUFFIX}"
+    if recent.exists() and task_id in json.loads(recent.read_bytes()).get("tasks", {}):
+        return recent
+    return home / "history" / f"{index:02d}.json"
+
+
+def _fillers(base: dict, index: int, numbers: range, now: float) -> dict[str, dict]:
+    """Finished tasks like ``base``, one per number, whose ids fall in shard ``index``."""
+    records = {}
+    for i in numbers:
+        task_id = f"{index:02x}" + secrets.token_hex(15)  # its first two hex digits pick shard ``index``
+        records[task_id] = {
+            **base, "id": task_id, "name": f"filler-{i % 7}", "created": now - 20_000 + i,
+            "finished": now - 20_000 + i + 0.5,
+        }
+    return records
+
+
+def _add_to_file(path: Path, records: dict[str, dict]) -> None:
+    old = json.loads(path.read_bytes()) if path.exists() else {}  # its schema mark is kept
+    tmp = path.with_name(f".{path.name}.filling")
+    tmp.write_text(json.dumps({**old, "tasks": {**old.get("tasks", {}), **records}}, separators=(",", ":")))  # as the store writes
+    os.replace(tmp, path)  # whole, as the store writes a shard
+
+
 def fill_history(home: Path, per_shard: int) -> int:
     """Put ``per_shard`` finished tasks in each history shard, in the store's own file format; how
     many finished tasks the history then holds (the fillers and one real task, their template)."""
     template = bg.run(lambda: "template", name="template")
     assert template.wait(30)
     base = _history_records(home)[template.id]
-    shards: dict[int, dict] = {}
     now = time.time()
-    for i in range(per_shard * _store.HISTORY_SHARDS):
-        index = i % _store.HISTORY_SHARDS
-        task_id = f"{index:02x}" + secrets.token_hex(15)  # its first two hex digits pick shard ``index``
-        shards.setdefault(index, {})[task_id] = {
-            **base, "id": task_id, "name": f"filler-{i % 7}", "created": now - 20_000 + i,
-            "finished": now - 20_000 + i + 0.5,
-        }
-    for index, records in shards.items():
-        path = home / "history" / f"{index:02d}.json"
-        old = json.loads(path.read_bytes()) if path.exists() else {}  # its schema mark is kept
-        tmp = path.with_name(f".{path.name}.filling")
-        tmp.write_text(json.dumps({**old, "tasks": {**old.get("tasks", {}), **records}}))
-        os.replace(tmp, path)  # whole, as the store writes a shard
+    for index in range(_store.HISTORY_SHARDS):
+        _add_to_file(home / "history" / f"{index:02d}.json", _fillers(base, index, range(index, per_shard * _store.HISTORY_SHARDS, _store.HISTORY_SHARDS), now))
     _store.forget_instances()  # as a fresh process would see it
     return per_shard * _store.HISTORY_SHARDS + 1
+
+
+def fill_recent(home: Path, task_id: str, count: int) -> Path:
+    """Put ``count`` finished tasks (like ``task_id``'s record) in the recent file of ``task_id``'s
+    shard, in the store's own format; that file."""
+    base = {**live_records(home).get(task_id, {}), **_history_records(home).get(task_id, {})}
+    assert base, f"no record of {task_id}"
+    base.update(state="complete", percent=100.0)
+    index = _store.shard_of(task_id)
+    path = home / "history" / f"{index:02d}{_store.RECENT_SUFFIX}"
+    _add_to_file(path, _fillers(base, index, range(count), time.time()))
+    return path
 
 
 def use_home(path: Path) -> Path:

@@ -35,6 +35,8 @@ from fault_helpers import (
     assert_store_intact,
     death_said,
     fill_history,
+    fill_recent,
+    history_file,
     history_states,
     limit_file_size,
     live_records,
@@ -471,14 +473,16 @@ def test_a_log_that_cannot_be_written_fails_the_task_with_the_reason(home):
 
 
 def _finish_on_a_full_disk(mode):
-    """(rlimit) limit this process's writes to just over the size of its history shard, so the
-    finalize's rewrite of that shard runs out of room part way; (tmpfs) the test fills the disk.
+    """(rlimit) fill its shard's recent file nearly full, then limit this process's writes to just
+    over that file's size, so the finalize's rewrite of it runs out of room part way; (tmpfs) the
+    test fills the disk.
     Either way it waits for the test's signal, and returns nothing, so no result file takes the
     last free page."""
     me = bg.current()
     home = bg.configure().home  # the home the task was started with
     if mode == "rlimit":
-        limit_file_size(os.path.getsize(home / "history" / f"{_store.shard_of(me.id):02d}.json") + 100)
+        recent = fill_recent(home, me.id, _store.RECENT_MAX - 2)  # one more fits: no move into the main file
+        limit_file_size(os.path.getsize(recent) + 100)
     while not (home / "go").exists():
         time.sleep(0.01)
     bg.progress(50, "about to finish")
@@ -494,6 +498,8 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
         home = use_home(disk / "home")
     try:
         expected = fill_history(home, per_shard=10) + 1
+        if mode == "rlimit":
+            expected += _store.RECENT_MAX - 2  # what the task puts in its shard's recent file
         filler = None
         with warnings.catch_warnings(record=True) as caught, thread_crashes() as crashes:
             warnings.simplefilter("always")
@@ -697,7 +703,7 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
     running = bg.run(sleeper, 1)
     finished.wait(30)
     assert until(lambda: running.refresh().pid is not None)
-    path = home / "live" / f"{running.id}.json" if which == "live" else home / "history" / f"{_store.shard_of(finished.id):02d}.json"
+    path = home / "live" / f"{running.id}.json" if which == "live" else history_file(home, finished.id)
     _damage(kind, path, running.id if which == "live" else finished.id)
     _store.forget_instances()
     outcomes = {}
@@ -737,7 +743,7 @@ def test_a_damaged_store_is_set_aside_or_refused_clearly(home, which, kind):
 def test_a_handle_whose_record_was_lost_does_not_stay_running_forever(home):
     status = bg.run(lambda: "done")  # this handle is never refreshed before the damage
     assert until(lambda: not _supervisor.supervisor().children and bg.get(status.id).state == "complete")
-    (home / "history" / f"{_store.shard_of(status.id):02d}.json").write_bytes(b"\0" * 512)  # disk trouble
+    history_file(home, status.id).write_bytes(b"\0" * 512)  # disk trouble
     _store.forget_instances()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

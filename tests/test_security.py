@@ -183,7 +183,8 @@ def test_row1_a_home_another_user_made_is_refused_and_its_result_never_unpickled
 
 def test_row2_planted_symlinks_at_temp_names_are_never_followed(attacker, scene):
     home = scene.base / "shared-project"
-    links = {f"history/.{i:02d}.json.tmp": str(scene.sentinel) for i in range(64)}
+    temp_names = [f".{i:02d}{suffix}.tmp" for i in range(64) for suffix in (".json", ".recent.json")]
+    links = {f"history/{name}": str(scene.sentinel) for name in temp_names}
     plant(attacker, home, links=links)
     with pytest.raises(bg.HomeError, match="belongs to"):
         bg.configure(home=home)
@@ -192,8 +193,8 @@ def test_row2_planted_symlinks_at_temp_names_are_never_followed(attacker, scene)
     own = scene.base / "own"
     bg.configure(home=own)
     bg.run(print).wait(30)
-    for i in range(64):
-        os.symlink(scene.sentinel, own / "history" / f".{i:02d}.json.tmp")
+    for name in temp_names:
+        os.symlink(scene.sentinel, own / "history" / name)
     assert bg.run(lambda: 2).result(30) == 2
     scene.assert_untouched()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import time
 import warnings
 
 import pytest
+from fault_helpers import history_file
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _config, _store
+from nbbgtask import _config, _record, _store
 
 
 def test_home_is_private_to_its_owner(home):
@@ -133,7 +135,7 @@ def test_a_damaged_store_is_kept_aside_and_work_goes_on(home, which):
     done.wait(30)
     running = bg.run(time.sleep, 1)
     _store.forget_instances()  # as a new process would
-    path = home / "live" / f"{running.id}.json" if which == "live" else home / "history" / f"{_store.shard_of(done.id):02d}.json"
+    path = home / "live" / f"{running.id}.json" if which == "live" else history_file(home, done.id)
     name, folder = path.name, path.parent
     path.write_text('{"tasks": {"abc": {"id": "ab')
     with pytest.warns(bg.StoreDamagedWarning, match=f"{name} was damaged") as caught:
@@ -306,7 +308,8 @@ def test_a_hand_edited_record_is_set_aside_and_the_rest_of_its_file_kept(home):
         statuses.append(bg.run(int, len(statuses)))  # until two share a shard
         statuses[-1].wait(30)
     first, last = statuses[0], statuses[-1]
-    shard = home / "history" / f"{_store.shard_of(first.id):02d}.json"
+    shard = history_file(home, first.id)
+    assert shard == history_file(home, last.id)
     data = json.loads(shard.read_text())
     data["tasks"][first.id]["state"] = "exploded"
     shard.write_text(json.dumps(data))
@@ -364,3 +367,86 @@ def test_a_forked_task_starts_with_the_stores_its_parent_proved(home):
     assert out["ready"] is True and out["inherited"] >= 1
     assert out["pid"] != os.getpid() and abs(out["started"] - out["psutil"]) < 0.01
     assert status.to_dict()["pid_started"] == out["started"]  # what the task recorded at its end
+
+
+# -- a shard's recent file ----------------------------------------------------------------------
+
+
+def _ended_in_shard(store: _store.Store, index: int, count: int) -> list[str]:
+    """``count`` tasks of shard ``index`` made and ended through the store's own API; their ids."""
+    ids = []
+    for i in range(count):
+        record = dict(_record.new_record(f"r{i}", None, {"backend": "local", "host": "h"}, None))
+        record["id"] = f"{index:02x}" + record["id"][2:]
+        store.admit(record, float("inf"))
+        store.finalize(record["id"], {"state": "complete", "finished": time.time()})
+        ids.append(record["id"])
+    return ids
+
+
+def _files(home, index):
+    main, recent = home / "history" / f"{index:02d}.json", home / "history" / f"{index:02d}{_store.RECENT_SUFFIX}"
+    tasks = [set(json.loads(p.read_bytes())["tasks"]) if p.exists() else None for p in (main, recent)]
+    return main, recent, *tasks
+
+
+def test_a_task_that_ends_rewrites_its_shards_recent_file_not_the_growing_main_file(home):
+    """Ending a task writes a small file; its shard's main file (which grows with the history) is
+    rewritten once per `RECENT_MAX` ends, when the recent file's tasks join it."""
+    store = _store.store_for(_config.home())
+    first = _ended_in_shard(store, 5, _store.RECENT_MAX)  # the last of these fills the recent file
+    main, recent, in_main, in_recent = _files(home, 5)
+    assert in_main == set(first) and in_recent is None  # joined in one write, the recent file gone
+    before = main.stat()
+    later = _ended_in_shard(store, 5, _store.RECENT_MAX - 1)
+    _, _, in_main, in_recent = _files(home, 5)
+    assert (main.stat().st_ino, main.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # untouched
+    assert in_main == set(first) and in_recent == set(later)
+    assert [bg.get(i).state for i in (first[0], later[-1])] == ["complete", "complete"]
+    assert {s.id for s in bg.tasks()} == set(first) | set(later)
+    assert _ended_in_shard(store, 5, 1)[0] in _files(home, 5)[2]  # the next end joins them all
+    assert _files(home, 5)[3] is None
+
+
+def test_a_move_into_the_main_file_cut_short_loses_nothing_and_counts_each_task_once(home):
+    """A crash after the main file took the recent file's tasks but before the recent file was
+    removed (and a crash before a task's live file was removed): each task is read once, its
+    first final state stands, and the next move clears what was left."""
+    store = _store.store_for(_config.home())
+    ids = _ended_in_shard(store, 7, _store.RECENT_MAX - 1)
+    main, recent, _, waiting = _files(home, 7)
+    saved = recent.read_bytes()
+    stale = home / "live" / f"{ids[0]}.json"  # as if its end was cut short before the unlink
+    stale.write_text(json.dumps({"tasks": {ids[0]: {**store.get(ids[0]), "state": "running"}}}))
+    last = _ended_in_shard(store, 7, 1)[0]  # the move: main file written, recent file removed
+    assert _files(home, 7)[2] == waiting | {last} and not stale.exists()
+    recent.write_bytes(saved)  # ...as if the removal never happened
+    stale.write_text(json.dumps({"tasks": {ids[1]: {**json.loads(saved)["tasks"][ids[1]], "state": "running"}}}))
+    stale.rename(home / "live" / f"{ids[1]}.json")
+    _store.forget_instances()  # as a new process would read it
+    store = _store.store_for(_config.home())
+    assert len(store.history()) == len(ids) + 1
+    assert sorted(s.id for s in bg.tasks()) == sorted([*ids, last])
+    assert len(bg.tasks(limit=5)) == 5 and len({s.id for s in bg.tasks(limit=5)}) == 5
+    again = store.finalize(ids[1], {"state": "failed", "error": "late", "finished": time.time()})
+    assert again["state"] == "complete" and bg.get(ids[1]).state == "complete"  # the first final state
+    assert not (home / "live" / f"{ids[1]}.json").exists()
+    _ended_in_shard(store, 7, 1)  # the recent file is full again: its tasks join the main file
+    main_now, recent_now, in_main, in_recent = _files(home, 7)
+    assert in_recent is None and len(in_main) == len(ids) + 2 and len(store.history()) == len(ids) + 2
+
+
+def test_a_task_still_ends_when_the_main_file_cannot_be_written(home):
+    """The move into the main file fails (here its temp name is taken by a folder that cannot be
+    removed): the task's end goes into the recent file, which is small, and the move is tried
+    again at the next end."""
+    store = _store.store_for(_config.home())
+    ids = _ended_in_shard(store, 9, _store.RECENT_MAX - 1)
+    blocker = home / "history" / ".09.json.tmp"
+    (blocker / "in-the-way").mkdir(parents=True)
+    late = _ended_in_shard(store, 9, 1)  # the move fails; the end is kept all the same
+    main, recent, in_main, in_recent = _files(home, 9)
+    assert in_main is None and in_recent == {*ids, *late} and bg.get(late[0]).state == "complete"
+    shutil.rmtree(blocker)
+    last = _ended_in_shard(store, 9, 1)
+    assert _files(home, 9)[2:] == ({*ids, *late, *last}, None)
