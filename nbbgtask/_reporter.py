@@ -150,6 +150,13 @@ class Reporter:
                     later()
                 except Exception as exc:  # no thread to spare, say: the task runs on without it
                     print(f"nbbgtask: {exc}", file=sys.stderr)
+            if self._written is None and pace is not None:
+                # The first write keeps to the pace too: of many tasks started at once (each
+                # waiting its turn for a CPU), those still running after one interval do not all
+                # write then.  The end's write says who ran the task where there was none.
+                rest = pace(base) - base
+                if rest > 0 and self._stop.wait(rest):
+                    break
             try:
                 self.flush()
             except Exception as exc:  # a full disk must not kill the task; the final write says more

@@ -450,3 +450,24 @@ def test_a_task_still_ends_when_the_main_file_cannot_be_written(home):
     shutil.rmtree(blocker)
     last = _ended_in_shard(store, 9, 1)
     assert _files(home, 9)[2:] == ({*ids, *late, *last}, None)
+
+
+def test_many_live_tasks_pace_a_new_tasks_first_write_too(home):
+    """With 100 tasks live, each writes its progress every 0.5 s (`WRITE_SHARE`); the first
+    write of a task started then keeps to that pace too, instead of coming after 0.1 s, so a
+    burst of tasks that wait their turn for a CPU does not write all at once.  Its end still
+    records who ran it."""
+    store = _store.store_for(_config.home())
+    fakes = []
+    for _ in range(100):
+        record = dict(_record.new_record("fake", None, {"backend": "local", "host": "elsewhere"}, None))
+        store.admit(record, float("inf"))
+        fakes.append(record["id"])
+    try:
+        status = bg.run(time.sleep, 0.8)
+        time.sleep(0.35)  # past three of the base intervals; the pace is 101 x 0.005 = 0.505 s
+        early = store.get(status.id)
+        assert early["pid"] is None and early.get("reported") is None, early
+        assert status.wait(30) and status.state == "complete" and status.pid is not None
+    finally:
+        store.remove(fakes)
