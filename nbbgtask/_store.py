@@ -11,7 +11,7 @@ same moment seldom wait for each other.  Only admission under a ``max_running`` 
 store-wide ``store.lock``, to count the running tasks.  Every write replaces its file
 atomically, so readers take no lock and never see a torn file.
 
-One job: the task records of one home folder, in their files and under their locks (about 550
+One job: the task records of one home folder, in their files and under their locks (about 650
 lines: the layout, the locks, the reads with their caches, and each transition of a record).
 """
 
