@@ -384,7 +384,7 @@ def _ended_in_shard(store: _store.Store, index: int, count: int) -> list[str]:
     return ids
 
 
-def _files(home, index):
+def _shard_files(home, index):
     main, recent = home / "history" / f"{index:02d}.json", home / "history" / f"{index:02d}{_store.RECENT_SUFFIX}"
     tasks = [set(json.loads(p.read_bytes())["tasks"]) if p.exists() else None for p in (main, recent)]
     return main, recent, *tasks
@@ -395,17 +395,17 @@ def test_a_task_that_ends_rewrites_its_shards_recent_file_not_the_growing_main_f
     rewritten once per `RECENT_MAX` ends, when the recent file's tasks join it."""
     store = _store.store_for(_config.home())
     first = _ended_in_shard(store, 5, _store.RECENT_MAX)  # the last of these fills the recent file
-    main, recent, in_main, in_recent = _files(home, 5)
+    main, recent, in_main, in_recent = _shard_files(home, 5)
     assert in_main == set(first) and in_recent is None  # joined in one write, the recent file gone
     before = main.stat()
     later = _ended_in_shard(store, 5, _store.RECENT_MAX - 1)
-    _, _, in_main, in_recent = _files(home, 5)
+    _, _, in_main, in_recent = _shard_files(home, 5)
     assert (main.stat().st_ino, main.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # untouched
     assert in_main == set(first) and in_recent == set(later)
     assert [bg.get(i).state for i in (first[0], later[-1])] == ["complete", "complete"]
     assert {s.id for s in bg.tasks()} == set(first) | set(later)
-    assert _ended_in_shard(store, 5, 1)[0] in _files(home, 5)[2]  # the next end joins them all
-    assert _files(home, 5)[3] is None
+    assert _ended_in_shard(store, 5, 1)[0] in _shard_files(home, 5)[2]  # the next end joins them all
+    assert _shard_files(home, 5)[3] is None
 
 
 def test_a_move_into_the_main_file_cut_short_loses_nothing_and_counts_each_task_once(home):
@@ -414,12 +414,12 @@ def test_a_move_into_the_main_file_cut_short_loses_nothing_and_counts_each_task_
     first final state stands, and the next move clears what was left."""
     store = _store.store_for(_config.home())
     ids = _ended_in_shard(store, 7, _store.RECENT_MAX - 1)
-    main, recent, _, waiting = _files(home, 7)
+    main, recent, _, waiting = _shard_files(home, 7)
     saved = recent.read_bytes()
     stale = home / "live" / f"{ids[0]}.json"  # as if its end was cut short before the unlink
     stale.write_text(json.dumps({"tasks": {ids[0]: {**store.get(ids[0]), "state": "running"}}}))
     last = _ended_in_shard(store, 7, 1)[0]  # the move: main file written, recent file removed
-    assert _files(home, 7)[2] == waiting | {last} and not stale.exists()
+    assert _shard_files(home, 7)[2] == waiting | {last} and not stale.exists()
     recent.write_bytes(saved)  # ...as if the removal never happened
     stale.write_text(json.dumps({"tasks": {ids[1]: {**json.loads(saved)["tasks"][ids[1]], "state": "running"}}}))
     stale.rename(home / "live" / f"{ids[1]}.json")
@@ -432,7 +432,7 @@ def test_a_move_into_the_main_file_cut_short_loses_nothing_and_counts_each_task_
     assert again["state"] == "complete" and bg.get(ids[1]).state == "complete"  # the first final state
     assert not (home / "live" / f"{ids[1]}.json").exists()
     _ended_in_shard(store, 7, 1)  # the recent file is full again: its tasks join the main file
-    main_now, recent_now, in_main, in_recent = _files(home, 7)
+    main_now, recent_now, in_main, in_recent = _shard_files(home, 7)
     assert in_recent is None and len(in_main) == len(ids) + 2 and len(store.history()) == len(ids) + 2
 
 
@@ -445,11 +445,11 @@ def test_a_task_still_ends_when_the_main_file_cannot_be_written(home):
     blocker = home / "history" / ".09.json.tmp"
     (blocker / "in-the-way").mkdir(parents=True)
     late = _ended_in_shard(store, 9, 1)  # the move fails; the end is kept all the same
-    main, recent, in_main, in_recent = _files(home, 9)
+    main, recent, in_main, in_recent = _shard_files(home, 9)
     assert in_main is None and in_recent == {*ids, *late} and bg.get(late[0]).state == "complete"
     shutil.rmtree(blocker)
     last = _ended_in_shard(store, 9, 1)
-    assert _files(home, 9)[2:] == ({*ids, *late, *last}, None)
+    assert _shard_files(home, 9)[2:] == ({*ids, *late, *last}, None)
 
 
 def test_many_live_tasks_pace_a_new_tasks_first_write_too(home):
