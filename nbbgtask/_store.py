@@ -126,10 +126,17 @@ class Store:
             lambda: open_table(os.path.join(self._history_dir, f"{index:02d}{RECENT_SUFFIX}"), trust_stat=True, durable=True),
         )
 
+    def _history_pair(self, index: int) -> tuple[Any, Any]:
+        """Shard ``index``'s recent file and main file, in the order a task is looked for."""
+        return self._recent(index), self._shard(index)
+
+    def _records(self, table: Table) -> dict[str, Any]:
+        """A history file's records by id (a damaged file set aside first); no copy is made."""
+        return (self._guard(table, storage_of(table).read) or {}).get(TASKS, {})
+
     def _finished(self, task_id: str) -> dict[str, Any] | None:
         """A finished task's record, from its shard's recent file or else its main file."""
-        index = shard_of(task_id)
-        for table in (self._recent(index), self._shard(index)):
+        for table in self._history_pair(shard_of(task_id)):
             found = self._guard(table, table.get, doc_id=task_id)
             if found is not None:
                 return dict(found)
@@ -287,7 +294,7 @@ class Store:
         """Hold ``task_id``'s stripe lock; yields its live table and its shard's recent and main
         tables, in session (each is parsed only if it is read)."""
         index = shard_of(task_id)
-        live, recent, shard = self._live_table(task_id), self._recent(index), self._shard(index)
+        live, (recent, shard) = self._live_table(task_id), self._history_pair(index)
         with self._held(self._stripe_lock(index)), self._session(live, recent, shard):
             yield live, recent, shard
 
@@ -416,7 +423,7 @@ class Store:
         if index is None:
             records = self.all()
         else:
-            records = [*self.live(), *(r for t in (self._recent(index), self._shard(index)) for r in self._guard(t, t.all))]
+            records = [*self.live(), *(r for t in self._history_pair(index) for r in self._records(t).values())]
         return sorted({r["id"] for r in records if r["id"].startswith(prefix)})
 
     def all(self) -> list[dict[str, Any]]:
@@ -519,7 +526,7 @@ class Store:
     def _add_finished_doc(self, recent: Table, shard: Table, doc: Document) -> None:
         """Put a finished task's record in its shard's recent file; when that is full, it and
         the recent file's records join the main file instead, in one write (under the lock)."""
-        waiting = (self._guard(recent, storage_of(recent).read) or {}).get(TASKS, {})
+        waiting = self._records(recent)
         if len(waiting) + 1 >= RECENT_MAX:
             try:
                 self._join_shard(recent, shard, [*(Document(r, i) for i, r in waiting.items()), doc])  # type: ignore[arg-type]
@@ -531,7 +538,7 @@ class Store:
     def _join_shard(self, recent: Table, shard: Table, docs: list[Document]) -> None:
         """Write ``docs`` into the shard's main file, then remove its recent file.  The main file
         first: a crash between the two leaves a task in both, and readers take it once."""
-        known = (self._guard(shard, storage_of(shard).read) or {}).get(TASKS, {})
+        known = self._records(shard)
         new = [doc for doc in docs if doc.doc_id not in known]
         if new:
             shard.insert_multiple(new)
@@ -595,9 +602,9 @@ class Store:
         self._make_folders()
         added = 0
         for index, docs in by_shard.items():
-            recent, shard = self._recent(index), self._shard(index)
+            recent, shard = self._history_pair(index)
             with self._held(self._stripe_lock(index)), self._session(recent, shard):
-                known = {k for t in (recent, shard) for k in (self._guard(t, storage_of(t).read) or {}).get(TASKS, {})}
+                known = {*self._records(recent), *self._records(shard)}
                 new = [Document(doc, doc["id"]) for doc in docs if doc["id"] not in known]
                 if new:
                     shard.insert_multiple(new)  # type: ignore[arg-type]
@@ -610,10 +617,10 @@ class Store:
             by_shard.setdefault(shard_of(task_id), []).append(task_id)
         gone: list[str] = []
         for index, ids in by_shard.items():
-            recent, shard = self._recent(index), self._shard(index)
+            recent, shard = self._history_pair(index)
             with self._held(self._stripe_lock(index)), self._session(recent, shard):
                 for table in (recent, shard):
-                    held = (self._guard(table, storage_of(table).read) or {}).get(TASKS, {})
+                    held = self._records(table)
                     present = [task_id for task_id in ids if task_id in held]
                     if present:  # else no write (and no recent file made just to be empty)
                         gone += table.remove(doc_ids=present)
