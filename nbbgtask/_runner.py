@@ -29,7 +29,7 @@ from ._trust import redactor
 
 __all__ = [
     "Job", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "run_pickled",
-    "record_exit", "EXIT_UNRECORDED", "STACK_SIGNAL",
+    "record_exit", "EXIT_UNRECORDED", "STACK_SIGNAL", "trim_stack",
 ]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -206,6 +206,32 @@ def _answer_stack_requests(job: Job) -> str | None:
         print(f"nbbgtask: this task cannot show its stack: {exc}", file=sys.stderr)
         return None
     return path
+
+
+#: the line of a faulthandler dump for the runner's frame that calls the task's code
+_CALL_FRAME = f'  File "{os.path.join(_PACKAGE_DIR, "_runner.py")}", line '
+
+
+def trim_stack(dump: str) -> str:
+    """A faulthandler dump of a task's threads without what lies below the task's code: the
+    runner, and the process it was forked from (a kernel's event loop and cell, a test runner).
+
+    In each thread, the frames after (older than) the runner's ``_call`` give way to one line
+    that says so; a thread the runner does not call into (the task's own, nbbgtask's progress
+    writer) is left whole."""
+    out: list[str] = []
+    hiding = False
+    for line in dump.splitlines():
+        if not line.startswith("  "):  # a thread's header, or the blank line between threads
+            hiding = False
+        elif hiding:
+            continue
+        elif line.startswith(_CALL_FRAME) and line.endswith(" in _call"):
+            out.append("  (below: nbbgtask's runner, and what started the task)")
+            hiding = True
+            continue
+        out.append(line)
+    return "\n".join(out) + ("\n" if dump.endswith("\n") else "")
 
 
 def run_job(job: Job, sink: Any = None) -> int:

@@ -21,7 +21,7 @@ from ._files import log_path, result_path, stack_files
 from ._procs import HOST, same_process
 from ._record import TaskRecord
 from ._reporter import Reporter
-from ._runner import STACK_SIGNAL, current_reporter
+from ._runner import STACK_SIGNAL, current_reporter, trim_stack
 from ._states import State
 from ._store import store_for
 from ._trust import open_owned, read_owned
@@ -380,7 +380,7 @@ class TaskStatus:
             with tempfile.TemporaryFile() as f:
                 faulthandler.dump_traceback(file=f, all_threads=True)
                 f.seek(0)
-                return f.read().decode("utf-8", errors="replace")
+                return trim_stack(f.read().decode("utf-8", errors="replace"))
         record = self.refresh()._record
         state = State(record["state"])
         if state.is_final:
@@ -445,7 +445,7 @@ class TaskStatus:
                 f"{who} did not write its stack within {STACK_TIMEOUT:g} s: its process {pid} may be "
                 f"stopped, or its code took over {STACK_SIGNAL.name} (nbbgtask's stack request)"
             )
-        return text
+        return trim_stack(text)
 
     def log(self, tail: int | None = None) -> str:
         """What the task printed (stdout and stderr), or its last ``tail`` lines."""

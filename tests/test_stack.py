@@ -47,6 +47,10 @@ def two_threads(marker):
     wait_for_the_network(marker)
 
 
+#: what `stack()` shows for the frames below a task's code
+RUNNER_LINE = "  (below: nbbgtask's runner, and what started the task)"
+
+
 def _current_thread(text):
     """The frames of the thread the dump calls current (the task's main thread here)."""
     return text.split("Current thread", 1)[1]
@@ -66,8 +70,12 @@ def test_stack_names_the_function_a_task_is_blocked_in(way, tmp_path):
             status.stack()
         return
     text = status.stack()
-    innermost = _current_thread(text).splitlines()[1]
-    assert innermost.endswith("in wait_for_the_network"), text
+    frames = _current_thread(text).splitlines()
+    assert frames[1].endswith("in wait_for_the_network"), text
+    # Below the task's code: one line, not nbbgtask's runner nor the frames of the process it
+    # was forked from (here pytest's; in a notebook the kernel's event loop and cell).
+    assert frames[2:] == [RUNNER_LINE], text
+    assert "_pytest" not in text and "in fork_detached" not in text and "in run_job" not in text, text
     assert status.refresh().state == "running"  # asking does not disturb the task
     assert "in wait_for_the_network" in status.stack()  # and it can be asked again
 
@@ -118,7 +126,8 @@ def _own_stack():
 
 def test_a_task_can_read_its_own_stack(home):
     text = bg.run(_own_stack).result(timeout=30)
-    assert "in _own_stack" in _current_thread(text)
+    frames = _current_thread(text).splitlines()
+    assert frames[-2].endswith("in _own_stack") and frames[-1] == RUNNER_LINE, text
 
 
 # -- the command line --------------------------------------------------------------------------------
