@@ -51,6 +51,8 @@ from typing import Any
 
 import psutil
 
+from ._memwatch import tree as _tree
+
 __all__ = [
     "Limits",
     "LimitExceeded",
@@ -184,27 +186,6 @@ OOM_TEXT = "killed by the OOM killer (out of memory)"
 
 
 # -- what a task costs ------------------------------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux's /proc/PID/task/TID/children; psutil elsewhere)."""
-    found = [pid]
-    i = 0
-    try:
-        while i < len(found):
-            current = found[i]
-            i += 1
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
-                    found.extend(int(x) for x in f.read().split())
-        return found
-    except FileNotFoundError:
-        if i == 1:  # the task itself is gone (or there is no /proc/PID/task/*/children here)
-            try:
-                return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
-            except psutil.Error:
-                return []
-        return found  # a descendant ended while we looked
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:

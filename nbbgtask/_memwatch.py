@@ -24,7 +24,10 @@ import sys
 import time
 
 
-def _tree(pid: int) -> list[int]:
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from Linux's /proc/PID/task/TID/children (psutil's slower walk
+    where there is no such file); ``[]`` if ``pid`` is gone.  A descendant that ends while it is
+    read is left out.  The watcher's, and the task's own readings (`_limits`)."""
     found, i = [pid], 0
     while i < len(found):
         current = found[i]
@@ -34,7 +37,13 @@ def _tree(pid: int) -> list[int]:
                 with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
                     found.extend(int(x) for x in f.read().split())
         except OSError:
-            continue
+            if current == pid:
+                import psutil
+
+                try:
+                    return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+                except psutil.Error:
+                    return []
     return found
 
 
@@ -42,7 +51,7 @@ def _uss(pid: int, me: int) -> int:
     import psutil
 
     total = 0
-    for p in _tree(pid):
+    for p in tree(pid):
         if p == me:
             continue
         try:
