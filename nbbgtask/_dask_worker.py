@@ -31,6 +31,8 @@ __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
 #: at most this many seconds the worker waits, after handing a spare its task, before its own
 #: bookkeeping for the task (see _first_sign)
 STAND_BACK = 0.005
+#: seconds between a running task's looks at its cancel event on the scheduler
+CANCEL_POLL = 0.5
 
 
 async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float, key: bytes) -> str:
@@ -255,16 +257,21 @@ class _Supervision:
                 self.outcome.update(body)
 
     def _watch_cancel(self, child: Child, event: Any) -> None:
-        """Until the child ends: stop it if the kernel asks for a cancel, or Dask gives the task up."""
+        """Until the child ends: stop it if the kernel asks for a cancel, or Dask gives the task up.
+
+        It asks whether the event is set every `CANCEL_POLL` seconds rather than waiting on it: a
+        wait is held open on the scheduler, and one still open when the cluster closes (a script
+        that ends its cluster as its last task ends) made the scheduler log a CancelledError."""
         while not self._ended.is_set():
             if self.abandoned.is_set():
                 self._stop(child)
                 return
             try:
-                if not event.wait(timeout=0.5):
+                if not event.is_set():
+                    self._ended.wait(CANCEL_POLL)
                     continue
             except Exception:  # scheduler busy or gone: keep running, look again
-                time.sleep(0.5)
+                self._ended.wait(CANCEL_POLL)
                 continue
             self.outcome["cancel_requested"] = True
             self._stop(child)

@@ -120,6 +120,26 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
         bg.configure(backend="local")
 
 
+def test_a_script_that_closes_its_cluster_as_its_task_ends_logs_no_error(home, tmp_path):
+    # A task's worker watched for a cancel by waiting on its event on the scheduler; a wait still
+    # open when the cluster closed made the scheduler log "distributed.event - ERROR" with a
+    # CancelledError's traceback, on every such run.
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import nbbgtask as bg
+        from distributed import Client, LocalCluster
+        def double(x):
+            return 2 * x
+        if __name__ == "__main__":
+            with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+                bg.configure(home={str(home)!r}, dask_client=client)
+                print(bg.run(double, 21).result(timeout=60), flush=True)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["42"], out.stderr
+    assert "ERROR" not in out.stderr and "CancelledError" not in out.stderr, out.stderr
+
+
 def _reported(client, task_id, kind):
     """The task's worker has sent an event of ``kind`` (see _dask_wire): events are sealed with
     the task's key, which its record (in the home) holds."""
