@@ -457,7 +457,14 @@ def test_no_child_of_the_worker_holds_another_childs_pipes():
 
     def holds_it(pid):
         fds = f"/proc/{pid}/fd"
-        return any(os.readlink(os.path.join(fds, fd)) == f"pipe:[{inode}]" for fd in os.listdir(fds))
+        for fd in os.listdir(fds):
+            try:
+                target = os.readlink(os.path.join(fds, fd))
+            except FileNotFoundError:  # closed since the listing: it holds nothing now
+                continue
+            if target == f"pipe:[{inode}]":
+                return True
+        return False
 
     try:
         for pid in (forker.pid, *(spare.pid for spare in spares)):
