@@ -82,13 +82,27 @@ class DaskBackend(DaskRecords):
         #: tasks sent but not yet recorded in the store (see submit)
         self._recording: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        client.subscribe_topic(TOPIC, self._on_event)
-        # Events sent while no kernel listened (a restart) are still on the scheduler.
+        # Events sent while no kernel listened (a restart) are still on the scheduler: those are
+        # applied first, then what came meanwhile, in order (an event in both is applied once).
+        self._order = threading.Lock()
+        self._early: list[Any] | None = []
+        client.subscribe_topic(TOPIC, self._on_new_event)
         try:
             for event in client.get_events(TOPIC):
                 self._on_event(event)
         except Exception:  # an old scheduler without stored events: only new ones count
             pass
+        with self._order:
+            early, self._early = self._early, None
+            for event in early:
+                self._on_event(event)
+
+    def _on_new_event(self, event: Any) -> None:
+        with self._order:
+            if self._early is not None:
+                self._early.append(event)
+            else:
+                self._on_event(event)
 
     def close(self) -> None:
         if self.client.status == "running":
@@ -195,15 +209,10 @@ class DaskBackend(DaskRecords):
             self._reject(task_id, problem)
             return
         kind = msg["kind"]
-        if kind == "started":
-            fields: dict[str, Any] = {"state": State.RUNNING.value, "pid": msg["pid"], "worker": msg["worker"]}
-            if record["state"] == State.RUNNING.value:
-                fields["message"] = f"restarted on {msg['worker']}: the worker it ran on was lost"
-            else:
-                fields["started"] = msg["time"]
-            store.patch(task_id, fields)
-        elif kind == "progress":
-            store.patch(task_id, {k: msg[k] for k in ("percent", "message", "reported", "limit_error") if k in msg})
+        if kind == "final":  # the last event: once the record is final, none is applied
+            self._finish(task_id, msg, record)
+        elif store.patch(task_id, lambda doc: _applied_once(doc, msg)) is None:
+            return  # applied before (a replay to a kernel that started later), or not live
         elif kind == "log":
             fd = open_owned(log_path(self.home, task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
@@ -212,8 +221,6 @@ class DaskBackend(DaskRecords):
                 os.close(fd)
         elif kind == "output":
             _output_tail.append_line(self.home, task_id, str(msg.get("line", "")))
-        elif kind == "final":
-            self._finish(task_id, msg, record)
 
     def _reject(self, task_id: str, why: str) -> None:
         with self._lock:
@@ -234,7 +241,7 @@ class DaskBackend(DaskRecords):
             # Not the child's own report of its end (that always has the percent) but the worker's
             # of a child that ended without one: say which limit ended it, if one did.
             fields["error"] = _limits.explain(record, str(fields.get("error") or ""), now=fields["finished"])
-        fields["event_key"] = None  # no event is taken after the last
+        fields["event_key"] = fields["event_marks"] = None  # no event is taken after the last
         problem = _record.fault(task_id, {**record, **fields})
         if problem is not None:
             self._reject(task_id, f"its final fields are not a task's end ({problem})")
@@ -299,6 +306,27 @@ _EVENT_FIELDS: dict[str, dict[str, Any]] = {
 _REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "output": ("line",), "final": ("state",)}
 
 
+def _applied_once(doc: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields an event sets in its live record ``doc``, with its mark; ``None`` if an event of
+    its run numbered as high was applied already (by this kernel or an earlier one)."""
+    marks: dict[str, int] = dict(doc.get("event_marks") or {})
+    run, seq = msg["run"], msg["seq"]
+    if seq <= marks.get(run, 0):
+        return None
+    kind = msg["kind"]
+    fields: dict[str, Any] = {}
+    if kind == "started":
+        fields = {"state": State.RUNNING.value, "pid": msg["pid"], "worker": msg["worker"]}
+        if any(other != run for other in marks):
+            fields["message"] = f"restarted on {msg['worker']}: the worker it ran on was lost"
+        else:
+            fields["started"] = msg["time"]
+    elif kind == "progress":
+        fields = {k: msg[k] for k in ("percent", "message", "reported", "limit_error") if k in msg}
+    marks[run] = seq
+    return {**fields, "event_marks": marks}
+
+
 def _field_ok(kind: str, value: Any) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind == "pid":
@@ -317,6 +345,10 @@ def _field_ok(kind: str, value: Any) -> bool:
         return isinstance(value, bytes)
     if kind == "final":
         return value in {s.value for s in State if s.is_final}
+    if kind == "run":
+        return isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
+    if kind == "seq":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
     return False
 
 
@@ -326,14 +358,15 @@ def _event_fault(msg: dict[str, Any]) -> str | None:
     kind = msg.get("kind")
     if not isinstance(kind, str) or kind not in _EVENT_FIELDS:
         return f"unknown kind {visible(repr(kind))[:40]}"
-    if not _field_ok("time", msg.get("time")):
-        return "no valid time"
+    for field in ("time", "run", "seq"):
+        if not _field_ok(field, msg.get(field)):
+            return f"no valid {field}"
     allowed = _EVENT_FIELDS[kind]
     for field in _REQUIRED_FIELDS.get(kind, ()):
         if field not in msg:
             return f"a {kind} event without {field!r}"
     for field, value in msg.items():
-        if field in ("kind", "time"):
+        if field in ("kind", "time", "run", "seq"):
             continue
         if field not in allowed:
             return f"a {kind} event with an unknown field {visible(field)[:40]!r}"

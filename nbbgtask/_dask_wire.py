@@ -16,8 +16,8 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    the worker's folder).
 
 2. Kernel -> worker: a cancel.  The kernel sets the ``distributed.Event`` named
-   `cancel_event_name` (task id); the worker, which waits on it, stops the child: SIGTERM to its
-   process group, SIGKILL after ``grace`` seconds.
+   `cancel_event_name` (task id); the worker, which asks whether it is set every half second,
+   stops the child: SIGTERM to its process group, SIGKILL after ``grace`` seconds.
 
 3. Worker -> kernel: what happens.  ``worker.log_event(TOPIC, sealed)``.  Every client of the
    scheduler can read the event log and write to it, so each event is sealed (`seal`) with the
@@ -28,7 +28,11 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    task id as associated data and a fresh 96-bit nonce.  The kernel opens it before anything
    else and ignores (and counts, in a warning) an event that fails; then every field is checked.  So other clients see only ids, sizes and
    times: never the output, progress, errors or results.  Opened, an event is a dict with
-   ``kind`` and ``time``, and by kind:
+   ``kind``, ``time``, ``run`` (16 hex digits, one per run of the task: Dask may run it again
+   on another worker) and ``seq`` (1, 2, ... in the order the run sent its events).  The
+   scheduler keeps the events and a kernel that starts later is sent them all again; the record
+   keeps, per run, the last ``seq`` applied (``event_marks``), so each event is applied once.
+   By kind:
 
    - ``"started"``: ``pid``, ``host``, ``worker`` (its address);
    - ``"log"``: ``text``, printed output (at most `LOG_CHUNK` bytes of it, decoded as UTF-8);

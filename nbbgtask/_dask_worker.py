@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import secrets
 import select
 import signal
 import socket
@@ -133,6 +134,11 @@ class _Supervision:
         #: printed output not yet sent, and the lock that keeps it in order with the outputs
         self._printed: list[bytes] = []
         self._printed_lock = threading.Lock()
+        #: this run's id and the number of its last event: the kernel applies each event once,
+        #: though the scheduler replays them all to a kernel that starts later (_dask_wire, 3)
+        self.run_id = secrets.token_hex(8)
+        self._seq = 0
+        self._emit_lock = threading.Lock()
 
     # -- on the worker's event loop ------------------------------------------------------------
 
@@ -185,8 +191,10 @@ class _Supervision:
         return str(self.outcome["state"])
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        event = {"kind": kind, "time": time.time(), **fields}
-        self.worker.log_event(TOPIC, seal(self.key, self.task_id, event))  # for the kernel's eyes only
+        with self._emit_lock:  # numbered in the order they are sent: several threads emit
+            self._seq += 1
+            event = {"kind": kind, "time": time.time(), "run": self.run_id, "seq": self._seq, **fields}
+            self.worker.log_event(TOPIC, seal(self.key, self.task_id, event))  # for the kernel's eyes only
 
     def _start(self) -> tuple[Child, float]:
         """The task's process, running it, and when it was handed the task."""

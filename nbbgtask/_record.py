@@ -44,6 +44,8 @@ class TaskRecord(TypedDict, total=False):
     worker: str  #: the Dask worker it runs on
     #: a Dask task's key for its events (hex), while it is live (`_dask_wire.seal`)
     event_key: str | None
+    #: per run of a Dask task (its id), the number of the last event of it applied
+    event_marks: dict[str, int] | None
     # -- while it runs -------------------------------------------------------------------------
     started: float | None
     percent: float  #: 0 to 100
@@ -106,6 +108,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "limits": (dict,),
     "peak_memory": (int,),
     "event_key": (str,),
+    "event_marks": (dict,),
 }
 _REQUIRED = ("id", "name", "state", "created")
 _PIDS = ("pid", "owner_pid", "reaper_pid")

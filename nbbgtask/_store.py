@@ -475,10 +475,16 @@ class Store:
             return self.patch(task_id, {"state": State.RUNNING.value, "started": time.time()}) is not None
 
     def patch(
-        self, task_id: str, fields: Mapping[str, Any], *, recreate: Mapping[str, Any] | None = None
+        self,
+        task_id: str,
+        fields: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any] | None],
+        *,
+        recreate: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Merge ``fields`` into a live record and return it; ``None`` if it is not live.
 
+        ``fields`` may be a function of the record, called under the task's lock, that returns
+        the fields to merge, or ``None`` to leave the record as it is (then ``None`` is returned).
         ``recreate``: the full record to write back if the live one has vanished (a damaged
         file was set aside) and the task has not finished meanwhile.
         """
@@ -491,6 +497,11 @@ class Store:
                 doc = dict(recreate)
             else:
                 doc = dict(doc)
+            if callable(fields):
+                decided = fields(doc)
+                if decided is None:
+                    return None
+                fields = decided
             _record.merge(doc, fields)
             live.upsert(Document(doc, task_id))  # type: ignore[arg-type]
         return doc

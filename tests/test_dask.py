@@ -120,6 +120,39 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
         bg.configure(backend="local")
 
 
+def test_a_kernel_that_starts_while_the_task_runs_applies_each_event_once(home, cluster, tmp_path):
+    # The scheduler sends a new kernel every event it keeps, those the kernel before it applied
+    # too: its printed lines were written to the log twice, and its "started" said "restarted".
+    script = tmp_path / "kernel.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, nbbgtask as bg
+        bg.configure(home={str(home)!r})
+        bg.configure(backend="dask", address={cluster.scheduler_address!r})
+        def lines():
+            for i in range(8):
+                print("line", i, flush=True)
+                bg.progress(percent=12.5 * (i + 1), message=f"step {{i}}")
+                time.sleep(0.5)
+            return "kept"
+        status = bg.run(lines)
+        print(status.id, flush=True)
+        while "line 2" not in status.log():  # this kernel applies the first events, then leaves
+            time.sleep(0.05)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    task_id = out.stdout.split()[-1]
+    assert bg.get(task_id).state == "running" and "line 2" in bg.get(task_id).log()
+    bg.configure(backend="dask", address=cluster.scheduler_address)
+    try:
+        status = bg.get(task_id)
+        assert status.result(timeout=60) == "kept"
+        assert status.log().splitlines()[-8:] == [f"line {i}" for i in range(8)], status.log()
+        assert status.log().count("line 0") == 1
+        assert status.message == "step 7"
+    finally:
+        bg.configure(backend="local")
+
+
 def test_a_script_that_closes_its_cluster_as_its_task_ends_logs_no_error(home, tmp_path):
     # A task's worker watched for a cancel by waiting on its event on the scheduler; a wait still
     # open when the cluster closed made the scheduler log "distributed.event - ERROR" with a

@@ -316,13 +316,13 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
     from distributed import Client
 
     from nbbgtask import _dask_backend
-    from nbbgtask._dask_wire import TOPIC, seal
+    from nbbgtask._dask_wire import TOPIC, seal, unseal
 
     bg.configure(home=scene.base / "home", backend="dask", dask_client=dask_client)
 
     def work():
         print("OUTPUT-CANARY-4711", flush=True)
-        time.sleep(4)
+        time.sleep(6)
         return "GENUINE-RESULT-" + "x" * 600  # too big for the record: it travels in the final event
 
     status = bg.run(work)
@@ -340,8 +340,20 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
             other.log_event(TOPIC, {"task_id": status.id, "v": 2, "nonce": "AAAAAAAAAAAAAAAA", "box": "AAAA" * 8})
             # Sealed with the task's own key but malformed (a broken worker): checked field by field.
             key = bytes.fromhex(status.to_dict()["event_key"])
-            other.log_event(TOPIC, seal(key, status.id, {"kind": "progress", "percent": "x", "time": now}))
+            other.log_event(TOPIC, seal(key, status.id, {"kind": "progress", "percent": "x", "time": now,
+                                                         "run": "0" * 16, "seq": 1}))
             assert until(lambda: backend.rejected >= 4, timeout=30), backend.rejected
+            # A genuine event sent again (copied from the scheduler's log) is applied only once.
+            assert until(lambda: "OUTPUT-CANARY-4711" in status.log(), timeout=30)
+            [genuine] = [sealed for _, sealed in other.get_events(TOPIC)
+                         if (unseal(key, status.id, sealed) or {}).get("kind") == "log"]
+            other.log_event(TOPIC, genuine)
+            # Then one more forged event: events reach the kernel in order, so once it is counted
+            # the copy has been seen too.
+            other.log_event(TOPIC, {"task_id": status.id, "v": 2, "nonce": "AAAAAAAAAAAAAAAA", "box": "BBBB" * 8})
+            assert until(lambda: backend.rejected >= 5, timeout=30), backend.rejected
+            assert status.refresh().state is bg.State.RUNNING  # seen while it ran, not refused as over
+            assert status.log().count("OUTPUT-CANARY-4711") == 1
             assert status.refresh().state is bg.State.RUNNING  # the forged final was not taken
             assert status.result(timeout=60).startswith("GENUINE-RESULT-")
             events = repr(other.get_events(TOPIC))
@@ -349,7 +361,7 @@ def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readabl
             other.close()
     assert sum("nbbgtask ignored an event" in str(w.message) for w in caught) >= 4
     assert any("bad 'percent'" in str(w.message) for w in caught)
-    assert "OUTPUT-CANARY-4711" in status.log()
+    assert status.log().count("OUTPUT-CANARY-4711") == 1
     assert "OUTPUT-CANARY" not in events and "GENUINE-RESULT" not in events  # sealed for the kernel
     bg.configure(backend="local")
     scene.assert_untouched()

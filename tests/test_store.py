@@ -369,6 +369,25 @@ def test_a_forked_task_starts_with_the_stores_its_parent_proved(home):
     assert status.to_dict()["pid_started"] == out["started"]  # what the task recorded at its end
 
 
+def test_a_patch_decided_from_the_record_under_its_lock_may_leave_it_unchanged(home):
+    store = _store.Store(home)
+    record = dict(_record.new_record("p", None, {"backend": "local", "host": "h"}, None))
+    store.insert(record)
+    task = record["id"]
+    live = home / "live" / f"{task}.json"
+
+    def once(doc):  # what the Dask backend does with an event's number
+        return None if doc.get("percent") == 10 else {"percent": 10}
+
+    assert store.patch(task, once)["percent"] == 10
+    written = live.stat().st_mtime_ns, live.read_bytes()
+    assert store.patch(task, once) is None  # decided against: not written at all
+    assert (live.stat().st_mtime_ns, live.read_bytes()) == written
+    assert store.get(task)["percent"] == 10
+    store.finalize(task, {"state": "complete", "finished": time.time()})
+    assert store.patch(task, lambda doc: {"percent": 50}) is None  # not live
+
+
 # -- a shard's recent file ----------------------------------------------------------------------
 
 
