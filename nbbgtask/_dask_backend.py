@@ -70,10 +70,12 @@ class DaskBackend(DaskRecords):
     def __init__(self, client: Any, home: Path, owns_client: bool = False) -> None:
         self.client = client
         self._owns_client = owns_client
+        #: closed: the futures this client cancels as it closes say nothing of their tasks
+        self._closed = False
         if owns_client:
             # A clean close sends what is still queued for the scheduler (a task submitted just
             # before the process exits); fire_and_forget keeps the task running after that.
-            atexit.register(self.close)
+            _at_exit(self.close)
         self.home = home
         self.address = client.scheduler.address
         self.futures: dict[str, Any] = {}
@@ -105,6 +107,7 @@ class DaskBackend(DaskRecords):
                 self._on_event(event)
 
     def close(self) -> None:
+        self._closed = True
         if self.client.status == "running":
             self.client.unsubscribe_topic(TOPIC)
             if self._owns_client:
@@ -258,6 +261,8 @@ class DaskBackend(DaskRecords):
         died too often), record it from the future."""
         if future.status == "finished":
             return  # its final event says how, and may come a little after the result
+        if self._closed:
+            return  # cancelled by this client's close: the task runs on; a later kernel records it
         record = store_for(self.home).get(task_id)
         if record is None or State(record["state"]).is_final:
             return
@@ -422,6 +427,18 @@ def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
         current.close()  # another cluster or home: the old subscription would record events twice
     _backend = DaskBackend(client, home, owns_client=owns)
     return _backend
+
+
+def _at_exit(close: Any) -> None:
+    """Call ``close`` as the interpreter exits, before its thread pools shut down (as they do,
+    with ``threading._register_atexit``, before `atexit`): Dask runs a closing client's future
+    callbacks in such a pool, and logged "cannot schedule new futures after interpreter
+    shutdown" with a traceback for each task still running when a script ended."""
+    register = getattr(threading, "_register_atexit", None)  # CPython 3.9+; else plain atexit
+    try:
+        (register or atexit.register)(close)
+    except RuntimeError:  # already shutting down
+        atexit.register(close)
 
 
 def _same_address(a: str | None, b: str | None) -> bool:

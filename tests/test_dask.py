@@ -103,6 +103,8 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
     task_id = out.stdout.split()[-1]
+    # Leaving with a task still running logged "cannot schedule new futures after interpreter shutdown".
+    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
     assert bg.get(task_id).state in ("queued", "running")
     client = distributed.Client(cluster.scheduler_address, set_as_default=False)
     try:
@@ -116,6 +118,25 @@ def test_a_task_outlives_the_kernel_that_sent_it(home, cluster, tmp_path):
         status = bg.get(task_id)
         assert status.result(timeout=30) == "kept"
         assert "finished after the kernel left" in status.log()
+    finally:
+        bg.configure(backend="local")
+
+
+def test_closing_the_connection_while_a_task_runs_does_not_record_it_cancelled(home, cluster):
+    # Closing the client cancels its futures; each future's callback took that for the task's
+    # cancel, while the task ran on to its end on the cluster (bg.configure with another home or
+    # cluster closes the connection).
+    from nbbgtask import _dask_backend
+
+    bg.configure(backend="dask", address=cluster.scheduler_address)
+    try:
+        status = bg.run(_steps, 20, 0.1)
+        assert until(lambda: status.refresh().percent > 0, timeout=30)
+        _dask_backend.close()
+        time.sleep(0.5)  # the cancelled futures' callbacks run in Dask's callback thread
+        assert status.refresh().state is bg.State.RUNNING
+        bg.configure(backend="dask", address=cluster.scheduler_address)
+        assert status.result(timeout=60) == 40  # ran on to its end, and was recorded
     finally:
         bg.configure(backend="local")
 
