@@ -430,15 +430,24 @@ def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
 
 
 def _at_exit(close: Any) -> None:
-    """Call ``close`` as the interpreter exits, before its thread pools shut down (as they do,
+    """Call ``close`` as this process exits, before its thread pools shut down (as they do,
     with ``threading._register_atexit``, before `atexit`): Dask runs a closing client's future
     callbacks in such a pool, and logged "cannot schedule new futures after interpreter
-    shutdown" with a traceback for each task still running when a script ended."""
+    shutdown" with a traceback for each task still running when a script ended.
+
+    Only in this process: a ``multiprocessing`` child forked from it runs those hooks too as it
+    ends (``threading._shutdown``), and has no client to close (it ended with exit code 1)."""
+    pid = os.getpid()
+
+    def at_exit() -> None:
+        if os.getpid() == pid:
+            close()
+
     register = getattr(threading, "_register_atexit", None)  # CPython 3.9+; else plain atexit
     try:
-        (register or atexit.register)(close)
+        (register or atexit.register)(at_exit)
     except RuntimeError:  # already shutting down
-        atexit.register(close)
+        atexit.register(at_exit)
 
 
 def _same_address(a: str | None, b: str | None) -> bool:

@@ -141,6 +141,21 @@ def test_closing_the_connection_while_a_task_runs_does_not_record_it_cancelled(h
         bg.configure(backend="local")
 
 
+def test_a_multiprocessing_child_of_a_process_connected_to_dask_ends_well(home, cluster):
+    # The connection closes as its process exits, in a hook multiprocessing's forked children
+    # run too as they end: there it tried to close the parent's client and exited with code 1.
+    import multiprocessing
+
+    bg.configure(backend="dask", address=cluster.scheduler_address)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=sum, args=([1, 2],))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        bg.configure(backend="local")
+
+
 def test_a_kernel_that_starts_while_the_task_runs_applies_each_event_once(home, cluster, tmp_path):
     # The scheduler sends a new kernel every event it keeps, those the kernel before it applied
     # too: its printed lines were written to the log twice, and its "started" said "restarted".
