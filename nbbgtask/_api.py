@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from . import _backends, _config, _limits, _runner
 from ._errors import AmbiguousTaskId, StoreError, TaskNotFound
-from ._files import log_path, outputs_path, result_path, stack_files
+from ._files import remove_task_files
 from ._limits import Limits
 from ._procs import process_start_time
 from ._record import new_record
@@ -331,14 +331,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     ]
     gone = store.remove(doomed)
     store.sweep()  # temp files of tasks whose start was cut short by a kill
-    for task_id in gone:
-        log_path(home, task_id).unlink(missing_ok=True)
-        outputs_path(home, task_id).unlink(missing_ok=True)
-        for path, _, _ in stack_files(home, task_id):  # left by a task that was killed
-            path.unlink(missing_ok=True)
-        result = result_path(home, task_id)
-        for path in (result, *result.parent.glob(f"{task_id}.*.tmp")):  # a task killed mid-save
-            path.unlink(missing_ok=True)
+    remove_task_files(home, gone)
     return len(gone)
 
 

@@ -627,6 +627,13 @@ class Store:
         for task_id in task_ids:
             by_shard.setdefault(shard_of(task_id), []).append(task_id)
         gone: list[str] = []
+        # A finished task seldom has a live file (only after a crash between its end's two steps):
+        # one listing, not two failing unlinks per task.
+        try:
+            names = os.listdir(self._live_dir)
+        except FileNotFoundError:
+            names = []
+        live = {name.lstrip(".").partition(".")[0] for name in names}  # <id>.json, .<id>.json.tmp
         for index, ids in by_shard.items():
             recent, shard = self._history_pair(index)
             with self._held(self._stripe_lock(index)), self._session(recent, shard):
@@ -636,7 +643,7 @@ class Store:
                     if present:  # else no write (and no recent file made just to be empty)
                         gone += table.remove(doc_ids=present)
                 for task_id in ids:
-                    if _FILE_ID.match(task_id) and self._unlink_live(task_id):
+                    if task_id in live and _FILE_ID.match(task_id) and self._unlink_live(task_id):
                         gone.append(task_id)
                     self._forget_live(task_id)
         return list(dict.fromkeys(gone))

@@ -73,6 +73,32 @@ def test_prune_forgets_finished_tasks_with_their_logs_and_results(home):
     assert [s.id for s in bg.tasks()] == [running.id]
 
 
+def test_prune_removes_every_file_a_pruned_task_left_and_no_other(home, tmp_path):
+    # Each folder is listed once and its files matched by their names' first part: a task's log,
+    # outputs, result and the temp and stack files a killed task leaves go, a kept one's stay.
+    gone, kept = _finished("gone", "kept")
+    running = bg.run(time.sleep, 5)
+    outside = tmp_path / "not-in-the-home.txt"
+    outside.write_text("stays")
+    left = {
+        "outputs": [f"{gone.id}.jsonl", f"{kept.id}.jsonl"],
+        "results": [f"{gone.id}.pkl", f"{gone.id}.1234.5678.tmp", f"{kept.id}.pkl", f"{gone.id}x.pkl"],
+        "stacks": [f"{gone.id}.4242.1700000000.000.txt", f"{gone.id}.4242.1700000000.000.txt.tmp"],
+    }
+    for folder, names in left.items():
+        for name in names:
+            (home / folder / name).write_bytes(b"x")
+    (home / "logs" / f"{gone.id}.link").symlink_to(outside)  # a link goes, never what it names
+    assert (home / "logs" / f"{gone.id}.log").exists() and (home / "logs" / f"{kept.id}.log").exists()
+    assert bg.prune(keep=1) == 1
+    assert sorted(p.name for p in (home / "logs").iterdir()) == sorted([f"{kept.id}.log", f"{running.id}.log"])
+    assert sorted(p.name for p in (home / "outputs").iterdir()) == [f"{kept.id}.jsonl"]
+    assert sorted(p.name for p in (home / "results").iterdir()) == sorted([f"{kept.id}.pkl", f"{gone.id}x.pkl"])
+    assert all(p.name.startswith(f"{running.id}.") for p in (home / "stacks").iterdir())
+    assert outside.read_text() == "stays"
+    assert bg.get(kept.id).result() == "kept"
+
+
 def test_prune_older_than_keeps_recent_tasks(home):
     _finished("a")
     assert bg.prune(older_than=dt.timedelta(hours=1)) == 0
