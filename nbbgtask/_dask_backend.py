@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,7 @@ class DaskBackend(DaskRecords):
         with self._lock:
             self.futures[job.task_id] = future
         future.add_done_callback(lambda f, task_id=job.task_id: self._on_done(task_id, f))
+        _start_callback_thread(future)
 
     # -- what comes back -----------------------------------------------------------------------
 
@@ -448,6 +450,27 @@ def _at_exit(close: Any) -> None:
         (register or atexit.register)(at_exit)
     except RuntimeError:  # already shutting down
         atexit.register(at_exit)
+
+
+def _start_callback_thread(future: Any) -> None:
+    """Start the thread Dask runs future callbacks in now, not when the first one comes.
+
+    A client closing as the process exits ends its futures, and their callbacks go to that
+    thread; Python 3.12 refuses to start a thread by then, and Dask logged the error with a
+    traceback for each task still running when a script ended.  Dask makes the pool (one
+    thread, ``Future._cb_executor``) in `add_done_callback`; a pool it no longer has is skipped."""
+    executor = getattr(type(future), "_cb_executor", None)
+    if executor is None or executor in _primed:
+        return
+    _primed.add(executor)
+    try:
+        executor.submit(int)  # any no-op call: the pool's first task starts its thread
+    except RuntimeError:  # the pool, or the interpreter, is already shutting down
+        pass
+
+
+#: the callback pools already given their thread (one per process, as Dask keeps it)
+_primed: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _same_address(a: str | None, b: str | None) -> bool:
