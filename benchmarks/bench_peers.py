@@ -314,7 +314,7 @@ def bench_throughput(n: int, rounds: int, cluster: Cluster) -> dict:
         t_sub = perf() - t0
         check(sum(s.result(timeout=600) for s in statuses), f"nbbgtask ({method})", count)
         elapsed = perf() - t0
-        reaped(statuses, server)
+        reaped(server)
         used = cpu_used(before, cpu_now(server), count)
         bg.configure(start_method="fork")
         return elapsed, t_sub, used
@@ -405,17 +405,14 @@ def cpu_now(server) -> dict:
     return got
 
 
-def reaped(statuses, server) -> None:
-    """Wait until every task's process has been reaped, so that its CPU time is counted."""
-    import psutil
-
+def reaped(server) -> None:
+    """Wait until every task's process has been reaped (by this process's supervisor, or by the
+    fork server), so that its CPU time is counted."""
     from nbbgtask._supervisor import supervisor
 
     deadline = perf() + 30
     while perf() < deadline:
-        if server is None and not supervisor().children:
-            return
-        if server is not None and not psutil.Process(server.pid).children():
+        if not (supervisor().children if server is None else server.children()):
             return
         time.sleep(0.01)
 
