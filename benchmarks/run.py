@@ -303,9 +303,8 @@ def throughput_note(tp: dict, start: dict, eng: dict, machine: dict) -> str:
                         f"(`bench_engine.py`)")
     if measured:
         text += "Measured one at a time: " + "; ".join(measured) + ". "
-    cpu = cpu_split(h, machine["logical_cpus"]) if h else ""
-    if cpu:
-        text += cpu
+    if h:
+        text += cpu_split(h, machine["logical_cpus"])
     text += ("A pool (`ProcessPoolExecutor`, Dask) reuses its workers and keeps no per-task record; on trivial "
              f"tasks nbbgtask took {ratio(nb['median_s'] / tp['dask client.submit']['median_s'])} Dask's time and "
              f"{ratio(nb['median_s'] / tp['ProcessPoolExecutor']['median_s'])} the pool's. nbbgtask is made for "
