@@ -48,8 +48,9 @@ import warnings
 import common
 
 import nbbgtask as bg
-from nbbgtask import _procs
-from nbbgtask._store import Store, store_for
+from nbbgtask.core import procs as _procs
+from nbbgtask.store.locks import held
+from nbbgtask.store.store import Store, store_for
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\) may lead to deadlocks")
 perf = time.perf_counter
@@ -353,14 +354,14 @@ def fill_history(store: Store, count: int) -> None:
     (O(count^2 / shards))."""
     from tinydb.table import Document
 
-    from nbbgtask._store import shard_of
+    from nbbgtask.store.store import shard_of
 
     by_shard: dict[int, list] = {}
     for _ in range(count):
         rec = make_record("complete", percent=100.0, finished=time.time())
         by_shard.setdefault(shard_of(rec["id"]), []).append(Document(rec, rec["id"]))
     for index, docs in by_shard.items():
-        with store._held(store._stripe_lock(index)), store._session(store._shard(index)):
+        with held(store._locks.stripe(index)), store._session(store._shard(index)):
             store._shard(index).insert_multiple(docs)
 
 
@@ -418,7 +419,7 @@ def bench_store(sizes: list[int], calls: int, ends: int) -> dict:
     # The median above is of ends that each rewrite a shard's recent file; one end in RECENT_MAX
     # also moves them into the shard's main file, which grows with the history.  The mean over
     # RECENT_MAX ends per shard counts those moves at their share.
-    from nbbgtask._store import HISTORY_SHARDS, RECENT_MAX
+    from nbbgtask.store.store import HISTORY_SHARDS, RECENT_MAX
 
     for size, h in homes.items():
         spent = []

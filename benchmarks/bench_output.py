@@ -40,7 +40,7 @@ PYTHON = Path(sys.executable)
 
 FLOOD = """
 import time, sys, nbbgtask as bg
-from nbbgtask import _refresher
+from nbbgtask.notebook import refresher as _refresher
 def flood(seconds, per_tick=100, tick=0.01):
     start = time.monotonic()
     n = 0

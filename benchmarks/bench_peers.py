@@ -168,8 +168,7 @@ class Cluster:
 
     def close(self) -> None:
         import nbbgtask as bg
-        from nbbgtask import _dask_backend
-
+        from nbbgtask.dask import backend as _dask_backend
         bg.configure(backend="local")
         _dask_backend.close()  # before the cluster goes, so its client does not try to reconnect
         self.client.close()
@@ -355,7 +354,7 @@ def bench_throughput(n: int, rounds: int, cluster: Cluster) -> dict:
         return elapsed, t_sub
 
     # The fork server is started by its first task, and then serves a kernel for as long as it
-    # is used (`nbbgtask._forkserver.IDLE`): started here, before the clock, as a notebook has it.
+    # is used (`nbbgtask.local.forkserver.IDLE`): started here, before the clock, as a notebook has it.
     nbbgtask_run(1, "forkserver")
     fns = {"bg.run + result()": nbbgtask_run, "bg.run forkserver + result()": lambda: nbbgtask_run(n, "forkserver"),
            "mp.Process per task": mp_process,
@@ -388,8 +387,7 @@ def fork_server():
     """The fork server's process (started by the first fork-server task, before any clock)."""
     import psutil
 
-    from nbbgtask import _forkserver
-
+    from nbbgtask.local import forkserver as _forkserver
     return psutil.Process(_forkserver._connection.reaper()[0])
 
 
@@ -408,7 +406,7 @@ def cpu_now(server) -> dict:
 def reaped(server) -> None:
     """Wait until every task's process has been reaped (by this process's supervisor, or by the
     fork server), so that its CPU time is counted."""
-    from nbbgtask._supervisor import supervisor
+    from nbbgtask.local.supervisor import supervisor
 
     deadline = perf() + 30
     while perf() < deadline:
@@ -592,8 +590,7 @@ def close_fork_server() -> None:
     it to end (it ends once its tasks have), so that it is not counted as left over."""
     import psutil
 
-    from nbbgtask import _forkserver
-
+    from nbbgtask.local import forkserver as _forkserver
     pid = _forkserver._connection.pid
     _forkserver._connection.close()
     if pid is not None:

@@ -39,8 +39,8 @@ import time
 import common
 
 import nbbgtask as bg
-from nbbgtask import _refresher
-from nbbgtask._store import store_for
+from nbbgtask.notebook import refresher as _refresher
+from nbbgtask.store.store import store_for
 
 perf = time.perf_counter
 median = statistics.median

@@ -61,8 +61,7 @@ SETUP = r"""
 import json, os, random, time
 import nbbgtask as bg
 from IPython.display import display
-from nbbgtask import _refresher as _nbbg_r
-
+from nbbgtask.notebook import refresher as _nbbg_r
 # Time every refresher round (wall and the refresher thread's own CPU), without changing it.
 _ROUNDS = []
 _orig_round = _nbbg_r._Refresher._round

@@ -365,7 +365,7 @@ def notes(res: dict, machine: dict) -> list[str]:
             f"in a worker thread that is already up. nbbgtask runs each task in a child process of its own, so "
             f"that a cancel can stop it for real and its output can be captured: each worker keeps one idle "
             f"spare child, forked ahead of time by a small forker process (so the worker itself forks once), "
-            f"and `run_on_worker` (`nbbgtask/_dask_worker.py`), a coroutine on the worker's event loop, hands "
+            f"and `run_on_worker` (`nbbgtask/dask/worker.py`), a coroutine on the worker's event loop, hands "
             f"the ready spare its job over a pipe; the kernel sends the task before it records it in its "
             f"store. What remains beyond a plain submit is that store write in the kernel, the hand-over, "
             f"and the child's unpickling of the job."
@@ -421,7 +421,7 @@ def notes(res: dict, machine: dict) -> list[str]:
         gap = w("1 refresher: s between rounds")
         if age50 and age95 and gap and rnd:
             text += (f"The bars also lag: the refresher holds itself to half a percent of a core (`BUDGET = 0.005`, "
-                     f"at most `MAX_PAUSE = 5` s between rounds, `nbbgtask/_refresher.py`); with 100 bars a round "
+                     f"at most `MAX_PAUSE = 5` s between rounds, `nbbgtask/notebook/refresher.py`); with 100 bars a round "
                      f"took {num(rnd['baseline'])} ms of its CPU, so rounds came every {num(gap['value'])} s, and "
                      f"the message a bar showed was {num(age50['value'] / 1e3)} s old on arrival at p50 "
                      f"({num(age95['value'] / 1e3)} s at p95). Averages over a few 10–15 s windows: a difference "

@@ -1,8 +1,19 @@
-"""nbbgtask: run long notebook-defined work out of the kernel, and watch and steer it."""
+"""nbbgtask: run long notebook-defined work out of the kernel, and watch and steer it.
+
+The public surface is the names of this module (``import nbbgtask as bg``); the sub-packages are
+the library's layers, top to bottom (``docs/architecture.md``; enforced by ``lint-imports``):
+
+- ``commands`` (the ``nbbgtask`` command and the ``%bgtask`` magic), ``server`` (JupyterLab's
+  REST API); ``notebook`` (widgets); ``api`` (the functions here and `TaskStatus`);
+- ``backends`` (the seam) over ``local`` and ``dask`` (the ways a task runs, independent);
+- ``task`` (what runs in a task's process); ``store`` (records and files in the home);
+  ``core`` (values, errors, checks).
+"""
 
 from __future__ import annotations
 
-from ._api import (
+from nbbgtask.api import status as _status_module
+from nbbgtask.api.functions import (
     BackgroundTask,
     Limits,
     configure,
@@ -15,7 +26,8 @@ from ._api import (
     tasks,
     track,
 )
-from ._errors import (
+from nbbgtask.api.status import TaskStatus
+from nbbgtask.core.errors import (
     HomeError,
     NbbgtaskError,
     StoreDamagedWarning,
@@ -24,20 +36,22 @@ from ._errors import (
     TaskFailed,
     TaskNotFound,
 )
-from ._states import State
-from ._status import TaskStatus
+from nbbgtask.core.states import State
 
 __version__ = "0.1.0"
 
+# How a TaskStatus that ends a cell displays: the notebook layer's live bar, imported only then.
+_status_module.DISPLAY = "nbbgtask.notebook.bar:status_mimebundle"
+
 # The notebook parts import ipywidgets; a spawned task or the command line never needs them.
-_LAZY = {"ProgressBar": "._widgets", "full_focus": "._focus", "monitor": "._monitor"}
+_LAZY = {"ProgressBar": "nbbgtask.notebook.bar", "full_focus": "nbbgtask.notebook.focus", "monitor": "nbbgtask.notebook.monitor"}
 
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'nbbgtask' has no attribute {name!r}")
 
 
@@ -47,13 +61,13 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext nbbgtask``: the ``%bgtask`` and ``%%bgtask`` magics."""
-    from ._magic import load_ipython_extension as load
+    from nbbgtask.commands.magic import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: object) -> None:
-    from ._magic import unload_ipython_extension as unload
+    from nbbgtask.commands.magic import unload_ipython_extension as unload
 
     unload(ipython)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import nbbgtask as bg
-from nbbgtask import _config
+from nbbgtask.core import config as _config
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -53,8 +53,7 @@ def dask_cluster() -> Iterator[object]:
 def dask_client(dask_cluster: object) -> Iterator[object]:
     import distributed
 
-    from nbbgtask import _dask_backend
-
+    from nbbgtask.dask import backend as _dask_backend
     with distributed.Client(dask_cluster, set_as_default=False) as client:
         try:
             yield client

@@ -35,7 +35,8 @@ import psutil
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _store, _supervisor
+from nbbgtask.local import supervisor as _supervisor
+from nbbgtask.store import store as _store
 
 
 def record_figures(test: str, **figures: Any) -> None:

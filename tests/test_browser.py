@@ -34,7 +34,7 @@ import nbformat
 import pytest
 
 import nbbgtask as bg
-from nbbgtask import _config
+from nbbgtask.core import config as _config
 
 try:
     from playwright.sync_api import expect

@@ -105,7 +105,7 @@ def test_failure_records_one_line_error_and_full_traceback(way):
     assert status.state == "failed"
     assert status.error == "ValueError: bad spline"
     assert 'raise ValueError("bad spline")' in status.traceback
-    assert "_runner.py" not in status.traceback.splitlines()[1]
+    assert "runner.py" not in status.traceback.splitlines()[1]
     assert info.value.traceback == status.traceback
     assert "bad spline" in str(info.value)
     assert status.percent == 40  # the last progress before the failure is kept

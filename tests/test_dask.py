@@ -126,8 +126,7 @@ def test_closing_the_connection_while_a_task_runs_does_not_record_it_cancelled(h
     # Closing the client cancels its futures; each future's callback took that for the task's
     # cancel, while the task ran on to its end on the cluster (bg.configure with another home or
     # cluster closes the connection).
-    from nbbgtask import _dask_backend
-
+    from nbbgtask.dask import backend as _dask_backend
     bg.configure(backend="dask", address=cluster.scheduler_address)
     try:
         status = bg.run(_steps, 20, 0.1)
@@ -212,7 +211,7 @@ def test_a_script_that_closes_its_cluster_as_its_task_ends_logs_no_error(home, t
 def _reported(client, task_id, kind):
     """The task's worker has sent an event of ``kind`` (see _dask_wire): events are sealed with
     the task's key, which its record (in the home) holds."""
-    from nbbgtask._dask_wire import TOPIC, unseal
+    from nbbgtask.dask.wire import TOPIC, unseal
 
     key = bytes.fromhex(bg.get(task_id).to_dict()["event_key"])
     opened = [unseal(key, task_id, event) for _, event in client.get_events(TOPIC)]
@@ -260,8 +259,7 @@ y = guard.acquire()
 
 
 def test_configuring_the_same_cluster_again_keeps_one_client(on_dask):
-    from nbbgtask import _dask_backend
-
+    from nbbgtask.dask import backend as _dask_backend
     first = _dask_backend.backend()
     for _ in range(3):
         bg.configure(backend="dask", address=on_dask.scheduler_address)
@@ -289,8 +287,7 @@ def on_one_worker(home, one_worker):
 
 
 def _spare_pid(dask_worker):
-    from nbbgtask import _dask_worker
-
+    from nbbgtask.dask import worker as _dask_worker
     pool = _dask_worker._pools.get(dask_worker.id)
     spare = None if pool is None else pool._spare
     return None if spare is None else spare.pid
@@ -335,8 +332,7 @@ def _setenv(name, value):
 
 
 def _forker_pid(dask_worker):
-    from nbbgtask import _dask_worker
-
+    from nbbgtask.dask import worker as _dask_worker
     pool = _dask_worker._pools.get(dask_worker.id)
     forker = None if pool is None else pool._forker
     return None if forker is None else forker.pid
@@ -517,9 +513,9 @@ def test_a_spare_and_its_forker_go_when_their_worker_is_killed(home):
 def test_no_child_of_the_worker_holds_another_childs_pipes():
     """The forker (and a spare the worker forks itself) closes every pipe end of this module that
     is not its own (here, in this process, as if it were the worker)."""
-    from nbbgtask import _dask_spares
-
-    read, write = _dask_spares.pipe()
+    from nbbgtask.dask import pipes as _dask_pipes
+    from nbbgtask.dask import spares as _dask_spares
+    read, write = _dask_pipes.pipe()
     forker = _dask_spares.Forker()
     spares = [_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)]
     inode = os.fstat(write).st_ino
@@ -538,13 +534,13 @@ def test_no_child_of_the_worker_holds_another_childs_pipes():
     try:
         for pid in (forker.pid, *(spare.pid for spare in spares)):
             assert until(lambda pid=pid: not holds_it(pid), timeout=10), pid
-        _dask_spares.close_pipes(write)
+        _dask_pipes.close_pipes(write)
         assert os.read(read, 1) == b""  # end of file: no other process holds the write end
     finally:
         for spare in spares:
             spare.discard()
         forker.close()
-        _dask_spares.close_pipes(read, write)
+        _dask_pipes.close_pipes(read, write)
     for pid in (forker.pid, *(spare.pid for spare in spares)):
         assert not psutil.pid_exists(pid)
 
@@ -574,8 +570,7 @@ class _StoreWithInsert:
 
 
 def test_what_a_task_reports_before_it_is_recorded_waits_for_the_record(on_dask, monkeypatch):
-    from nbbgtask import _dask_backend
-
+    from nbbgtask.dask import backend as _dask_backend
     real = _dask_backend.store_for
 
     def slow_store(home):
@@ -617,8 +612,7 @@ def _gone_from_the_cluster(client, task_id):
 
 
 def test_a_task_that_cannot_be_recorded_is_stopped_and_the_error_raised(on_dask, monkeypatch, tmp_path):
-    from nbbgtask import _dask_backend
-
+    from nbbgtask.dask import backend as _dask_backend
     real = _dask_backend.store_for
 
     sent = []
@@ -649,8 +643,7 @@ def _takes_sigterm(pid):
 def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
     """SIGTERM reaches a spare before run_job has its handler in place (a cancel sent at once):
     it must end the process, not be ignored as fork_detached leaves it."""
-    from nbbgtask import _dask_spares
-
+    from nbbgtask.dask import spares as _dask_spares
     forker = _dask_spares.Forker()
     try:
         for spare in (_dask_spares.fork_spare(forker), _dask_spares.fork_spare(None)):

@@ -3,7 +3,7 @@
 The rule: the reference is docs/api.md above its "## Not yet available" heading.  A name counts as
 documented only by a code span (text in single backticks) there:
 
-- each name in ``nbbgtask.__all__`` and each exception of ``nbbgtask._errors``: a heading with a
+- each name in ``nbbgtask.__all__`` and each exception of ``nbbgtask.core.errors``: a heading with a
   code span that starts with ``bg.NAME`` (or is ``NAME``, for an exception not exported);
 - each public member of ``TaskStatus``: a code span that starts with ``status.NAME``;
 - each member and public attribute of ``State``: a code span that starts with ``bg.State.NAME`` or
@@ -27,8 +27,10 @@ import re
 from pathlib import Path
 
 import nbbgtask as bg
-from nbbgtask import _cli, _config, _errors
-from nbbgtask._magic import BgTaskMagics
+from nbbgtask.commands import cli as _cli
+from nbbgtask.commands.magic import BgTaskMagics
+from nbbgtask.core import config as _config
+from nbbgtask.core import errors as _errors
 
 API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 NOT_YET = "## Not yet available"

@@ -53,7 +53,9 @@ from fault_helpers import (
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _config, _store, _supervisor
+from nbbgtask.core import config as _config
+from nbbgtask.local import supervisor as _supervisor
+from nbbgtask.store import store as _store
 
 # -- 1. SIGKILL storm ----------------------------------------------------------------------------
 

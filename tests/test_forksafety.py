@@ -20,7 +20,7 @@ import pytest
 from waiting import gone, until
 
 import nbbgtask as bg
-from nbbgtask import _forksafety
+from nbbgtask.local import forksafety as _forksafety
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -112,7 +112,7 @@ def test_importing_a_known_runtime_is_a_hazard_torch_by_a_stand_in(tmp_path):
     """torch is too large for these machines: its rule is checked with a module of its name."""
     out = _notebook(tmp_path, """
         import json, sys, types
-        from nbbgtask import _forksafety
+        from nbbgtask.local import forksafety as _forksafety
         before = _forksafety.hazard()
         sys.modules["torch"] = types.ModuleType("torch")
         print(json.dumps({"before": before, "after": _forksafety.hazard()}))
@@ -125,7 +125,7 @@ def test_native_threads_alone_are_no_hazard(tmp_path):
     """numpy's OpenBLAS threads survive a fork: a thread count alone would send numpy users away."""
     out = _notebook(tmp_path, WORK["numpy"] + """
         import json, os, threading
-        from nbbgtask import _forksafety
+        from nbbgtask.local import forksafety as _forksafety
         work()
         native = len(os.listdir("/proc/self/task")) - threading.active_count()
         print(json.dumps({"native": native, "hazard": _forksafety.hazard()}))
@@ -138,7 +138,7 @@ def test_the_verdict_follows_an_openmp_pool_started_after_a_fork(tmp_path):
     (a cached verdict keyed on the number of threads missed them: one ended as one began)."""
     out = _notebook(tmp_path, WORK["scikit-learn"] + """
         import json, os
-        from nbbgtask import _forksafety
+        from nbbgtask.local import forksafety as _forksafety
         pid = os.fork()
         if pid == 0:
             os._exit(0)
@@ -153,7 +153,7 @@ def test_the_verdict_follows_an_openmp_pool_started_after_a_fork(tmp_path):
 def test_the_verdict_is_recomputed_when_threads_change(tmp_path):
     out = _notebook(tmp_path, WORK["polars"] + """
         import json
-        from nbbgtask import _forksafety
+        from nbbgtask.local import forksafety as _forksafety
         first = _forksafety.hazard()
         work()
         print(json.dumps({"first": first, "then": _forksafety.hazard()}))
@@ -171,7 +171,7 @@ def test_the_pytest_process_itself_is_safe_to_fork():
 def _server_pids() -> set[int]:
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "nbbgtask._forkserver import main" in " ".join(p.info["cmdline"] or [])}
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "nbbgtask.local.forkserver import main" in " ".join(p.info["cmdline"] or [])}
 
 
 def test_a_task_from_the_fork_server_is_in_a_group_of_its_own_and_its_death_is_told(home):

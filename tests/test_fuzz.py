@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbbgtask as bg
-from nbbgtask import _config
+from nbbgtask.core import config as _config
 
 FUZZ = settings(
     max_examples=150,

@@ -157,7 +157,7 @@ def test_a_kernel_forks_until_polars_has_run_then_uses_the_fork_server(kernel):
     query in a cell is, and the task after it still completes, with the default settings."""
     kernel.ok("""
 import nbbgtask as bg, polars as pl
-from nbbgtask import _forksafety
+from nbbgtask.local import forksafety as _forksafety
 def query():
     return pl.DataFrame({"k": [i % 7 for i in range(100_000)]}).group_by("k").len().height
 """)

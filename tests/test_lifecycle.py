@@ -18,7 +18,7 @@ import pytest
 from waiting import gone, until
 
 import nbbgtask as bg
-from nbbgtask import _store
+from nbbgtask.store import store as _store
 
 
 def _started(status):

@@ -13,8 +13,9 @@ import pytest
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _format, _limits
-from nbbgtask._cli import main as cli
+from nbbgtask.commands.cli import main as cli
+from nbbgtask.core import format as _format
+from nbbgtask.core import limits as _limits
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ import pytest
 from IPython.display import HTML, display
 
 import nbbgtask as bg
-from nbbgtask import _output_tail
+from nbbgtask.store import outputs as _stored_outputs
+from nbbgtask.store import tail as _output_tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -56,7 +57,7 @@ def _shows_things():
 
 
 def _records(status):
-    return _output_tail.read_records(status.home, status.id)
+    return _stored_outputs.read_records(status.home, status.id)
 
 
 def test_a_tasks_displays_are_kept_in_order_among_its_prints(way):
@@ -158,7 +159,7 @@ def test_a_reader_skips_lines_that_are_not_outputs_and_never_unpickles(home, tmp
     evil = pickle.dumps(Exploit(str(canary)))
     good = {"kind": "display", "data": {"text/plain": "fine"}, "metadata": {}, "offset": None}
     path.write_bytes(evil + b"\n[1, 2]\n" + json.dumps({"kind": "shell"}).encode() + b"\n" + json.dumps(good).encode() + b"\n{\"kind\"")
-    assert _output_tail.text_parts(_output_tail.read_records(home, task_id)) == ["fine"]
+    assert _stored_outputs.text_parts(_stored_outputs.read_records(home, task_id)) == ["fine"]
     assert not canary.exists()
 
 
@@ -187,7 +188,7 @@ def test_display_handles_update_in_place_and_clear_output_clears(home, method):
     status = bg.run(_updates)
     status.wait(60)
     assert status.state == "complete", status.error
-    assert _output_tail.text_parts(_records(status)) == ["'kept'"]
+    assert _stored_outputs.text_parts(_records(status)) == ["'kept'"]
     tail = _output_tail.Tail(status.home, status.id, status.id[:8])
     tail.read()
     assert [o["data"]["text/plain"] for o in tail.outputs()] == ["'kept'"]
@@ -210,8 +211,7 @@ def _prints_for(seconds):
 def test_the_area_under_a_bar_follows_a_flood_of_prints_at_its_own_pace(home):
     """Each update of an output area sends its whole tail: while a task prints without pause it
     is updated at most every OUTPUT_EVERY, however often it is looked at; its end shows all."""
-    from nbbgtask import _output_area
-
+    from nbbgtask.notebook import output_area as _output_area
     status = bg.run(_prints_for, 1.5)
     area = _output_area.OutputArea(status)  # a widget without a front end: outputs are set all the same
     area.close()  # follows nothing by itself: this test looks at it

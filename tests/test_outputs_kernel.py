@@ -39,7 +39,7 @@ def _text(outputs):
 
 
 def _records(kernel, task_id):
-    out = kernel.ok(f"from nbbgtask import _output_tail, _config; print(__import__('json').dumps(_output_tail.read_records(_config.home(), {task_id!r})))")
+    out = kernel.ok(f"from nbbgtask.core import config as _config; from nbbgtask.store import outputs as _o; print(__import__('json').dumps(_o.read_records(_config.home(), {task_id!r})))")
     return json.loads(out)
 
 

@@ -32,7 +32,9 @@ from fault_helpers import in_child_as
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _cli, _config, _store
+from nbbgtask.commands import cli as _cli
+from nbbgtask.core import config as _config
+from nbbgtask.store import store as _store
 
 ATTACKER = "nbbgtask-mallory"
 
@@ -315,8 +317,8 @@ def test_row6_symlinked_sub_folders_and_a_symlinked_home_are_refused_and_left_as
 def test_row7_forged_dask_events_are_ignored_counted_and_results_are_not_readable(scene, dask_client):
     from distributed import Client
 
-    from nbbgtask import _dask_backend
-    from nbbgtask._dask_wire import TOPIC, seal, unseal
+    from nbbgtask.dask import backend as _dask_backend
+    from nbbgtask.dask.wire import TOPIC, seal, unseal
 
     bg.configure(home=scene.base / "home", backend="dask", dask_client=dask_client)
 

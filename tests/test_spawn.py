@@ -54,7 +54,7 @@ LONG = (
     textwrap.dedent("""
         import sys
         import nbbgtask as bg
-        from nbbgtask import _sources
+        from nbbgtask.core import sources as _sources
         bg.configure(home=sys.argv[1], start_method="spawn")
     """)
     + "".join(f"# padding line {i}: not the task's code\n" for i in range(2000))

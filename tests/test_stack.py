@@ -17,8 +17,8 @@ import pytest
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _format
-from nbbgtask._store import store_for
+from nbbgtask.core import format as _format
+from nbbgtask.store.store import store_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -17,7 +17,10 @@ from fault_helpers import history_file
 from waiting import until
 
 import nbbgtask as bg
-from nbbgtask import _config, _record, _store
+from nbbgtask.core import config as _config
+from nbbgtask.core import record as _record
+from nbbgtask.store import store as _store
+from nbbgtask.store.locks import held
 
 
 def test_home_is_private_to_its_owner(home):
@@ -162,7 +165,7 @@ def test_a_running_task_recreates_its_record_after_the_live_store_is_replaced(ho
     status = bg.run(steady)
     time.sleep(0.2)
     store = _store.store_for(home)
-    with store._held(store._stripe_lock(_store.shard_of(status.id))):  # not in the task's own write
+    with held(store._locks.stripe(_store.shard_of(status.id))):  # not in the task's own write
         (home / "live" / f"{status.id}.json").write_text("garbage")
     # Whichever process reads it first (this one, or the task's writer thread) sets it aside.
     with warnings.catch_warnings(record=True):
@@ -272,9 +275,9 @@ def test_a_writer_killed_mid_write_never_damages_the_store(home):
         s.wait(30)
     writer = textwrap.dedent(f"""
         import time, nbbgtask as bg
-        from nbbgtask import _store
+        from nbbgtask.store import store as _store
         bg.configure(home={str(home)!r})
-        store = _store.store_for(bg._config.home())
+        store = _store.store_for(__import__("pathlib").Path({str(home)!r}))
         ids = [s.id for s in bg.tasks()]
         print("ready", flush=True)
         i = 0
@@ -339,8 +342,8 @@ def test_prune_sweeps_temp_files_left_by_a_start_cut_short(home):
 def _store_in_child():
     import psutil
 
-    from nbbgtask import _procs, _store
-
+    from nbbgtask.core import procs as _procs
+    from nbbgtask.store import store as _store
     store = next(iter(_store._instances.values()))
     return {"ready": store._ready, "inherited": len(_store._inherited), "started": _procs.own_process()["pid_started"],
             "psutil": psutil.Process().create_time(), "pid": os.getpid()}

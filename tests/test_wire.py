@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbbgtask import _wire
+from nbbgtask.core import wire as _wire
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_write_all_writes_everything_when_signals_cut_writes_short(pipe):
 
 
 def test_a_sealed_event_opens_only_with_its_key_and_task_and_unaltered():
-    from nbbgtask._dask_wire import new_key, seal, unseal
+    from nbbgtask.dask.wire import new_key, seal, unseal
 
     key, task = new_key(), "ab" * 16
     event = {"kind": "final", "time": 1.5, "result": b"\x00pickle\xff" * 100}

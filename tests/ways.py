@@ -64,7 +64,6 @@ def local_cluster(n_workers: int, threads_per_worker: int, processes: bool = Tru
         try:
             yield cluster
         finally:
-            from nbbgtask import _dask_backend
-
+            from nbbgtask.dask import backend as _dask_backend
             bg.configure(backend="local")
             _dask_backend.close()

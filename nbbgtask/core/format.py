@@ -1,0 +1,200 @@
+"""Plain-text and HTML renderings of a task's progress, shared by the widgets, the magic and the CLI."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from nbbgtask.core.trust import visible, visible_lines
+
+__all__ = [
+    "COLUMNS",
+    "details",
+    "duration",
+    "eta_seconds",
+    "html_snapshot",
+    "message_cell",
+    "plain_table",
+    "row",
+    "short_id",
+    "stall_note",
+    "stalled_for",
+    "summary",
+    "text_bar",
+]
+
+#: the columns of a task list, in the magic and on the command line
+COLUMNS = ("id", "name", "state", "percent", "message", "elapsed")
+#: seconds without a change of percent or message after which a running task is shown as
+#: stalled, with a pointer to its stack (``status.stack()``, ``nbbgtask stack ID``)
+STALLED_AFTER = 300.0
+
+
+def short_id(task_id: str) -> str:
+    return task_id[:8]
+
+
+def duration(seconds: float | None) -> str:
+    """``0:07``, ``12:34``, ``1:02:03``."""
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def elapsed(record: dict[str, Any], now: float | None = None) -> float | None:
+    started = record.get("started")
+    if started is None:
+        return None
+    end = record.get("finished") or (now if now is not None else time.time())
+    return max(0.0, end - started)
+
+
+def eta_seconds(record: dict[str, Any], now: float | None = None) -> float | None:
+    """Time left at the average rate so far; ``None`` until there is a rate to go by."""
+    if record.get("finished") or record.get("state") != "running":
+        return None
+    spent = elapsed(record, now)
+    percent = float(record.get("percent") or 0)
+    if not spent or percent <= 0 or percent >= 100:
+        return None
+    return spent * (100 - percent) / percent
+
+
+def stalled_for(record: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds since a running task's progress last changed, if that is `STALLED_AFTER` or more;
+    else (or for a task that has not reported yet) ``None``."""
+    reported = record.get("reported")
+    if record.get("state") != "running" or reported is None:
+        return None
+    quiet = (now if now is not None else time.time()) - reported
+    return quiet if quiet >= STALLED_AFTER else None
+
+
+def stall_note(record: dict[str, Any], now: float | None = None) -> str | None:
+    """``no progress for 12:03 — see stack`` for a stalled task, else ``None``."""
+    quiet = stalled_for(record, now)
+    return None if quiet is None else f"no progress for {duration(quiet)} — see stack"
+
+
+def summary(record: dict[str, Any], now: float | None = None) -> str:
+    """``42% · spline 17 of 40 · 0:12 elapsed · ETA 0:17`` (or how it ended)."""
+    state = record["state"]
+    parts = [f"{float(record.get('percent') or 0):.0f}%"]
+    if record.get("message"):
+        parts.append(str(record["message"]))
+    if state == "failed" and record.get("error"):
+        parts.append(str(record["error"]))
+    spent = elapsed(record, now)
+    if state == "queued":
+        parts.append("queued")
+    elif state == "running":
+        parts.append(f"{duration(spent)} elapsed")
+        note = stall_note(record, now)
+        if note is not None:  # an ETA from a rate that no longer holds would mislead
+            parts.append(note)
+        else:
+            eta = eta_seconds(record, now)
+            if eta is not None:
+                parts.append(f"ETA {duration(eta)}")
+    else:
+        parts.append(f"{state} after {duration(spent)}")
+    return " · ".join(parts)
+
+
+def text_bar(percent: float, width: int = 20) -> str:
+    filled = int(round(width * max(0.0, min(100.0, percent)) / 100))
+    return "█" * filled + "░" * (width - filled)
+
+
+def text_snapshot(record: dict[str, Any]) -> str:
+    """One line for a terminal or a notebook without widgets."""
+    return f"{record['name']} [{short_id(record['id'])}] {text_bar(float(record.get('percent') or 0))} {summary(record)}"
+
+
+_COLOURS = {"complete": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}
+
+
+def html_snapshot(record: dict[str, Any]) -> str:
+    """A static picture of the bar, for nbconvert output and front ends without widgets."""
+    percent = float(record.get("percent") or 0)
+    colour = _COLOURS.get(record["state"], "#1976d2")
+    return (
+        '<div style="display:flex;align-items:center;gap:0.6em;font-family:sans-serif">'
+        f"<b>{html.escape(str(record['name']))}</b>"
+        f'<div style="width:40%;background:#eee;height:1em;border-radius:3px">'
+        f'<div style="width:{percent:.1f}%;background:{colour};height:100%;border-radius:3px"></div></div>'
+        f"<span>{html.escape(summary(record))}</span></div>"
+    )
+
+
+def message_cell(record: dict[str, Any], now: float | None = None) -> str:
+    """The error, else the message; a stalled task's starts with the stall note."""
+    message = str(record.get("error") or record.get("message") or "")
+    note = stall_note(record, now)
+    if note is not None:
+        message = f"{note} · {message}" if message else note
+    return message
+
+
+def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+    """One task as the cells of `COLUMNS`; a stalled task's message starts with the stall note."""
+    message = visible(message_cell(record, now))  # one line, no terminal escape codes
+    return (
+        short_id(record["id"]),
+        visible(record["name"]),
+        str(record["state"]),
+        f"{float(record.get('percent') or 0):.0f}%",
+        message if len(message) <= 60 else message[:59] + "…",
+        duration(elapsed(record, now)),
+    )
+
+
+def plain_table(records: list[dict[str, Any]]) -> str:
+    """A list of tasks as aligned plain text (for the magic's output)."""
+    rows = [COLUMNS, *(row(r) for r in records)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def details(record: dict[str, Any]) -> str:
+    """Everything about one task, as ``key: value`` lines: each value on its own line, its control
+    characters (a newline too) shown as escapes, so that no value can fake another field."""
+    import datetime as dt
+
+    def when(ts: float | None) -> str:
+        return "-" if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+    lines = [
+        f"id:        {record['id']}",
+        f"name:      {visible(record['name'])}",
+        f"state:     {record['state']}",
+        f"progress:  {float(record.get('percent') or 0):.1f}%  {visible(record.get('message') or '')}".rstrip(),
+        f"created:   {when(record.get('created'))}",
+        f"started:   {when(record.get('started'))}",
+        f"finished:  {when(record.get('finished'))}",
+        f"elapsed:   {duration(elapsed(record))}",
+        f"pid:       {record.get('pid') or '-'}",
+        f"settings:  {visible(record.get('settings')) if record.get('settings') is not None else '-'}",
+    ]
+    note = stall_note(record)
+    if note is not None:
+        lines.append(f"stalled:   {note}")
+    if record.get("cancel_requested"):
+        lines.append("cancel:    requested")
+    if record.get("peak_memory") is not None:
+        from nbbgtask.core.limits import format_bytes
+
+        lines.append(f"peak memory: {format_bytes(record['peak_memory'])} (USS, children included)")
+    if record.get("limits"):
+        limits = record["limits"]
+        lines.append(f"limits:    timeout={limits.get('timeout')} memory={limits.get('memory')}")
+    if record.get("error"):
+        lines.append(f"error:     {visible(record['error'])}")
+    if record.get("traceback"):  # a block of its own, each of its lines indented
+        body = visible_lines(record["traceback"]).rstrip().replace("\t", "    ")
+        lines.append("traceback:\n" + "\n".join("  " + line for line in body.split("\n")))
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The store's upkeep, apart from a task's own life: sweeping what killed processes left, importing
+finished records in bulk, and removing tasks (``prune``).  `Store`'s methods of the same names
+call these with themselves; they use its locks and files."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tinydb.table import Document
+
+from nbbgtask.core import record as _record
+from nbbgtask.core.states import State
+from nbbgtask.core.trust import TASK_ID as _FILE_ID
+from nbbgtask.store.locks import held
+from nbbgtask.store.shards import shard_of
+
+__all__ = ["sweep", "add_finished", "remove"]
+
+def sweep(self: Any, older_than: float = 3600.0) -> int:
+    """Remove temp files in ``live/`` older than ``older_than`` seconds whose task has no live
+    file: what a process killed while it made a new task's file left.  How many were removed."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        names = os.listdir(self._live_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".json.tmp")):
+            continue
+        task_id = name[1:-9]
+        if not _FILE_ID.match(task_id):
+            continue
+        with held(self._locks.stripe(shard_of(task_id))):
+            path = os.path.join(self._live_dir, name)
+            try:
+                if os.path.exists(self._live_path(task_id)) or os.stat(path).st_mtime > cutoff:
+                    continue
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+def add_finished(self: Any, records: Iterable[Mapping[str, Any]]) -> int:
+    """Put finished tasks' records into the history as they are, one write per shard touched
+    (a task already there keeps its record); how many were added.  For importing a history
+    (e.g. 100,000 tasks for a benchmark in seconds): finishing a task is `finalize`'s."""
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        if _record.fault(record.get("id", ""), record) or not State(record["state"]).is_final:
+            raise ValueError(f"not a finished task's record: {record!r:.200}")
+        by_shard.setdefault(shard_of(record["id"]), []).append(dict(record))
+    self._make_folders()
+    added = 0
+    for index, docs in by_shard.items():
+        recent, shard = self._history_pair(index)
+        with held(self._locks.stripe(index)), self._session(recent, shard):
+            known = {*self._records(recent), *self._records(shard)}
+            new = [Document(doc, doc["id"]) for doc in docs if doc["id"] not in known]
+            if new:
+                shard.insert_multiple(new)  # type: ignore[arg-type]
+            added += len(new)
+    return added
+
+def remove(self: Any, task_ids: Iterable[str]) -> list[str]:
+    by_shard: dict[int, list[str]] = {}
+    for task_id in task_ids:
+        by_shard.setdefault(shard_of(task_id), []).append(task_id)
+    gone: list[str] = []
+    # A finished task seldom has a live file (only after a crash between its end's two steps):
+    # one listing, not two failing unlinks per task.
+    try:
+        names = os.listdir(self._live_dir)
+    except FileNotFoundError:
+        names = []
+    live = {name.lstrip(".").partition(".")[0] for name in names}  # <id>.json, .<id>.json.tmp
+    for index, ids in by_shard.items():
+        recent, shard = self._history_pair(index)
+        with held(self._locks.stripe(index)), self._session(recent, shard):
+            for table in (recent, shard):
+                stored = self._records(table)
+                present = [task_id for task_id in ids if task_id in stored]
+                if present:  # else no write (and no recent file made just to be empty)
+                    gone += table.remove(doc_ids=present)
+            for task_id in ids:
+                if task_id in live and _FILE_ID.match(task_id) and self._unlink_live(task_id):
+                    gone.append(task_id)
+                self._forget_live(task_id)
+    return list(dict.fromkeys(gone))
