@@ -18,14 +18,31 @@ _MAX_TEXT = 16 * 1024 * 1024
 #: what each kind of event may carry, and what each field must be
 _EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "started": {"pid": "pid", "host": "text", "worker": "text"},
-    "progress": {"percent": "percent", "message": "text", "reported": "time", "pid": "pid", "pid_started": "time",
-                 "limit_error": "text?"},
+    "progress": {
+        "percent": "percent",
+        "message": "text",
+        "reported": "time",
+        "pid": "pid",
+        "pid_started": "time",
+        "limit_error": "text?",
+    },
     "log": {"text": "text"},
     "output": {"line": "text"},
     "final": {
-        "state": "final", "finished": "time", "error": "text?", "traceback": "text?", "has_result": "bool",
-        "result_type": "text", "result_inline": "text", "cancel_requested": "bool", "percent": "percent",
-        "message": "text", "result": "bytes", "pid": "pid", "pid_started": "time", "peak_memory": "size?",
+        "state": "final",
+        "finished": "time",
+        "error": "text?",
+        "traceback": "text?",
+        "has_result": "bool",
+        "result_type": "text",
+        "result_inline": "text",
+        "cancel_requested": "bool",
+        "percent": "percent",
+        "message": "text",
+        "result": "bytes",
+        "pid": "pid",
+        "pid_started": "time",
+        "peak_memory": "size?",
     },
 }
 _REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "output": ("line",), "final": ("state",)}

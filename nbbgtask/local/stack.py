@@ -69,14 +69,14 @@ def read_stack(home: Path, record: dict[str, Any], who: str) -> str:
     # report, which a task that holds the GIL from its start never makes).
     deadline = time.monotonic() + STACK_TIMEOUT
     while True:  # a task that has just started may not be listening yet: give it a moment
-        found = [f for f in stack_files(home, record['id']) if same_process(f[1], f[2])]
+        found = [f for f in stack_files(home, record["id"]) if same_process(f[1], f[2])]
         if found or state is not State.RUNNING or time.monotonic() > deadline:
             break
         time.sleep(0.02)
-        if _ended(home, record['id']):
+        if _ended(home, record["id"]):
             break
     if not found:
-        if _ended(home, record['id']):
+        if _ended(home, record["id"]):
             raise NbbgtaskError(f"{who} has ended: it has no stack any more")
         if state is State.QUEUED:
             raise NbbgtaskError(f"{who} is queued: it has no process yet; try again once it runs")
@@ -117,7 +117,7 @@ def read_stack(home: Path, record: dict[str, Any], who: str) -> str:
     finally:
         os.close(fd)
     if text is None:
-        if _ended(home, record['id']) or not alive():
+        if _ended(home, record["id"]) or not alive():
             raise NbbgtaskError(f"{who} ended while its stack was asked for")
         raise NbbgtaskError(
             f"{who} did not write its stack within {STACK_TIMEOUT:g} s: its process {pid} may be "

@@ -19,6 +19,7 @@ from nbbgtask.store.shards import shard_of
 
 __all__ = ["sweep", "add_finished", "remove"]
 
+
 def sweep(self: Any, older_than: float = 3600.0) -> int:
     """Remove temp files in ``live/`` older than ``older_than`` seconds whose task has no live
     file: what a process killed while it made a new task's file left.  How many were removed."""
@@ -45,6 +46,7 @@ def sweep(self: Any, older_than: float = 3600.0) -> int:
                 pass
     return removed
 
+
 def add_finished(self: Any, records: Iterable[Mapping[str, Any]]) -> int:
     """Put finished tasks' records into the history as they are, one write per shard touched
     (a task already there keeps its record); how many were added.  For importing a history
@@ -65,6 +67,7 @@ def add_finished(self: Any, records: Iterable[Mapping[str, Any]]) -> int:
                 shard.insert_multiple(new)  # type: ignore[arg-type]
             added += len(new)
     return added
+
 
 def remove(self: Any, task_ids: Iterable[str]) -> list[str]:
     by_shard: dict[int, list[str]] = {}

@@ -29,8 +29,17 @@ from nbbgtask.core.wire import write_all
 from nbbgtask.store.files import log_path, outputs_path
 
 __all__ = [
-    "KINDS", "MAX_FILE", "MAX_RECORD", "STARTED_NOTE", "append_line", "encode", "file_writer",
-    "open_for_append", "parse_lines", "read_records", "text_parts",
+    "KINDS",
+    "MAX_FILE",
+    "MAX_RECORD",
+    "STARTED_NOTE",
+    "append_line",
+    "encode",
+    "file_writer",
+    "open_for_append",
+    "parse_lines",
+    "read_records",
+    "text_parts",
 ]
 
 #: a task's outputs file grows to at most this many bytes; later outputs are left out with a note
@@ -109,7 +118,10 @@ def _valid(record: Any) -> bool:
         and isinstance(record.get("data", {}), dict)
         and all(isinstance(k, str) for k in record.get("data", {}))
         and isinstance(record.get("metadata", {}), dict)
-        and (record.get("offset") is None or (isinstance(record["offset"], int) and not isinstance(record["offset"], bool)))
+        and (
+            record.get("offset") is None
+            or (isinstance(record["offset"], int) and not isinstance(record["offset"], bool))
+        )
         and (record.get("display_id") is None or isinstance(record["display_id"], str))
     )
 

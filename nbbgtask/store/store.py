@@ -32,12 +32,12 @@ from nbbgtask.core.errors import StoreDamagedWarning, StoreError
 from nbbgtask.core.forks import renew_in_child
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import TASK_ID
-from nbbgtask.store import maintenance
+from nbbgtask.store import lookups, maintenance
 from nbbgtask.store.files import make_folders
 from nbbgtask.store.locks import Stripes, held
-from nbbgtask.store.shards import HISTORY_SHARDS, shard_of
+from nbbgtask.store.shards import HISTORY_SHARDS, RECENT_SUFFIX, SETTLE_NS, shard_of
 from nbbgtask.store.storage import SCHEMA_VERSION, TASKS, AtomicJSONStorage, Damaged, open_table, storage_of
-from nbbgtask.store.summaries import Summary, newest
+from nbbgtask.store.summaries import Summary
 
 __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_instances", "shard_of"]
 
@@ -46,11 +46,6 @@ __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_ins
 #: rewrites the main file: at 100,000 finished tasks (1,560 a shard) that is 20 ms, where
 #: rewriting the shard at every end cost each task those 20 ms.
 RECENT_MAX = 32
-#: the name of a shard's recent file, after its two digits
-RECENT_SUFFIX = ".recent.json"
-#: A folder changed less than this long ago may change again within the same timestamp tick
-#: (file times are taken from a coarse clock), so `Store.version` does not vouch for it yet.
-SETTLE_NS = 50_000_000
 
 #: what a task id must look like to have a live file, or any file (`_trust.TASK_ID`)
 _FILE_ID = TASK_ID
@@ -149,52 +144,6 @@ class Store:
     def _forget_live(self, task_id: str) -> None:
         with self._tables_lock:
             self._live.pop(task_id, None)
-
-    def _existing_history(self) -> list[tuple[str, Table]]:
-        """Every history file there is, main and recent, with its name."""
-        try:
-            names = sorted(os.listdir(self._history_dir))
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            digits = name[:2]
-            if not digits.isdigit():
-                continue
-            if name == f"{digits}.json":
-                found.append((name, self._shard(int(digits))))
-            elif name == digits + RECENT_SUFFIX:
-                found.append((name, self._recent(int(digits))))
-        return found
-
-    def _folder_signature(self, path: str) -> Any:
-        """A folder's (inode, size, mtime), which a file renamed into it changes; ``None`` while it
-        changed too recently for the clock to tell a later change (`SETTLE_NS`), or is missing."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        if time.time_ns() - st.st_mtime_ns < SETTLE_NS:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def _summaries(self) -> list[Summary]:
-        """One `Summary` per history shard; one stat when no shard changed since the last call,
-        and only the shards that changed are summarised again."""
-        signature = self._folder_signature(self._history_dir)
-        known, summaries = self._summarised
-        if signature is not None and signature == known:
-            return summaries
-        summaries = []
-        for name, table in self._existing_history():
-            data = self._guard(table, storage_of(table).read)  # a stat, if the file is unchanged
-            made = self._summary_of.get(name)
-            if made is None or made[0] is not data:
-                made = (data, Summary((data or {}).get(TASKS, {}).values()))
-                self._summary_of[name] = made
-            summaries.append(made[1])
-        self._summarised = (signature, summaries)
-        return summaries
 
     def _live_ids(self) -> list[str]:
         try:
@@ -320,32 +269,15 @@ class Store:
         self, limit: int, states: set[str] | None = None, name: str | None = None, by: str = "created"
     ) -> list[dict[str, Any]] | None:
         """The newest ``limit`` finished tasks (in ``states``, named ``name``), newest first by
-        ``by`` ("created" or "finished"), from the shards' summaries: as cheap at 100,000
-        finished tasks as at none.  ``None`` where the summaries cannot tell: read `history`."""
-        summaries = self._summaries()
-        made_from, answers = self._answers
-        if made_from is not summaries:
-            answers = {}
-            self._answers = (summaries, answers)
-        key = (limit, None if states is None else frozenset(states), name, by)
-        if key in answers:
-            found = answers[key]
-        else:
-            found = answers[key] = newest(summaries, limit, states, name, by)
-        return None if found is None else [dict(r) for r in found]
+        ``by``, from the shards' summaries; ``None`` where they cannot tell: read `history`."""
+        return lookups.newest_finished(self, limit, states, name, by)
 
     def ids_starting(self, prefix: str) -> list[str]:
-        """The ids of every task that start with ``prefix``: of two hex digits or more, only the
-        live folder and the one shard they name are read."""
-        try:
-            index: int | None = int(prefix[:2], 16) % HISTORY_SHARDS if len(prefix) >= 2 else None
-        except ValueError:
-            index = None
-        if index is None:
-            records = self.all()
-        else:
-            records = [*self.live(), *(r for t in self._history_pair(index) for r in self._records(t).values())]
-        return sorted({r["id"] for r in records if r["id"].startswith(prefix)})
+        """The ids of every task that start with ``prefix``."""
+        return lookups.ids_starting(self, prefix)
+
+    def _existing_history(self) -> list[tuple[str, Table]]:
+        return lookups.existing_history(self)
 
     def all(self) -> list[dict[str, Any]]:
         """Every record; a task found in both places (a move cut short) counts as finished."""

@@ -92,7 +92,9 @@ class Enforcer:
     memory cap is a watcher process's (`nbbgtask.task.memwatch`); without a cap a thread samples the peak.
     """
 
-    def __init__(self, limits: dict[str, Any] | None, grace: float, write: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    def __init__(
+        self, limits: dict[str, Any] | None, grace: float, write: Callable[[dict[str, Any]], Any] | None = None
+    ) -> None:
         limits = limits or {}
         self.timeout: float | None = limits.get("timeout")
         self.memory: int | None = limits.get("memory")
@@ -137,7 +139,12 @@ class Enforcer:
         try:
             self._watcher = subprocess.Popen(
                 [
-                    sys.executable, script, str(self._pid), str(self.memory or 0), repr(self.grace), repr(MEMORY_EVERY),
+                    sys.executable,
+                    script,
+                    str(self._pid),
+                    str(self.memory or 0),
+                    repr(self.grace),
+                    repr(MEMORY_EVERY),
                     repr(0 if self.timeout is None else time.time() + self.timeout + self.grace),
                 ],
                 stdin=theirs.fileno(),
