@@ -8,7 +8,6 @@ import copy
 import datetime as _dt
 import faulthandler
 import importlib
-import os
 import tempfile
 import time
 from collections.abc import Generator
@@ -17,15 +16,17 @@ from typing import Any
 
 from nbbgtask import backends as _backends
 from nbbgtask.core import config as _config
+from nbbgtask.core import format as _format
 from nbbgtask.core.errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
 from nbbgtask.core.procs import same_process
 from nbbgtask.core.record import TaskRecord
 from nbbgtask.core.states import State
-from nbbgtask.core.trust import open_owned, read_owned
+from nbbgtask.core.trust import read_owned
 from nbbgtask.core.validate import percent as check_percent
 from nbbgtask.core.validate import seconds, whole_number
 from nbbgtask.store.files import log_path, result_path
 from nbbgtask.store.store import store_for
+from nbbgtask.store.tail import last_lines
 from nbbgtask.task.reporter import Reporter
 from nbbgtask.task.runner import current_reporter, trim_stack
 
@@ -44,21 +45,6 @@ _STACK_SETTLE = 0.05
 
 def _utc(ts: float | None) -> _dt.datetime | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
-
-
-def _tail(path: Path, lines: int) -> str:
-    """The last ``lines`` lines of a file, read from its end (logs can be large)."""
-    with os.fdopen(open_owned(path), "rb") as f:
-        f.seek(0, os.SEEK_END)
-        end = pos = f.tell()
-        chunk = b""
-        while pos > 0 and chunk.count(b"\n") <= lines:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            chunk = f.read(end - pos)
-    text = chunk.decode("utf-8", errors="replace")
-    return "".join(text.splitlines(keepends=True)[-lines:]) if lines else ""
 
 
 class TaskStatus:
@@ -172,11 +158,7 @@ class TaskStatus:
     @property
     def elapsed(self) -> float:
         """Seconds the task has run (so far, or in all once it ended)."""
-        started = self._record.get("started")
-        if started is None:
-            return 0.0
-        end = self._record.get("finished") or time.time()
-        return max(0.0, end - started)
+        return _format.elapsed(self._record) or 0.0
 
     # -- reporting (in the task) -------------------------------------------------------------
 
@@ -371,7 +353,7 @@ class TaskStatus:
             whole_number(tail, "tail", "lines")
         try:
             if tail is not None:
-                return _tail(path, tail)
+                return last_lines(path, tail)
             return read_owned(path).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""

@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Any
 
+from nbbgtask.core.validate import positive_seconds
+
 __all__ = [
     "Limits",
     "LimitExceeded",
@@ -46,17 +48,7 @@ _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
 
 
 def _timeout(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"timeout must be a number of seconds above 0 (or None), got {value!r}")
-    try:
-        result = float(value)
-    except OverflowError:
-        result = math.inf
-    if not (result > 0 and math.isfinite(result)):
-        raise ValueError(f"timeout must be a finite number of seconds above 0 (or None), got {value!r}")
-    return result
+    return None if value is None else positive_seconds(value, "timeout")
 
 
 def _memory(value: Any) -> int | None:

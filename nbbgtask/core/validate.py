@@ -36,7 +36,7 @@ def seconds(value: Any, what: str) -> float | None:
 
 def positive_seconds(value: Any, what: str) -> float:
     """A finite number of seconds above 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:  # type: ignore[operator]
         raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
     try:
         result = float(value)

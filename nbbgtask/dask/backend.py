@@ -10,6 +10,7 @@ unchanged.  A cancel is a ``distributed.Event`` the worker watches: it stops the
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from nbbgtask.dask.worker import run_on_worker
 from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, log_path, result_path
 from nbbgtask.store.store import Store, store_for
+from nbbgtask.task.runner import pickled
 
 __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
 
@@ -135,7 +137,6 @@ class DaskBackend(DaskRecords):
         """Nothing to do ahead: `submit` pickles the job before it records anything."""
 
     def submit(self, job: Any) -> None:
-        import cloudpickle
         from distributed import fire_and_forget
 
         if self.client.status != "running":
@@ -148,16 +149,8 @@ class DaskBackend(DaskRecords):
         # user can read, and sent with the task; never in the scheduler's event log.
         key = new_key()
         record["event_key"] = key.hex()
-        from nbbgtask.core.sources import collect
-
-        remote = type(job)(**{**job.__dict__, "home": Path("."), "payload": None, "sources": collect(job.target)})
-        try:
-            payload = cloudpickle.dumps(remote)
-        except Exception as exc:
-            raise TypeError(
-                f"the task cannot be sent to the Dask cluster, because its function, arguments or "
-                f"secrets cannot be pickled: {exc}"
-            ) from None
+        remote = dataclasses.replace(job, home=Path("."), payload=None)
+        payload = pickled(remote, "the Dask cluster")
         # The task is sent first and recorded while it travels: the record's write (a locked,
         # atomic file write) is then not part of its start.  Its events wait until it is recorded.
         recorded = threading.Event()
@@ -314,12 +307,9 @@ def _await_final(home: Path, task_id: str, grace: float) -> dict[str, Any] | Non
     """Wait for the worker to report the cancelled end; record it ourselves if it does not.
     The final record (``None`` if it is gone)."""
     store = store_for(home)
-    deadline = time.monotonic() + grace + 10
-    while time.monotonic() < deadline:
-        record = store.get(task_id)
-        if record is None or State(record["state"]).is_final:
-            return record
-        time.sleep(0.05)
+    record = store.wait_final(task_id, grace + 10, poll=0.05)
+    if record is None or State(record["state"]).is_final:
+        return record
     return store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
 
 

@@ -249,7 +249,7 @@ class LocalBackend:
             pid = watcher.pid_of(task_id)
             started = process_start_time(pid) if pid is not None else None
         if pid is None and record["state"] == State.RUNNING.value:
-            _await_end(store, task_id, config.cancel_grace + 2 * config.progress_interval + 1)
+            store.wait_final(task_id, config.cancel_grace + 2 * config.progress_interval + 1)
         if record["state"] == State.RUNNING.value and pid is not None and record.get("host") == HOST:
             # Only a process proved to be the task is signalled: a record is data, and its pid
             # could name anyone's process (a reused pid, or a planted record).
@@ -281,7 +281,7 @@ class LocalBackend:
         request is stored, and a task that still runs stops itself when it sees it; say so if
         it does not end."""
         task_id = record["id"]
-        _await_end(store, task_id, config.cancel_grace + 2 * config.progress_interval + 1)
+        store.wait_final(task_id, config.cancel_grace + 2 * config.progress_interval + 1)
         now = store.get(task_id)
         if now is not None and State(now["state"]).is_final:
             return now
@@ -296,15 +296,6 @@ class LocalBackend:
             f"so nothing was signalled. The cancel request is stored: the task stops itself when it "
             f"sees it, if it is still running"
         )
-
-
-def _await_end(store: Store, task_id: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        record = store.get(task_id)
-        if record is None or State(record["state"]).is_final:
-            return
-        time.sleep(0.02)
 
 
 LOCAL = LocalBackend()

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from nbbgtask.core import wire as _wire
 from nbbgtask.core.trust import check_id, open_owned
 from nbbgtask.task.detach import fork_detached
-from nbbgtask.task.runner import Job, run_job
+from nbbgtask.task.runner import Job, pickled, run_job
 
 __all__ = ["Starter", "STARTERS", "open_log", "pickle_job"]
 
@@ -74,22 +74,11 @@ class _Fork:
 
 def pickle_job(job: Job, where: str) -> None:
     """Pickle ``job`` for a process that does not share this one's memory (``where``, for the
-    error): the caller's sys.path and the job with its sources, into ``job.payload``."""
-    import cloudpickle
-
-    from nbbgtask.core.sources import collect
-
-    try:
-        job.sources = collect(job.target)
-        job.payload = (pickle.dumps(list(sys.path)), cloudpickle.dumps(job))
-    except Exception as exc:
-        how = job.record.get("start_reason") or ""
-        why = f" (chosen by {how})" if how.startswith("start_method='auto'") else ""
-        raise TypeError(
-            f"the task cannot be sent to {where}{why}, because its function, arguments or secrets "
-            f"cannot be pickled: {exc}. Pass something picklable (open files, connections and locks "
-            f"are not), or force start_method='fork', which copies this process as it is, at its own risk"
-        ) from None
+    error): the caller's sys.path and the job, into ``job.payload``."""
+    how = job.record.get("start_reason") or ""
+    why = f" (chosen by {how})" if how.startswith("start_method='auto'") else ""
+    advice = ", or force start_method='fork', which copies this process as it is, at its own risk"
+    job.payload = (pickle.dumps(list(sys.path)), pickled(job, where + why, advice))
 
 
 class _Spawn:

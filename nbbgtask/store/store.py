@@ -248,6 +248,15 @@ class Store:
                 del self._live[gone]
         return [rec for task_id in ids if (rec := self._read_live(task_id)) is not None]
 
+    def wait_final(self, task_id: str, seconds: float, poll: float = 0.02) -> dict[str, Any] | None:
+        """Wait up to ``seconds`` for the task to end; its record then (``None`` if it is gone)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            record = self.get(task_id)
+            if record is None or State(record["state"]).is_final or time.monotonic() >= deadline:
+                return record
+            time.sleep(poll)
+
     def is_live(self, task_id: str) -> bool:
         """``task_id`` has a live file (one stat; a task that has ended has none)."""
         return self._may_be_live(task_id)

@@ -1,5 +1,7 @@
-"""What a task's bar shows under it: `Tail`, the tail of its log and its outputs, in order, bounded
-(the outputs file's format is `nbbgtask.store.outputs`)."""
+"""Reading the end of a task's log: `last_lines` (``status.log(tail=N)``, ``nbbgtask logs -n``),
+and `Tail`, what a task's bar shows under it: the tail of its log and its outputs, in order,
+bounded (the outputs file's format is `nbbgtask.store.outputs`).  Both read from the end, so a
+log of gigabytes costs what its last lines do."""
 
 from __future__ import annotations
 
@@ -12,10 +14,41 @@ from nbbgtask.core.trust import open_owned
 from nbbgtask.store.files import log_path, outputs_path
 from nbbgtask.store.outputs import MAX_FILE, STARTED_NOTE, parse_lines
 
-__all__ = ["TAIL_BYTES", "TAIL_DISPLAYS", "TAIL_LINES", "Tail"]
+__all__ = ["TAIL_BYTES", "TAIL_DISPLAYS", "TAIL_LINES", "Tail", "last_lines", "LAST_LINES_BYTES"]
 
 
 # -- reading them back ---------------------------------------------------------------------------
+
+
+#: `last_lines` returns at most this many bytes of a log, however long its lines
+LAST_LINES_BYTES = 1024 * 1024
+_BLOCK = 65536
+
+
+def last_lines(path: Path | str, lines: int, max_bytes: int = LAST_LINES_BYTES) -> str:
+    """The last ``lines`` lines of a log, read backwards in blocks (each byte once), and at most
+    ``max_bytes`` of them: a longer tail (a ``\r`` progress meter, one huge print) starts with a
+    line saying how much before it was left out."""
+    if lines <= 0:
+        return ""
+    fd = open_owned(path)
+    try:
+        pos = os.fstat(fd).st_size
+        blocks: list[bytes] = []
+        newlines = total = 0
+        while pos > 0 and newlines <= lines and total < max_bytes:
+            step = min(_BLOCK, pos, max_bytes - total)
+            pos -= step
+            block = os.pread(fd, step, pos)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+            total += len(block)
+    finally:
+        os.close(fd)
+    kept = b"".join(reversed(blocks)).decode("utf-8", errors="replace").splitlines(keepends=True)[-lines:]
+    if pos > 0 and newlines <= lines:  # the byte bound, not the line count, ended the read
+        kept.insert(0, f"[nbbgtask: {pos:,} earlier bytes of this log are not shown: the tail is held to {max_bytes:,} bytes]\n")
+    return "".join(kept)
 
 
 #: the printed output shown under a bar: at most this many lines ...

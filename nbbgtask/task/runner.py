@@ -74,6 +74,24 @@ class Job:
         return self.record["id"]
 
 
+def pickled(job: Job, where: str, advice: str = "") -> bytes:
+    """``job`` with its functions' sources (for readable tracebacks there), pickled by cloudpickle
+    for a process that does not share this one's memory (``where``, for the error); a clear
+    `TypeError` when something in it cannot be pickled."""
+    import cloudpickle
+
+    from nbbgtask.core.sources import collect
+
+    try:
+        return bytes(cloudpickle.dumps(dataclasses.replace(job, sources=collect(job.target))))
+    except Exception as exc:
+        raise TypeError(
+            f"the task cannot be sent to {where}, because its function, arguments or secrets "
+            f"cannot be pickled: {exc}. Pass something picklable (open files, connections and locks "
+            f"are not){advice}"
+        ) from None
+
+
 class _Terminated(BaseException):
     """Raised in the task by SIGTERM (a cancel); a BaseException so ``except Exception`` lets it by."""
 
