@@ -36,6 +36,7 @@ from nbbgtask.core.errors import (
     TaskFailed,
     TaskNotFound,
 )
+from nbbgtask.core.notify import Notify
 from nbbgtask.core.states import State
 
 __version__ = "0.1.0"
@@ -76,6 +77,7 @@ __all__ = [
     "HomeError",
     "Limits",
     "NbbgtaskError",
+    "Notify",
     "ProgressBar",
     "State",
     "StoreDamagedWarning",

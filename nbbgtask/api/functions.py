@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from nbbgtask import backends as _backends
+from nbbgtask.api import notify as _notify
 from nbbgtask.api.status import TaskStatus
 from nbbgtask.core import config as _config
 from nbbgtask.core import limits as _limits
 from nbbgtask.core.errors import AmbiguousTaskId, StoreError, TaskNotFound
 from nbbgtask.core.limits import Limits
+from nbbgtask.core.notify import Notify
+from nbbgtask.core.notify import checked as checked_notify
 from nbbgtask.core.procs import process_start_time
 from nbbgtask.core.record import new_record
 from nbbgtask.core.states import State
@@ -96,8 +99,10 @@ def _launch(
     is_task_class: bool = False,
     cooperative_cancel: bool = False,
     limits: Limits | None = None,
+    notify: Notify | None = None,
 ) -> TaskStatus:
     config = _config.settings()
+    notify = notify if notify is not None else config.notify
     home = _config.home()
     backend = _backends.current()
     chosen = limits if limits is not None else _limits.checked(config.limits)
@@ -118,10 +123,15 @@ def _launch(
         progress_interval=config.progress_interval,
         limits=limit_fields,
         cancel_grace=config.cancel_grace,
+        # a URL travels with the job, in memory only; a callable stays in this process
+        notify=notify if notify is not None and notify.url is not None else None,
     )
     backend.prepare(job)
     backend.submit(job)
-    return TaskStatus(dict(job.record), home)
+    status = TaskStatus(dict(job.record), home)
+    if notify is not None and notify.url is None:
+        _notify.call_when_done(status, notify)
+    return status
 
 
 class BackgroundTask:
@@ -136,6 +146,8 @@ class BackgroundTask:
     cooperative_cancel: ClassVar[bool] = False
     #: this task's `bg.Limits` (a timeout, a memory cap); None: `bg.configure(limits=...)`'s
     limits: ClassVar[Limits | None] = None
+    #: word when it ends: a webhook URL, a callable or a `bg.Notify`; None: `bg.configure(notify=...)`'s
+    notify: ClassVar[Any] = None
 
     def execute(self, status: TaskStatus) -> Any:
         raise NotImplementedError
@@ -148,10 +160,13 @@ class BackgroundTask:
         secrets: Mapping[str, Any] | None = None,
         name: str | None = None,
         limits: Limits | None = None,
+        notify: Any = None,
     ) -> TaskStatus:
         """Start this task in its own process and return its status at once.
 
         ``limits``: a `bg.Limits` for this run; else the class's ``limits``, else the configured.
+        ``notify``: word when it ends (a webhook URL, a callable or a `bg.Notify`); else the
+        class's ``notify``, else the configured.
         """
         if cls is BackgroundTask or cls.execute is BackgroundTask.execute:
             raise TypeError(
@@ -166,6 +181,7 @@ class BackgroundTask:
             is_task_class=True,
             cooperative_cancel=bool(cls.cooperative_cancel),
             limits=_limits.checked(limits) or _limits.checked(cls.limits, f"{cls.__name__}.limits"),
+            notify=checked_notify(notify) or checked_notify(cls.notify),
         )
 
 
@@ -175,12 +191,13 @@ def run(
     name: str | None = None,
     secrets: Mapping[str, Any] | None = None,
     limits: Limits | None = None,
+    notify: Any = None,
     **kwargs: Any,
 ) -> TaskStatus:
     """Run ``fn(*args, **kwargs)`` as a background task; its return value is the result.
 
-    ``name``, ``secrets`` and ``limits`` (a `bg.Limits`) are bg.run's own; every other keyword
-    goes to ``fn``.
+    ``name``, ``secrets``, ``limits`` (a `bg.Limits`) and ``notify`` (word when it ends: a
+    webhook URL, a callable or a `bg.Notify`) are bg.run's own; every other keyword goes to ``fn``.
     """
     if not callable(fn):
         raise TypeError(f"bg.run needs a function or other callable to run, got {type(fn).__name__}")
@@ -193,6 +210,7 @@ def run(
         args=args,
         kwargs=kwargs,
         limits=_limits.checked(limits),
+        notify=checked_notify(notify),
     )
 
 
@@ -347,6 +365,7 @@ def configure(
     address: str | None = None,
     dask_client: Any = None,
     limits: Limits | None = None,
+    notify: Any = None,
 ) -> _config.Settings:
     """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
 
@@ -363,6 +382,7 @@ def configure(
         address=address,
         dask_client=dask_client,
         limits=limits,
+        notify=notify,
     )
     if changes.get("backend") == "dask":
         # Connect now, so an unreachable scheduler is reported here and changes nothing.

@@ -37,6 +37,8 @@ class Settings:
     dask_client: Any = None
     #: the limits of a task that names none (`_limits.Limits`); None: no limits
     limits: Any = None
+    #: word when a task that names none ends (`nbbgtask.core.notify.Notify`); None: none
+    notify: Any = None
 
 
 _settings = Settings()
@@ -96,6 +98,7 @@ def checked_changes(
     address: str | None = None,
     dask_client: Any = None,
     limits: Any = None,
+    notify: Any = None,
 ) -> dict[str, Any]:
     """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
@@ -137,6 +140,10 @@ def checked_changes(
         from nbbgtask.core.limits import checked
 
         changes["limits"] = checked(limits)
+    if notify is not None:
+        from nbbgtask.core.notify import checked as checked_notify
+
+        changes["notify"] = checked_notify(notify)
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)), create=create_home)
     return changes

@@ -31,6 +31,7 @@ from nbbgtask.dask.worker import run_on_worker
 from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, log_path, result_path
 from nbbgtask.store.store import Store, store_for
+from nbbgtask.task import notify
 from nbbgtask.task.runner import pickled
 
 __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
@@ -149,7 +150,9 @@ class DaskBackend(DaskRecords):
         # user can read, and sent with the task; never in the scheduler's event log.
         key = new_key()
         record["event_key"] = key.hex()
-        remote = dataclasses.replace(job, home=Path("."), payload=None)
+        # The notify URL stays here: this kernel records the end, and sends word of it.
+        remote = dataclasses.replace(job, home=Path("."), payload=None, notify=None)
+        notify.expect(job.task_id, job.notify)
         payload = pickled(remote, "the Dask cluster")
         # The task is sent first and recorded while it travels: the record's write (a locked,
         # atomic file write) is then not part of its start.  Its events wait until it is recorded.

@@ -32,6 +32,7 @@ from nbbgtask.local.forkserver import FORKSERVER
 from nbbgtask.local.stack import read_stack
 from nbbgtask.local.supervisor import supervisor
 from nbbgtask.store.store import Store, store_for
+from nbbgtask.task import notify
 from nbbgtask.task.runner import Job, record_exit
 
 __all__ = ["LocalBackend", "LOCAL", "PID_GRACE", "STARTERS"]
@@ -107,6 +108,7 @@ class LocalBackend:
         limit = _config.settings().max_running
         if limit != math.inf:
             self._reconcile_live(store)
+        notify.expect(job.task_id, job.notify)  # if this process records its end (a kill, a queue abandoned)
         state = store.admit(job.record, limit)
         job.record["state"] = state.value
         if state is State.RUNNING:
@@ -124,6 +126,8 @@ class LocalBackend:
         pid, popen = STARTERS[job.record["start_method"]].start(job)
         if job.record.get("reaper_pid") is None:  # else another process reaps it (the fork server)
             supervisor().watch(pid, job.home, job.task_id, popen, record_exit)
+        else:
+            notify.forget(job.task_id)  # the fork server records how it died, and sends word
 
     def _enqueue(self, job: Job) -> None:
         with self._lock:

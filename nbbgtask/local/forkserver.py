@@ -38,10 +38,12 @@ from typing import Any
 
 from nbbgtask.core import wire as _wire
 from nbbgtask.core.forks import renew_in_child
+from nbbgtask.core.notify import Notify
 from nbbgtask.core.procs import process_start_time
 from nbbgtask.local.launcher import open_log, pickle_job
 from nbbgtask.local.supervisor import supervisor
 from nbbgtask.store.store import store_for
+from nbbgtask.task import notify
 from nbbgtask.task.detach import fork_detached
 from nbbgtask.task.runner import Job, exit_child, record_exit, run_pickled
 
@@ -177,6 +179,8 @@ class _ForkServerStarter:
             "start_method": job.record["start_method"],
             "start_reason": job.record.get("start_reason"),
         }
+        if job.notify is not None and job.notify.url is not None:  # over the socket pair, never on disk
+            header["notify"] = [job.notify.url, list(job.notify.on), job.notify.min_seconds]
         frames = [json.dumps(header).encode(), pickle.dumps(dict(os.environ)), *job.payload]
         pid, restarted = _connection.request(frames)
         if restarted:  # the server named in the record is gone: name the one that has the task
@@ -209,6 +213,8 @@ def _start(frames: list[bytes]) -> int:
         pid = fork_detached(lambda: _child(header, frames[1], frames[2], frames[3]), log)
     finally:
         os.close(log)
+    if header.get("notify"):  # the server records the end if the task could not
+        notify.expect(header["task_id"], Notify(*header["notify"]))
     supervisor().watch(pid, Path(header["home"]), header["task_id"], None, record_exit)
     return pid
 

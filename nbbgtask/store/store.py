@@ -32,7 +32,7 @@ from nbbgtask.core.errors import StoreDamagedWarning, StoreError
 from nbbgtask.core.forks import renew_in_child
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import TASK_ID
-from nbbgtask.store import lookups, maintenance
+from nbbgtask.store import ends, lookups, maintenance
 from nbbgtask.store.files import make_folders
 from nbbgtask.store.locks import Stripes, held
 from nbbgtask.store.shards import HISTORY_SHARDS, RECENT_SUFFIX, SETTLE_NS, shard_of
@@ -377,6 +377,7 @@ class Store:
         """
         if not State(fields["state"]).is_final:
             raise ValueError(f"finalize needs a final state, got {fields['state']!r}")
+        wrote: dict[str, Any] | None = None
         with self._task(task_id) as (live, recent, shard):
             final = self._guard(recent, recent.get, doc_id=task_id)
             if final is None:
@@ -389,11 +390,13 @@ class Store:
                 if final is None:
                     if current is None:
                         return None
-                    final = {**current, **fields}
+                    final = wrote = {**current, **fields}
                     self._add_finished_doc(recent, shard, Document(final, task_id))  # type: ignore[arg-type]
             # History first, then live: a reader that misses it in one finds it in the other.
             self._unlink_live(task_id)
         self._forget_live(task_id)
+        if wrote is not None:  # this call recorded the end (the first final state wins)
+            ends.ended(self.home, dict(wrote))
         return dict(final)
 
     def _add_finished_doc(self, recent: Table, shard: Table, doc: Document) -> None:

@@ -20,12 +20,14 @@ from typing import Any, NoReturn
 
 from nbbgtask.core import limits as _limits
 from nbbgtask.core.errors import StoreError
+from nbbgtask.core.notify import Notify
 from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import redactor
 from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, result_path, stack_path
 from nbbgtask.store.store import store_for
+from nbbgtask.task import notify as _notify
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task import tqdm_capture as _tqdm_capture
 from nbbgtask.task.limits import Enforcer
@@ -63,6 +65,8 @@ class Job:
     cancel_grace: float = 3.0
     #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    #: where word of its end goes (a webhook URL: a secret, in memory only; `nbbgtask.task.notify`)
+    notify: Notify | None = dataclasses.field(default=None, repr=False)
     #: the pickled job, for spawn (made by the launcher before anything is stored)
     payload: tuple[bytes, bytes] | None = dataclasses.field(default=None, repr=False)
 
@@ -263,6 +267,9 @@ def run_job(job: Job, sink: Any = None) -> int:
     stack_file = _answer_stack_requests(job) if sink is None else None
     # The secrets' text never reaches what nbbgtask writes: the error, traceback and log lines.
     redact = redactor(job.secrets)
+    if sink is None:  # a local task records its own end, and so sends word of it
+        _notify.SYNC = True
+        _notify.expect(job.task_id, job.notify)
     sink = StoreSink(job) if sink is None else sink
     enforcer = Enforcer(job.limits, job.cancel_grace, sink.progress)
     reporter = Reporter(job, sink, later=enforcer.start_sampler)
@@ -403,6 +410,7 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
     # A task that recorded its end has no live file: one stat, and nothing to read.
     record = store.get(task_id) if store.is_live(task_id) else None
     if record is None or State(record["state"]).is_final:
+        _notify.forget(task_id)  # the task recorded its end, and sent word of it
         return
     if record.get("cancel_requested"):
         fields: dict[str, Any] = {"state": State.CANCELLED.value}
@@ -412,4 +420,5 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
         if fields["error"] != error:  # a limit (or the OOM killer) ended it: end what it started too
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-    store.finalize(task_id, {**fields, "finished": time.time()})
+    store.finalize(task_id, {**fields, "finished": time.time()})  # word of it goes out from here
+    _notify.forget(task_id)
