@@ -77,6 +77,11 @@ interface ITasksEvent {
 /** How a stream or a request went wrong, in words for the panel. */
 export class ApiError extends Error {}
 
+/** What the panel says where the server has no `nbbgtask/api/` (a 404 without the API's body). */
+const NO_SERVER_EXTENSION =
+  "this Jupyter server does not have nbbgtask's server extension: install nbbgtask in the " +
+  "server's Python environment (pip install nbbgtask) and restart the server";
+
 /** Tasks per page: the server's default, small enough for a home of 100,000. */
 const PAGE = 50;
 /** The event stream is reopened after this many ms, doubling up to the maximum, when it drops. */
@@ -309,7 +314,8 @@ export class TasksModel implements IDisposable {
         if (this._disposed) {
           return;
         }
-        this._problem = `live updates stopped: ${describe(error)}`;
+        const why = describe(error);
+        this._problem = why === NO_SERVER_EXTENSION ? why : `live updates stopped: ${why}`;
         this._changed.emit();
       }
       // A stream that stayed open a while was healthy: start the backoff again.
@@ -334,6 +340,9 @@ export class TasksModel implements IDisposable {
       },
       this._settings
     );
+    if (response.status === 404) {
+      throw new ApiError(NO_SERVER_EXTENSION);
+    }
     if (!response.ok || !response.body) {
       throw new ApiError(`GET events answered ${response.status}`);
     }
@@ -420,6 +429,9 @@ export class TasksModel implements IDisposable {
     }
     if (!response.ok) {
       const why = body && typeof body.error === 'string' ? body.error : text.slice(0, 200);
+      if (response.status === 404 && !(body && typeof body.error === 'string')) {
+        throw new ApiError(NO_SERVER_EXTENSION); // not the API's own 404 for an unknown task
+      }
       throw new ApiError(`${response.status}: ${why || response.statusText}`);
     }
     return body as T;
