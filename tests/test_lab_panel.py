@@ -99,6 +99,13 @@ def _quick_toasts(server_settings: Path) -> None:
 
 def _open_panel(chromium, server: Server):  # type: ignore[no-untyped-def]
     """The front end's page with no notebook open, then View → Background Tasks, as a person does it."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{server.url}/nbbgtask/api/tasks?limit=1&token={TOKEN}", timeout=10).close()
+    except urllib.error.HTTPError as error:
+        pytest.fail(f"the server has no nbbgtask API ({error.code}): the panel needs nbbgtask's server extension")
     page = chromium.new_page(viewport={"width": 1280, "height": 900})
     page.on("pageerror", lambda error: _page_error(server, str(error)))
     page.set_default_timeout(WAIT)
