@@ -72,6 +72,14 @@ def unload_ipython_extension(ipython: object) -> None:
 
     unload(ipython)
 
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt JupyterLab extension (the Tasks panel), for ``jupyter labextension develop``.
+
+    An installed wheel (``pip install .`` or ``-e .``) puts it in share/jupyter/labextensions/.
+    """
+    return [{"src": "labextension", "dest": "nbbgtask"}]
+
 __all__ = [
     "BackgroundTask",
     "HomeError",
