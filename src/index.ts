@@ -103,7 +103,7 @@ function shouldNotify(
   if (settings.notifyOn === 'none') {
     return false;
   }
-  if (settings.notifyOn === 'problems' && task.state !== 'failed') {
+  if (settings.notifyOn === 'problems' && task.state !== 'failed' && task.state !== 'cancelled') {
     return false;
   }
   return (ranFor(task, model) ?? 0) >= settings.notifyMinSeconds;
