@@ -385,11 +385,14 @@ def exit_child(main: Callable[[], int]) -> NoReturn:
 
 def run_pickled(path: bytes, job: bytes) -> int:
     """Run a job sent as pickles (by spawn, or through the fork server): ``path`` is the sender's
-    sys.path, put in place first, since the job's pickle names the sender's modules by reference."""
+    sys.path and folder (`paths.sender`), put in place first, since the job's pickle names the
+    sender's modules by reference."""
     import pickle
 
     from nbbgtask.core import config as _config
-    sys.path[:] = pickle.loads(path)
+    from nbbgtask.task.paths import restore
+
+    restore(path)
     _outputs.prepare()  # before the job is unpickled: its display() is then this process's
     loaded: Job = pickle.loads(job)
     _config.settings().home = loaded.home
