@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from nbbgtask.core import limits as _limits
 from nbbgtask.core.errors import StoreError
-from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process
+from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process, signal_left_group
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import redactor
 from nbbgtask.store import outputs as _stored_outputs
@@ -296,10 +296,13 @@ def run_job(job: Job, sink: Any = None) -> int:
         finally:
             finishing = True
             enforcer.stop()
+            enforcer.settle()  # the peak by the kernel's own count, before any error names it
             # A cancel asked for before the task ended wins over however it then ended.
             cancelled = reporter.cancel_requested
             if not cancelled and output is not None:
                 _outputs.finish()  # figures left open are shown, as at the end of a cell
+        if enforcer.breach is not None and not cancelled:
+            raise enforcer.breach  # a cap passed between two samples: the kernel's count says so
         fields = {"state": State.COMPLETE.value}
         if not cancelled:
             fields.update(_save_result(sink, value))
@@ -413,6 +416,5 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
         error = f"the task process {pid} ended without reporting" if code is None else describe_exit(pid, code)
         fields = {"state": State.FAILED.value, "error": _limits.explain(record, error, code)}
         if fields["error"] != error:  # a limit (or the OOM killer) ended it: end what it started too
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            signal_left_group(pid, signal.SIGKILL)  # only while the group is provably still the task's
     store.finalize(task_id, {**fields, "finished": time.time()})
