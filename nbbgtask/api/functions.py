@@ -118,6 +118,7 @@ def _launch(
         progress_interval=config.progress_interval,
         limits=limit_fields,
         cancel_grace=config.cancel_grace,
+        log_max=config.log_max,
     )
     backend.prepare(job)
     backend.submit(job)
@@ -268,8 +269,8 @@ def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
     listed as it is: one bad record never breaks a listing."""
     try:
         return _backends.reconcile(store, record)
-    except StoreError:
-        raise  # the store itself cannot be written: that is for the caller to hear
+    except StoreError:  # not written (a full disk): listed as the store has it
+        return record
     except Exception:
         return record
 
@@ -347,6 +348,7 @@ def configure(
     address: str | None = None,
     dask_client: Any = None,
     limits: Limits | None = None,
+    log_max: int | str | None = None,
 ) -> _config.Settings:
     """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
 
@@ -363,6 +365,7 @@ def configure(
         address=address,
         dask_client=dask_client,
         limits=limits,
+        log_max=log_max,
     )
     if changes.get("backend") == "dask":
         # Connect now, so an unreachable scheduler is reported here and changes nothing.

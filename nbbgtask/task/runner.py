@@ -5,8 +5,8 @@ from __future__ import annotations
 import _signal
 import asyncio
 import base64
-import contextlib
 import dataclasses
+import errno
 import faulthandler
 import inspect
 import os
@@ -29,6 +29,7 @@ from nbbgtask.store.store import store_for
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task import tqdm_capture as _tqdm_capture
 from nbbgtask.task.limits import Enforcer
+from nbbgtask.task.logcap import DEFAULT_LOG_MAX, LogCap
 from nbbgtask.task.reporter import Reporter
 
 __all__ = [
@@ -61,6 +62,8 @@ class Job:
     limits: dict[str, Any] | None = None
     #: seconds a task stopped by a limit gets after SIGTERM before it is killed (as a cancel's)
     cancel_grace: float = 3.0
+    #: bytes the task's log is held to (`nbbgtask.task.logcap`); None: the default
+    log_max: int | None = None
     #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: the pickled job, for spawn (made by the launcher before anything is stored)
@@ -110,6 +113,8 @@ class StoreSink:
         self._job = job
         self._store = store_for(job.home)
         self._write_output: Callable[[bytes], None] | None = None
+        #: the cap on the task's log (fds 1 and 2): `nbbgtask.task.logcap`
+        self.logcap = LogCap(job.log_max if job.log_max is not None else DEFAULT_LOG_MAX)
 
     def interval(self, base: float) -> float:
         """Seconds until the next progress write: longer when many tasks are live,
@@ -126,7 +131,14 @@ class StoreSink:
         return bool(record and (record.get("cancel_requested") or State(record["state"]).is_final))
 
     def save_result(self, data: bytes) -> None:
-        atomic_write(result_path(self._job.home, self._job.task_id), data, durable=True)
+        path = result_path(self._job.home, self._job.task_id)
+        try:
+            atomic_write(path, data, durable=True)
+        except OSError as exc:
+            # A full disk: the log gives way to the result (only its last part is kept), once.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.logcap.check(keep=_FULL_DISK_TAIL):
+                raise
+            atomic_write(path, data, durable=True)
 
     def output(self, line: bytes) -> None:
         """One of the task's outputs (`_outputs`), into its outputs file."""
@@ -265,7 +277,8 @@ def run_job(job: Job, sink: Any = None) -> int:
     redact = redactor(job.secrets)
     sink = StoreSink(job) if sink is None else sink
     enforcer = Enforcer(job.limits, job.cancel_grace, sink.progress)
-    reporter = Reporter(job, sink, later=enforcer.start_sampler)
+    logcap: LogCap | None = getattr(sink, "logcap", None)
+    reporter = Reporter(job, sink, later=enforcer.start_sampler, tick=logcap.check if logcap is not None else None)
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
     _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
@@ -304,6 +317,8 @@ def run_job(job: Job, sink: Any = None) -> int:
         if enforcer.breach is not None and not cancelled:
             raise enforcer.breach  # a cap passed between two samples: the kernel's count says so
         fields = {"state": State.COMPLETE.value}
+        if logcap is not None:
+            logcap.check()  # the result and the end are written before the log may grow further
         if not cancelled:
             fields.update(_save_result(sink, value))
     except _Terminated:
@@ -344,7 +359,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     if enforcer.peak is not None:
         fields["peak_memory"] = enforcer.peak
     try:
-        sink.finish(fields)
+        _finish(sink, fields, logcap)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
         try:
             print(redact(f"nbbgtask: the task ended {fields['state']}, but that could not be recorded: {exc}"), file=sys.stderr)
@@ -359,6 +374,27 @@ def run_job(job: Job, sink: Any = None) -> int:
                 pass
     return 0
 
+
+
+#: seconds between attempts to record a task's end that could not be written (a full disk): about
+#: 15 s in all, for room to be made, before the task leaves its end to its reaper
+FINISH_RETRIES = (0.1, 0.3, 1.0, 2.0, 4.0, 8.0)
+#: bytes of the log kept when the disk is too full for a task's result or end
+_FULL_DISK_TAIL = 64 * 1024
+
+
+def _finish(sink: Any, fields: dict[str, Any], logcap: LogCap | None) -> None:
+    """Record the task's end, retried while the store cannot be written; the log gives way first."""
+    for delay in (*FINISH_RETRIES, None):
+        try:
+            sink.finish(fields)
+            return
+        except StoreError:
+            if delay is None:
+                raise
+            if logcap is not None:
+                logcap.check(keep=_FULL_DISK_TAIL)
+            time.sleep(delay)
 
 
 def exit_child(main: Callable[[], int]) -> NoReturn:
