@@ -1,6 +1,7 @@
 """Every nbbgtask benchmark in one run, each figure beside the baseline measured in the same run.
 
-Runs ``bench_engine.py``, ``bench_widgets.py`` and ``bench_peers.py`` one after the other (each
+Runs ``bench_engine.py``, ``bench_widgets.py``, ``bench_peers.py``, ``bench_scale.py`` and
+``bench_logs.py`` one after the other (each
 as its own process with ``--json``; ``--quick`` is passed on), then writes
 
 * ``docs/benchmarks.json``: every figure, the configuration, and the machine (CPU model, cores,
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = Path(sys.executable)  # the venv's interpreter (not resolved: that would leave the venv)
 BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py",
-           "scale": "bench_scale.py"}
+           "scale": "bench_scale.py", "logs": "bench_logs.py"}
 nan = common.nan
 
 
@@ -255,6 +256,10 @@ def summary(res: dict) -> list[dict]:
     add("memory", "USS of a forked task (base: a bare os.fork child)", peers,
         "3 USS of a forked task (base: bare os.fork child)")
     add("memory", "USS of a spawned task (base: the kernel's RSS)", peers, "3 USS of a spawned task")
+    logs = res.get("logs", {})
+    for shape in ("big log", "32 MiB one-line log"):
+        add("logs", f"last 100 lines of a {shape} (base: a 1 MiB one)", logs, f"1 last 100 lines of a {shape}")
+        add("logs", "… peak memory of that read (base: a 1 MiB one)", logs, f"2 peak memory, last 100 lines of a {shape}")
     return rows
 
 

@@ -101,9 +101,16 @@ def for_record(record: dict[str, Any]) -> Records:
 
 
 def reconcile(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` brought up to date (a task whose process is gone is ended).  A reconcile that
+    cannot write its finding (a full disk) answers with the record as it is on disk: a read
+    never fails for want of room, and the next read once there is room records the end."""
     if State(record["state"]).is_final:
         return record
-    return for_record(record).reconcile(store, record)
+    records = for_record(record)
+    try:
+        return records.reconcile(store, record)
+    except StoreError:
+        return record
 
 
 def may_still_report(record: dict[str, Any]) -> bool:

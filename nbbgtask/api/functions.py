@@ -125,6 +125,7 @@ def _launch(
         cancel_grace=config.cancel_grace,
         # a URL travels with the job, in memory only; a callable stays in this process
         notify=notify if notify is not None and notify.url is not None else None,
+        log_max=config.log_max,
     )
     backend.prepare(job)
     backend.submit(job)
@@ -286,8 +287,8 @@ def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
     listed as it is: one bad record never breaks a listing."""
     try:
         return _backends.reconcile(store, record)
-    except StoreError:
-        raise  # the store itself cannot be written: that is for the caller to hear
+    except StoreError:  # not written (a full disk): listed as the store has it
+        return record
     except Exception:
         return record
 
@@ -366,6 +367,7 @@ def configure(
     dask_client: Any = None,
     limits: Limits | None = None,
     notify: Any = None,
+    log_max: int | str | None = None,
 ) -> _config.Settings:
     """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
 
@@ -383,6 +385,7 @@ def configure(
         dask_client=dask_client,
         limits=limits,
         notify=notify,
+        log_max=log_max,
     )
     if changes.get("backend") == "dask":
         # Connect now, so an unreachable scheduler is reported here and changes nothing.

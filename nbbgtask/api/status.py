@@ -26,7 +26,7 @@ from nbbgtask.core.validate import percent as check_percent
 from nbbgtask.core.validate import seconds, whole_number
 from nbbgtask.store.files import log_path, result_path
 from nbbgtask.store.store import store_for
-from nbbgtask.store.tail import last_lines
+from nbbgtask.store.tail import last_lines, read_log
 from nbbgtask.task.reporter import Reporter
 from nbbgtask.task.runner import current_reporter, trim_stack
 
@@ -347,14 +347,18 @@ class TaskStatus:
         return _backends.for_record(record).stack(self._home, record, who)
 
     def log(self, tail: int | None = None) -> str:
-        """What the task printed (stdout and stderr), or its last ``tail`` lines."""
+        """What the task printed (stdout and stderr), or its last ``tail`` lines.
+
+        Bounded both ways: the last lines are at most `LAST_LINES_BYTES` (1 MiB), the whole log at
+        most ``log_max`` (its cap, 100 MiB by default; a log written before there was a cap gives
+        its start and end); either says in a line what it left out."""
         path = log_path(self._home, self.id)
         if tail is not None:
             whole_number(tail, "tail", "lines")
         try:
             if tail is not None:
                 return last_lines(path, tail)
-            return read_owned(path).decode("utf-8", errors="replace")
+            return read_log(path, _config.settings().log_max).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 

@@ -15,6 +15,9 @@ from nbbgtask.core.validate import positive_seconds
 __all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home", "verify_home"]
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
+#: the default cap on a task's log, and the smallest one allowed (half of it is the head, half the tail)
+LOG_MAX = 100 * 1024 * 1024
+LOG_MAX_MIN = 1024 * 1024
 BACKENDS = ("local", "dask")
 
 
@@ -39,6 +42,8 @@ class Settings:
     limits: Any = None
     #: word when a task that names none ends (`nbbgtask.core.notify.Notify`); None: none
     notify: Any = None
+    #: bytes a task's log is held to: past it the start and the end are kept (`nbbgtask.task.logcap`)
+    log_max: int = LOG_MAX
 
 
 _settings = Settings()
@@ -99,6 +104,7 @@ def checked_changes(
     dask_client: Any = None,
     limits: Any = None,
     notify: Any = None,
+    log_max: Any = None,
 ) -> dict[str, Any]:
     """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
@@ -144,9 +150,27 @@ def checked_changes(
         from nbbgtask.core.notify import checked as checked_notify
 
         changes["notify"] = checked_notify(notify)
+    if log_max is not None:
+        changes["log_max"] = _log_max(log_max)
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)), create=create_home)
     return changes
+
+
+def _log_max(value: Any) -> int:
+    from nbbgtask.core.limits import Limits
+
+    problem = (
+        f"log_max must be a number of bytes of at least {LOG_MAX_MIN:,} (1 MiB) or a size such as "
+        f"'100 MiB', got {value!r}"
+    )
+    try:
+        number = Limits(memory=value).memory
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    if number is None or number < LOG_MAX_MIN:
+        raise ValueError(problem)
+    return number
 
 
 def apply(changes: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import psutil
 
 __all__ = [
     "HOST", "EXIT_UNRECORDED", "process_start_time", "same_process", "is_task_process", "own_process",
-    "signal_group", "describe_exit",
+    "signal_group", "signal_task", "signal_left_group", "describe_exit",
 ]
 
 HOST = socket.gethostname()
@@ -118,6 +118,22 @@ def signal_group(pid: int, sig: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def signal_task(pid: int, started: Any, sig: int) -> bool:
+    """Send ``sig`` to the group of ``pid`` only if it is proved to be the task just before
+    (`is_task_process`: start time, user, leading its own group); ``True`` if it was sent."""
+    return is_task_process(pid, started) and signal_group(pid, sig)
+
+
+def signal_left_group(pid: int, sig: int) -> bool:
+    """Send ``sig`` to what is left of the group a task led, once its own process ``pid`` has been
+    reaped (what it started).  A group's id is not given to a new process while the group has
+    members, so the group is still the task's unless ``pid`` is in use again: then nothing is
+    sent.  ``True`` if it was sent."""
+    if psutil.pid_exists(pid):  # the number is someone's again (or the task is not reaped yet)
+        return False
+    return signal_group(pid, sig)
 
 
 def describe_exit(pid: int, code: int) -> str:

@@ -174,7 +174,7 @@ def unseal(key: bytes, task_id: str, sealed: Any) -> dict[str, Any] | None:
         event = json.loads(plain)
         if isinstance(event, dict) and isinstance(event.get("result"), str):
             event["result"] = base64.b64decode(event["result"], validate=True)
-    except (KeyError, TypeError, ValueError, binascii.Error, InvalidTag):
+    except (KeyError, TypeError, ValueError, RecursionError, binascii.Error, InvalidTag):
         return None
     return event if isinstance(event, dict) else None
 

@@ -193,7 +193,8 @@ class LocalBackend:
         if pid is not None and _limits.overdue(record, _config.settings().cancel_grace):
             # Past its timeout and its grace, and still not ended by its own process (which
             # enforces it): whoever reads it now ends it, kernel restarts or not.
-            if same_process(pid, record.get("pid_started")):
+            # A record is data: only a process proved to be the task (or our own unreaped child) is signalled.
+            if watcher.is_child(pid) or is_task_process(pid, record.get("pid_started")):
                 signal_group(pid, signal.SIGKILL)
                 time.sleep(0.05)
         if pid is not None and watcher.is_child(pid):
@@ -268,7 +269,8 @@ class LocalBackend:
                         break
                     time.sleep(0.01)
                 else:
-                    if same_process(pid, started):
+                    # Proved again just before the signal: the grace is long enough for a pid to be reused.
+                    if watcher.is_child(pid) or is_task_process(pid, started):
                         signal_group(pid, signal.SIGKILL)
             if watcher.is_child(pid):
                 for _ in range(100):

@@ -16,8 +16,8 @@ child: the server never imports the task's modules, so it stays safe to fork.
   server starts nothing more, waits for its running tasks to end, recording each, and exits.
   An idle server (no task for `IDLE` seconds) exits too; the kernel starts a new one when it
   needs one, and a request that finds its server gone is sent again to a new one.
-- The wire: each request is four frames (`_wire`): a JSON header (home, task id, cwd, the log's
-  first line), the caller's environment, its sys.path and the job (pickles); the answer is one
+- The wire: each request is four frames (`_wire`): a JSON header (home, task id, the log's
+  first line), the caller's environment, its sys.path and folder, and the job (pickles); the answer is one
   JSON frame, ``{"pid": N}`` or ``{"error": "..."}``.
 """
 
@@ -45,6 +45,7 @@ from nbbgtask.local.supervisor import supervisor
 from nbbgtask.store.store import store_for
 from nbbgtask.task import notify
 from nbbgtask.task.detach import fork_detached
+from nbbgtask.task.paths import interpreter
 from nbbgtask.task.runner import Job, exit_child, record_exit, run_pickled
 
 __all__ = ["FORKSERVER", "IDLE", "main", "serve"]
@@ -97,7 +98,9 @@ class _Connection:
             # its tasks), and a Popen collected while its process runs warns.
             self.pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-c", "from nbbgtask.local.forkserver import main; main()"],
+                # Started in "/" with a sys.path free of the kernel's folder (`paths.interpreter`):
+                # a module planted in a folder others can write is never imported here.
+                interpreter("from nbbgtask.local.forkserver import main; main()"),
                 os.environ,
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, theirs.fileno(), _SERVER_FD),
@@ -175,7 +178,6 @@ class _ForkServerStarter:
         header = {
             "home": str(job.home),
             "task_id": job.task_id,
-            "cwd": os.getcwd(),
             "start_method": job.record["start_method"],
             "start_reason": job.record.get("start_reason"),
         }
@@ -196,10 +198,7 @@ FORKSERVER = _ForkServerStarter()
 
 
 def _child(header: dict[str, Any], environ: bytes, path: bytes, job: bytes) -> int:
-    try:
-        os.chdir(header["cwd"])
-    except OSError:
-        pass  # the folder is gone: the task runs where the server is, as a fork would not notice
+    # The caller's folder is entered by `run_pickled` (`paths.restore`), once its path is in place.
     os.environ.clear()
     os.environ.update(pickle.loads(environ))
     return run_pickled(path, job)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import subprocess
-import sys
 from typing import Any, Protocol
 
 from nbbgtask.core import wire as _wire
 from nbbgtask.core.trust import check_id, open_owned
 from nbbgtask.task.detach import fork_detached
+from nbbgtask.task.paths import interpreter, sender
 from nbbgtask.task.runner import Job, pickled, run_job
 
 __all__ = ["Starter", "STARTERS", "open_log", "pickle_job"]
@@ -74,11 +73,11 @@ class _Fork:
 
 def pickle_job(job: Job, where: str) -> None:
     """Pickle ``job`` for a process that does not share this one's memory (``where``, for the
-    error): the caller's sys.path and the job, into ``job.payload``."""
+    error): the caller's sys.path and folder (`paths.sender`) and the job, into ``job.payload``."""
     how = job.record.get("start_reason") or ""
     why = f" (chosen by {how})" if how.startswith("start_method='auto'") else ""
     advice = ", or force start_method='fork', which copies this process as it is, at its own risk"
-    job.payload = (pickle.dumps(list(sys.path)), pickled(job, where + why, advice))
+    job.payload = (sender(), pickled(job, where + why, advice))
 
 
 class _Spawn:
@@ -92,12 +91,14 @@ class _Spawn:
         assert frames is not None, "prepare(job) first"
         log = _open_log(job)
         try:
+            # In "/", with a sys.path free of the caller's folder (`paths`): the task enters the
+            # caller's folder only once nbbgtask and what it needs are imported.
             popen = subprocess.Popen(
-                [sys.executable, "-m", "nbbgtask.local.spawn"],
+                interpreter("from nbbgtask.local.spawn import entry; entry()"),
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
-                cwd=os.getcwd(),
+                cwd="/",
                 start_new_session=True,
                 close_fds=True,
             )

@@ -32,7 +32,12 @@ def main() -> int:
     return run_pickled(path, job)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Run as the task's process (never returns): ``python -P -c "...; entry()"`` (`paths.interpreter`)."""
     from nbbgtask.task.runner import exit_child
 
     exit_child(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -18,6 +18,8 @@ from nbbgtask.core.states import State
 from nbbgtask.core.validate import whole_number
 from nbbgtask.notebook import refresher as _refresher
 from nbbgtask.notebook.bar import bar_style
+from nbbgtask.store.files import log_path
+from nbbgtask.store.tail import last_lines
 
 __all__ = ["Monitor", "monitor"]
 
@@ -25,6 +27,8 @@ __all__ = ["Monitor", "monitor"]
 #: kernel (the refresher holds the GIL while it works): the next rounds make the rest
 ROW_BUDGET = 0.02
 LOG_LINES = 15
+#: ... and at most this many bytes of them (a note says what was left out)
+LOG_BYTES = 16 * 1024
 
 
 class _Row:
@@ -59,7 +63,13 @@ class _Row:
             self.refresh_log()
 
     def refresh_log(self) -> None:
-        text = self.status.log(tail=LOG_LINES) or "(nothing printed yet)"
+        # Bytes as well as lines: one line of a \r progress meter can be megabytes, and this is
+        # sent to the browser every round while the Log is open.
+        try:
+            text = last_lines(log_path(self.status.home, self.status.id), LOG_LINES, LOG_BYTES)
+        except FileNotFoundError:
+            text = ""
+        text = text or "(nothing printed yet)"
         value = f'<pre style="margin:0 0 0 18em;max-height:15em;overflow:auto">{html.escape(text)}</pre>'
         if self.log.value != value:
             self.log.value = value

@@ -89,7 +89,7 @@ def append_line(home: Path | str, task_id: str, line: str) -> None:
     output received so far, and held to `MAX_FILE`."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return
     if not _valid(record):
         return
@@ -131,7 +131,7 @@ def parse_lines(raw: bytes) -> list[dict[str, Any]]:
     for line in raw.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a line nested past the parser's depth: skipped too
             continue
         if _valid(record):
             found.append(record)

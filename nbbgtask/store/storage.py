@@ -8,6 +8,7 @@ are, their locks, and what a task's life does to its record are the store's (`_s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -20,6 +21,7 @@ from nbbgtask.core import record as _record
 from nbbgtask.core.errors import StoreError
 from nbbgtask.core.trust import open_owned
 from nbbgtask.store.files import atomic_write
+from nbbgtask.store.salvage import salvage_records
 
 __all__ = ["SCHEMA_VERSION", "TASKS", "AtomicJSONStorage", "Damaged", "open_table", "storage_of"]
 
@@ -67,8 +69,16 @@ class AtomicJSONStorage(Storage):
             return None
         try:
             data = json.loads(raw)
-        except ValueError as exc:
-            raise Damaged(f"not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            # Invalid UTF-8, a cut end, or nesting deeper than the parser goes (a RecursionError,
+            # which would otherwise break every read that lists this file): this file alone is
+            # damaged, and each of its records that is still whole is kept (`salvage_records`).
+            kept, lost = salvage_records(raw)
+            what = "nested too deep to parse" if isinstance(exc, RecursionError) else f"not valid JSON ({exc})"
+            if lost:
+                what += f"; {lost} damaged record(s) could not be read"
+            salvage = {TASKS: kept} if kept else None
+            raise Damaged(what, salvage=salvage) from None
         if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
             raise Damaged("not a TinyDB document")
         meta = data.get(_META, {}).get("1", {})
@@ -134,6 +144,8 @@ class AtomicJSONStorage(Storage):
         except OSError as exc:
             self.session = None
             self._cache = (None, None, None)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"cannot write the nbbgtask store {self.path}: {full_disk(directory, exc)}") from None
             raise StoreError(
                 f"cannot write the nbbgtask store {self.path}: {exc.strerror or exc}. "
                 f"The store is unchanged; free some space or fix the folder's permissions."
@@ -178,6 +190,24 @@ class AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         pass
+
+
+def full_disk(directory: str, exc: OSError) -> str:
+    """What to say when a write found no room: which disk is full, and what to do."""
+    mount = os.path.realpath(directory)
+    while not os.path.ismount(mount) and mount != os.path.dirname(mount):
+        mount = os.path.dirname(mount)
+    try:
+        st = os.statvfs(directory)
+        free = f"{st.f_bavail * st.f_frsize:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    what = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
+    return (
+        f"{what} ({exc.strerror}; the file system mounted at {mount}, {free}). The store is "
+        f"unchanged and no new task is started; free some space there (bg.prune() forgets "
+        f"finished tasks with their logs and results)."
+    )
 
 
 #: one encoder for every write (json.dumps would make a new one each time)

@@ -1,11 +1,16 @@
-"""Reading the end of a task's log: `last_lines` (``status.log(tail=N)``, ``nbbgtask logs -n``),
-and `Tail`, what a task's bar shows under it: the tail of its log and its outputs, in order,
-bounded (the outputs file's format is `nbbgtask.store.outputs`).  Both read from the end, so a
-log of gigabytes costs what its last lines do."""
+"""Reading a task's log back, every way bounded: `last_lines` (``status.log(tail=N)``, ``nbbgtask
+logs -n``, the monitor's Log), `read_log` (``status.log()``), `follow` (``nbbgtask logs -f``: by
+byte offset), and `Tail`, what a task's bar shows under it: the tail of its log and its outputs, in
+order (the outputs file's format is `nbbgtask.store.outputs`).  The tail reads from the end, so a
+log of gigabytes costs what its last lines do.
+
+A log over its cap has a hole where its middle was (`nbbgtask.task.logcap`); every reader here
+skips holes (``SEEK_DATA``/``SEEK_HOLE``), so none reads the gigabytes of zeros a hole would give."""
 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,10 @@ from nbbgtask.core.trust import open_owned
 from nbbgtask.store.files import log_path, outputs_path
 from nbbgtask.store.outputs import MAX_FILE, STARTED_NOTE, parse_lines
 
-__all__ = ["TAIL_BYTES", "TAIL_DISPLAYS", "TAIL_LINES", "Tail", "last_lines", "LAST_LINES_BYTES"]
+__all__ = [
+    "TAIL_BYTES", "TAIL_DISPLAYS", "TAIL_LINES", "Tail", "last_lines", "LAST_LINES_BYTES", "read_log", "follow",
+    "FOLLOW_BYTES",
+]
 
 
 # -- reading them back ---------------------------------------------------------------------------
@@ -25,6 +33,33 @@ LAST_LINES_BYTES = 1024 * 1024
 _BLOCK = 65536
 
 
+#: at most this many separate stretches of data are looked for in a log (a capped log has two)
+_MAX_RANGES = 64
+
+
+def _data_ranges(fd: int, start: int, size: int) -> list[tuple[int, int]]:
+    """The stretches ``[begin, end)`` of ``fd`` between ``start`` and ``size`` that hold data, not a
+    hole; the whole span where the file system cannot tell (two ``lseek`` calls for a plain file)."""
+    ranges: list[tuple[int, int]] = []
+    pos = start
+    while pos < size:
+        if len(ranges) >= _MAX_RANGES:
+            ranges.append((pos, size))
+            break
+        try:
+            begin = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, begin, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here on
+                break
+            return [*ranges, (pos, size)]  # no hole support here: all of it is data
+        if begin >= size:
+            break
+        ranges.append((begin, end))
+        pos = end
+    return ranges
+
+
 def last_lines(path: Path | str, lines: int, max_bytes: int = LAST_LINES_BYTES) -> str:
     """The last ``lines`` lines of a log, read backwards in blocks (each byte once), and at most
     ``max_bytes`` of them: a longer tail (a ``\r`` progress meter, one huge print) starts with a
@@ -33,22 +68,95 @@ def last_lines(path: Path | str, lines: int, max_bytes: int = LAST_LINES_BYTES) 
         return ""
     fd = open_owned(path)
     try:
-        pos = os.fstat(fd).st_size
+        ranges = _data_ranges(fd, 0, os.fstat(fd).st_size)
         blocks: list[bytes] = []
-        newlines = total = 0
-        while pos > 0 and newlines <= lines and total < max_bytes:
-            step = min(_BLOCK, pos, max_bytes - total)
-            pos -= step
-            block = os.pread(fd, step, pos)
-            blocks.append(block)
-            newlines += block.count(b"\n")
-            total += len(block)
+        newlines = total = before = 0
+        for index in range(len(ranges) - 1, -1, -1):
+            begin, pos = ranges[index]
+            while pos > begin and newlines <= lines and total < max_bytes:
+                step = min(_BLOCK, pos - begin, max_bytes - total)
+                pos -= step
+                block = os.pread(fd, step, pos)
+                blocks.append(block)
+                newlines += block.count(b"\n")
+                total += len(block)
+            if newlines > lines or total >= max_bytes:
+                before = pos - begin + sum(e - b for b, e in ranges[:index])
+                break
     finally:
         os.close(fd)
     kept = b"".join(reversed(blocks)).decode("utf-8", errors="replace").splitlines(keepends=True)[-lines:]
-    if pos > 0 and newlines <= lines:  # the byte bound, not the line count, ended the read
-        kept.insert(0, f"[nbbgtask: {pos:,} earlier bytes of this log are not shown: the tail is held to {max_bytes:,} bytes]\n")
+    if before > 0 and newlines <= lines:  # the byte bound, not the line count, ended the read
+        kept.insert(0, f"[nbbgtask: {before:,} earlier bytes of this log are not shown: the tail is held to {max_bytes:,} bytes]\n")
     return "".join(kept)
+
+
+def read_log(path: Path | str, max_bytes: int) -> bytes:
+    """The whole log, holes skipped; one of more than ``max_bytes`` gives its first and last
+    ``max_bytes // 2`` with a line between saying how much was left out."""
+    fd = open_owned(path)
+    try:
+        ranges = _data_ranges(fd, 0, os.fstat(fd).st_size)
+        total = sum(end - begin for begin, end in ranges)
+        if total <= max_bytes:
+            return _window(fd, ranges, 0, total)
+        half = max_bytes // 2
+        head, tail = _window(fd, ranges, 0, half), _window(fd, ranges, total - half, total)
+    finally:
+        os.close(fd)
+    note = f"\n[nbbgtask: {total - 2 * half:,} bytes of this log are not shown here: it is read up to {max_bytes:,} bytes]\n"
+    return head + note.encode() + tail
+
+
+def _window(fd: int, ranges: list[tuple[int, int]], lo: int, hi: int) -> bytes:
+    """Bytes ``lo`` to ``hi`` of the log's data (its holes left out)."""
+    parts, seen = [], 0
+    for begin, end in ranges:
+        start, stop = max(lo, seen), min(hi, seen + end - begin)
+        if start < stop:
+            parts.append(_pread_all(fd, begin + start - seen, stop - start))
+        seen += end - begin
+    return b"".join(parts)
+
+
+def _pread_all(fd: int, offset: int, length: int) -> bytes:
+    chunks = []
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 24), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
+#: `follow` returns at most this many bytes per call
+FOLLOW_BYTES = 1024 * 1024
+
+
+def follow(path: Path | str, offset: int, max_bytes: int = FOLLOW_BYTES) -> tuple[bytes, int]:
+    """What the log holds from byte ``offset`` on (at most ``max_bytes``), and the offset to ask
+    from next time: ``nbbgtask logs -f`` calls this in a loop and decodes the bytes itself (an
+    incremental decoder), so an invalid byte never moves the offset and no line is ever lost.
+    Where the log was cut at its cap since the last call (the offset now falls in a hole), the
+    answer starts with a line saying how much was dropped, and the data after it."""
+    fd = open_owned(path)
+    try:
+        size = os.fstat(fd).st_size
+        if offset >= size:
+            return b"", min(offset, size)  # a log is never truncated; a smaller one is another file
+        ranges = _data_ranges(fd, offset, size)
+        if not ranges:
+            return b"", offset
+        begin, end = ranges[0]
+        data = _pread_all(fd, begin, min(end - begin, max_bytes))
+    finally:
+        os.close(fd)
+    note = b""
+    if begin > offset:
+        note = f"\n[nbbgtask: {begin - offset:,} bytes of this log were dropped before they were read (log_max)]\n".encode()
+    return note + data, begin + len(data)
 
 
 #: the printed output shown under a bar: at most this many lines ...

@@ -20,7 +20,11 @@ How each limit holds, and why this way:
   counts the inherited heap too, and both are per process, not per tree.  Not a cgroup: one is
   writable only where systemd delegates it, which a notebook server seldom has.  The cost: the
   watcher samples (every 0.1 s, longer if a sample is costly), so one fast allocation can go past
-  the cap before it is seen; the OOM score below covers what a sample misses.
+  the cap before it is seen.  What a sample misses the kernel's own accounting catches at the
+  end (`HighWater`): the task's peak resident memory (VmHWM, reset when the task starts, since a
+  forked child inherits its parent's) and that of its children (``RUSAGE_CHILDREN``), so a burst
+  that was freed again before a sample still ends the task ``failed``, never ``complete``, and
+  ``peak_memory`` is the true peak.  The OOM score below covers a burst the machine cannot hold.
 - **the OOM killer**: every task raises its ``oom_score_adj`` to 1000 (raising needs no
   privilege; children inherit it), so when the machine runs out of memory the task, not the
   kernel, is killed; a task killed by SIGKILL while the machine's OOM kill count rose is recorded
@@ -44,6 +48,7 @@ from typing import Any
 import psutil
 
 from nbbgtask.core.limits import LimitExceeded, MemoryLimitExceeded, TimeLimitExceeded, memory_text, timeout_text
+from nbbgtask.core.procs import own_process
 from nbbgtask.task.memwatch import tree as _tree
 from nbbgtask.task.resources import forget, process
 
@@ -67,6 +72,73 @@ def raise_oom_score() -> None:
             os.write(fd, str(OOM_SCORE_ADJ).encode())
         finally:
             os.close(fd)
+
+
+def _proc_status(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status given in kB, in bytes (plain system calls: no file object)."""
+    found: dict[str, int] = {}
+    try:
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+    except OSError:
+        return found
+    for line in text.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if name.decode() in fields:
+            with contextlib.suppress(ValueError, IndexError):
+                found[name.decode()] = int(value.split()[0]) * 1024
+    return found
+
+
+class HighWater:
+    """The task's peak memory as the kernel counted it: read at the end, so nothing between two
+    samples escapes it (Linux; elsewhere it reads nothing and the samples stand alone).
+
+    A forked child starts with its parent's high-water mark (its resident set at the fork), so
+    the mark is reset at the task's start (``5`` to ``/proc/self/clear_refs``), and what counts is
+    the growth over the resident set then, plus what was private to the task then (its USS, read
+    only when there is a cap to hold).  That is a lower bound of the peak USS the cap is about:
+    memory the task shared with the kernel and then wrote (copy-on-write) is not in it.  Children
+    (``RUSAGE_CHILDREN``: the largest one reaped, not their sum) count past what they shared with
+    the task, so a forked helper is not charged for the pages it inherited.
+    """
+
+    def __init__(self, exact: bool) -> None:
+        self.reset = False
+        with contextlib.suppress(OSError):
+            fd = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"5")
+                self.reset = True
+            finally:
+                os.close(fd)
+        self.rss = _proc_status("VmRSS").get("VmRSS", 0)
+        self.uss: int | None = None
+        if exact and self.reset:
+            with contextlib.suppress(psutil.Error):
+                self.uss = psutil.Process().memory_full_info().uss
+        self.children: int | None = None
+
+    def note_children(self) -> None:
+        """Read the children's mark now (before the memory watcher, a child too, is reaped)."""
+        import resource
+
+        self.children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+    def peak(self) -> int | None:
+        """The task's peak private memory by the kernel's count, or ``None`` where it cannot tell."""
+        if not self.reset:
+            return None
+        hwm = _proc_status("VmHWM").get("VmHWM")
+        if hwm is None:
+            return None
+        own = max(0, hwm - self.rss) + (self.uss or 0)
+        if self.uss is not None and self.children:
+            own = max(own, self.children - max(0, self.rss - self.uss))
+        return own
 
 
 def _tree_memory(pid: int) -> tuple[int, int]:
@@ -111,9 +183,11 @@ class Enforcer:
         #: when the task began (made just before it starts): the peak's first sample is due
         #: `PEAK_EVERY` after this
         self._began = time.monotonic()
+        self._high_water: HighWater | None = None
 
     def start(self) -> None:
         raise_oom_score()
+        self._high_water = HighWater(exact=self.memory is not None)
         if self.timeout is not None:
             signal.signal(signal.SIGALRM, self._on_alarm)
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
@@ -146,6 +220,8 @@ class Enforcer:
                     repr(self.grace),
                     repr(MEMORY_EVERY),
                     repr(0 if self.timeout is None else time.time() + self.timeout + self.grace),
+                    # the watcher signals only what it proves to be this task (a pid may be reused)
+                    repr(own_process()["pid_started"] if self._pid == os.getpid() else 0),
                 ],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
@@ -184,6 +260,8 @@ class Enforcer:
         return self.breach
 
     def stop(self) -> None:
+        if self._high_water is not None and self.memory is not None:
+            self._high_water.note_children()
         if self.timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
             faulthandler.cancel_dump_traceback_later()
@@ -198,6 +276,17 @@ class Enforcer:
             except subprocess.TimeoutExpired:
                 self._watcher.kill()
                 self._watcher.wait()
+
+    def settle(self) -> LimitExceeded | None:
+        """After `stop`: the peak by the kernel's own count; a memory breach that no sample saw
+        (a burst freed again in between) becomes the task's breach, so it never ends complete."""
+        found = self._high_water.peak() if self._high_water is not None else None
+        if found is None:
+            return self.breach
+        self.peak = max(self.peak or 0, found)
+        if self.memory is not None and self.breach is None and found > self.memory:
+            self.breach = MemoryLimitExceeded(memory_text(self.memory, self.peak).split(": ", 1)[1])
+        return self.breach
 
     def _on_alarm(self, signum: int, frame: Any) -> None:
         assert self.timeout is not None

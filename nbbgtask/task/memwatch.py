@@ -1,6 +1,7 @@
 """The watcher of a task with limits: a small process of its own, run by path
-(``python .../memwatch.py PID LIMIT GRACE INTERVAL DEADLINE``), so it imports psutil and nothing
-of nbbgtask.  LIMIT 0: no memory limit; DEADLINE (seconds since the epoch, 0: none): the task's
+(``python .../memwatch.py PID LIMIT GRACE INTERVAL DEADLINE STARTED``), so it imports psutil and
+nothing of nbbgtask.  STARTED is the task's start time: every signal goes only to what is proved to
+be the task just before it is sent (`_signal`).  LIMIT 0: no memory limit; DEADLINE (seconds since the epoch, 0: none): the task's
 timeout plus its grace, when the watcher kills the task's whole group (the task itself stops at
 its timeout; this is for one that cannot, blocked in C with the GIL held, and for what it started).
 
@@ -61,12 +62,39 @@ def _uss(pid: int, me: int) -> int:
     return total
 
 
-def _signal(pid: int, sig: int) -> None:
+def _is_task(pid: int, started: float | None) -> bool:
+    """``pid`` is still the task: its start time, this user's, not a zombie (read just now)."""
+    import psutil
+
+    if started is None:
+        return False
     try:
-        if os.getpgid(pid) == pid:
+        proc = psutil.Process(pid)
+        return (
+            abs(proc.create_time() - started) <= 0.05
+            and proc.uids().effective == os.geteuid()
+            and proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except (psutil.Error, OSError):
+        return False
+
+
+def _signal(pid: int, sig: int, started: float | None) -> None:
+    """Signal the task's group, or the task alone if it leads none; nothing unless it is proved.
+
+    This watcher is a member of the task's group (the task started it): a group's id is never
+    given to another process while the group has a member, so while this process is in group
+    ``pid`` that group is the task's, even once the task itself has ended (what it started is
+    left).  Otherwise the task's own start time and user are checked just before the signal, so a
+    reused pid is never signalled."""
+    try:
+        if os.getpgrp() == pid:
             os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
+        elif _is_task(pid, started):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
     except OSError:
         pass
 
@@ -74,6 +102,7 @@ def _signal(pid: int, sig: int) -> None:
 def main(argv: list[str]) -> int:
     pid, limit, grace, interval = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3])
     deadline = float(argv[4]) if len(argv) > 4 and float(argv[4]) > 0 else None
+    started = float(argv[5]) if len(argv) > 5 and float(argv[5]) > 0 else None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM is for the task
     me = os.getpid()
     channel = 0
@@ -87,7 +116,7 @@ def main(argv: list[str]) -> int:
             return 0  # the task has ended
         if deadline is not None and time.time() >= deadline:
             print("nbbgtask: the task did not stop within the grace after its timeout; killing it", file=sys.stderr, flush=True)
-            _signal(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL, started)
             return 0
         if not limit:
             pause = 3600.0
@@ -107,13 +136,13 @@ def main(argv: list[str]) -> int:
                 os.write(channel, f"B {peak}\n".encode())
             except OSError:
                 return 0
-            _signal(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM, started)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 ready, _, _ = select.select([channel], [], [], max(0.0, deadline - time.monotonic()))
                 if ready and not os.read(channel, 4096):
                     return 0  # it stopped within the grace
-            _signal(pid, signal.SIGKILL)  # this process too, if it is in the group
+            _signal(pid, signal.SIGKILL, started)  # this process too, if it is in the group
             return 0
         if peak > reported + (1 << 20):
             reported = peak

@@ -41,8 +41,12 @@ class Reporter:
     the writer thread also brings ``cancel_requested`` back.
     """
 
-    def __init__(self, job: Any, sink: Any, later: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, job: Any, sink: Any, later: Callable[[], None] | None = None, tick: Callable[[], Any] | None = None
+    ) -> None:
         self.task_id = job.task_id
+        #: called from the writer thread every round (the log's cap: `nbbgtask.task.logcap`)
+        self._tick = tick
         #: called once from the writer thread after its first interval: what only a task that
         #: runs that long needs (the peak sampler's thread)
         self._later = later
@@ -167,6 +171,11 @@ class Reporter:
                 try:
                     stream.flush()
                 except Exception:
+                    pass
+            if self._tick is not None:
+                try:
+                    self._tick()
+                except Exception:  # the cap must never end the task
                     pass
             if pace is not None:
                 interval = pace(base)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import _signal
 import asyncio
 import base64
-import contextlib
 import dataclasses
+import errno
 import faulthandler
 import inspect
 import os
@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from nbbgtask.core import limits as _limits
 from nbbgtask.core.errors import StoreError
 from nbbgtask.core.notify import Notify
-from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process
+from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process, signal_left_group
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import redactor
 from nbbgtask.store import outputs as _stored_outputs
@@ -31,6 +31,7 @@ from nbbgtask.task import notify as _notify
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task import tqdm_capture as _tqdm_capture
 from nbbgtask.task.limits import Enforcer
+from nbbgtask.task.logcap import DEFAULT_LOG_MAX, LogCap
 from nbbgtask.task.reporter import Reporter
 
 __all__ = [
@@ -63,6 +64,8 @@ class Job:
     limits: dict[str, Any] | None = None
     #: seconds a task stopped by a limit gets after SIGTERM before it is killed (as a cancel's)
     cancel_grace: float = 3.0
+    #: bytes the task's log is held to (`nbbgtask.task.logcap`); None: the default
+    log_max: int | None = None
     #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: where word of its end goes (a webhook URL: a secret, in memory only; `nbbgtask.task.notify`)
@@ -114,6 +117,8 @@ class StoreSink:
         self._job = job
         self._store = store_for(job.home)
         self._write_output: Callable[[bytes], None] | None = None
+        #: the cap on the task's log (fds 1 and 2): `nbbgtask.task.logcap`
+        self.logcap = LogCap(job.log_max if job.log_max is not None else DEFAULT_LOG_MAX)
 
     def interval(self, base: float) -> float:
         """Seconds until the next progress write: longer when many tasks are live,
@@ -130,7 +135,14 @@ class StoreSink:
         return bool(record and (record.get("cancel_requested") or State(record["state"]).is_final))
 
     def save_result(self, data: bytes) -> None:
-        atomic_write(result_path(self._job.home, self._job.task_id), data, durable=True)
+        path = result_path(self._job.home, self._job.task_id)
+        try:
+            atomic_write(path, data, durable=True)
+        except OSError as exc:
+            # A full disk: the log gives way to the result (only its last part is kept), once.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.logcap.check(keep=_FULL_DISK_TAIL):
+                raise
+            atomic_write(path, data, durable=True)
 
     def output(self, line: bytes) -> None:
         """One of the task's outputs (`_outputs`), into its outputs file."""
@@ -272,7 +284,8 @@ def run_job(job: Job, sink: Any = None) -> int:
         _notify.expect(job.task_id, job.notify)
     sink = StoreSink(job) if sink is None else sink
     enforcer = Enforcer(job.limits, job.cancel_grace, sink.progress)
-    reporter = Reporter(job, sink, later=enforcer.start_sampler)
+    logcap: LogCap | None = getattr(sink, "logcap", None)
+    reporter = Reporter(job, sink, later=enforcer.start_sampler, tick=logcap.check if logcap is not None else None)
     status = job.make_status(dict(job.record), job.home, reporter)
     _current, _current_reporter = status, reporter
     _tqdm_capture.install()  # tqdm's bars in the task report to its status, in lines in its log
@@ -303,11 +316,16 @@ def run_job(job: Job, sink: Any = None) -> int:
         finally:
             finishing = True
             enforcer.stop()
+            enforcer.settle()  # the peak by the kernel's own count, before any error names it
             # A cancel asked for before the task ended wins over however it then ended.
             cancelled = reporter.cancel_requested
             if not cancelled and output is not None:
                 _outputs.finish()  # figures left open are shown, as at the end of a cell
+        if enforcer.breach is not None and not cancelled:
+            raise enforcer.breach  # a cap passed between two samples: the kernel's count says so
         fields = {"state": State.COMPLETE.value}
+        if logcap is not None:
+            logcap.check()  # the result and the end are written before the log may grow further
         if not cancelled:
             fields.update(_save_result(sink, value))
     except _Terminated:
@@ -348,7 +366,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     if enforcer.peak is not None:
         fields["peak_memory"] = enforcer.peak
     try:
-        sink.finish(fields)
+        _finish(sink, fields, logcap)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
         try:
             print(redact(f"nbbgtask: the task ended {fields['state']}, but that could not be recorded: {exc}"), file=sys.stderr)
@@ -363,6 +381,27 @@ def run_job(job: Job, sink: Any = None) -> int:
                 pass
     return 0
 
+
+
+#: seconds between attempts to record a task's end that could not be written (a full disk): about
+#: 15 s in all, for room to be made, before the task leaves its end to its reaper
+FINISH_RETRIES = (0.1, 0.3, 1.0, 2.0, 4.0, 8.0)
+#: bytes of the log kept when the disk is too full for a task's result or end
+_FULL_DISK_TAIL = 64 * 1024
+
+
+def _finish(sink: Any, fields: dict[str, Any], logcap: LogCap | None) -> None:
+    """Record the task's end, retried while the store cannot be written; the log gives way first."""
+    for delay in (*FINISH_RETRIES, None):
+        try:
+            sink.finish(fields)
+            return
+        except StoreError:
+            if delay is None:
+                raise
+            if logcap is not None:
+                logcap.check(keep=_FULL_DISK_TAIL)
+            time.sleep(delay)
 
 
 def exit_child(main: Callable[[], int]) -> NoReturn:
@@ -392,11 +431,14 @@ def exit_child(main: Callable[[], int]) -> NoReturn:
 
 def run_pickled(path: bytes, job: bytes) -> int:
     """Run a job sent as pickles (by spawn, or through the fork server): ``path`` is the sender's
-    sys.path, put in place first, since the job's pickle names the sender's modules by reference."""
+    sys.path and folder (`paths.sender`), put in place first, since the job's pickle names the
+    sender's modules by reference."""
     import pickle
 
     from nbbgtask.core import config as _config
-    sys.path[:] = pickle.loads(path)
+    from nbbgtask.task.paths import restore
+
+    restore(path)
     _outputs.prepare()  # before the job is unpickled: its display() is then this process's
     loaded: Job = pickle.loads(job)
     _config.settings().home = loaded.home
@@ -418,7 +460,6 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
         error = f"the task process {pid} ended without reporting" if code is None else describe_exit(pid, code)
         fields = {"state": State.FAILED.value, "error": _limits.explain(record, error, code)}
         if fields["error"] != error:  # a limit (or the OOM killer) ended it: end what it started too
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            signal_left_group(pid, signal.SIGKILL)  # only while the group is provably still the task's
     store.finalize(task_id, {**fields, "finished": time.time()})  # word of it goes out from here
     _notify.forget(task_id)
