@@ -301,13 +301,13 @@ def _nested_bars(epochs, batches):
     from tqdm.auto import tqdm
 
     status = bg.current()
-    writes = _counted_writes()
+    writer = _counted_writes()
     seen = set()
     # mininterval=0: each bar's count is its true one at every write, not one tqdm last drew
     for _ in tqdm(range(epochs), desc="epochs", mininterval=0):
         for batch in tqdm(range(batches), desc="batches", leave=False, mininterval=0):
             if batch in (0, batches // 2):
-                _await_writes(writes, 1)
+                _await_writes(writer, 1)
                 seen.add((status.percent, status.message.split(" [")[0]))
     return sorted(seen)
 
@@ -363,23 +363,23 @@ def _both_report():
     from tqdm import tqdm
 
     status = bg.current()
-    writes = _counted_writes()
+    writer = _counted_writes()
     seen = {}
     bar = tqdm(total=10, desc="bar", mininterval=0)
     bar.update(4)
     _await(lambda: status.percent == 40)
     seen["bar moved"] = (status.percent, status.message.split(" [")[0])
     bg.progress(90, "mine")
-    _await_writes(writes, 3)  # the bar has not moved since, so the task's report stays
+    _await_writes(writer, 3)  # the bar has not moved since, so the task's report stays
     seen["reported since"] = (status.percent, status.message)
     bar.update(1)
     _await(lambda: status.percent == 50)
     seen["bar moved again"] = (status.percent, status.message.split(" [")[0])
-    with writes[1]:  # both change between the same two writes: a tie
+    with writer[1]:  # both change between the same two writes: a tie
         bar.update(1)
         bg.progress(message="both")
     _await(lambda: status.percent == 60)
-    _await_writes(writes, 2)
+    _await_writes(writer, 2)
     seen["both moved"] = (status.percent, status.message)
     bar.close()
     return seen
