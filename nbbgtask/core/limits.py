@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Any
 
+from nbbgtask.core.validate import shown
+
 __all__ = [
     "Limits",
     "LimitExceeded",
@@ -40,13 +42,13 @@ def _timeout(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"timeout must be a number of seconds above 0 (or None), got {value!r}")
+        raise ValueError(f"timeout must be a number of seconds above 0 (or None), got {shown(value)}")
     try:
         result = float(value)
     except OverflowError:
         result = math.inf
     if not (result > 0 and math.isfinite(result)):
-        raise ValueError(f"timeout must be a finite number of seconds above 0 (or None), got {value!r}")
+        raise ValueError(f"timeout must be a finite number of seconds above 0 (or None), got {shown(value)}")
     return result
 
 
@@ -54,7 +56,7 @@ def _memory(value: Any) -> int | None:
     if value is None:
         return None
     problem = ValueError(
-        f"memory must be a number of bytes above 0 or a size such as '512 MiB' or '4 GB' (or None), got {value!r}"
+        f"memory must be a number of bytes above 0 or a size such as '512 MiB' or '4 GB' (or None), got {shown(value)}"
     )
     if isinstance(value, str):
         match = _SIZE.fullmatch(value)
