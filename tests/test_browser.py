@@ -378,7 +378,7 @@ def test_the_tour_shows_a_live_bar_a_focus_cell_that_resumes_and_the_monitor(tou
     # (3) When the task completes, the cell below runs on and sees its result.
     resumed = outputs(page, 'print("resumed with", result)')
     resumed.get_by_text("resumed with paid").wait_for()
-    assert not holding.is_visible(), "the holding text should be replaced once the task completes"
+    expect(holding).to_have_count(0)  # replaced once the task completes: gone, not only hidden
 
     # (4) The monitor lists both tasks, each in its own row, with Cancel buttons.
     monitor = outputs(page, "bg.monitor()")
@@ -428,6 +428,15 @@ def test_the_focus_cell_keeps_the_finished_bar_in_place_of_the_holding_content(t
     outputs(page, 'print("resumed with", result)').get_by_text("resumed with").wait_for()
     focus = outputs(page, "bg.full_focus(")
     focus.get_by_text(re.compile(r"complete after")).wait_for(timeout=5_000)
+    # The holding content it was given (the cell shows its source: the text is the one to look
+    # for) has left the page, and so has the Cancel button: the one bar left is the finished one.
+    source = cell(page, "bg.full_focus(").locator(".jp-InputArea-editor")
+    assert 'holding="<b>Payment processing…</b>"' in source.inner_text()
+    expect(focus.get_by_text("Payment processing…")).to_have_count(0)
+    expect(focus.get_by_role("button", name="Cancel")).to_have_count(0)
+    bars = focus.locator(".widget-hprogress")
+    expect(bars).to_have_count(1)
+    assert bar_percent(bars) == 100.0
 
 
 def test_a_background_cell_shows_what_it_prints_and_plots_under_its_bar(browser, tmp_path):

@@ -296,22 +296,27 @@ def test_tqdm_progress_reaches_the_status_while_the_task_runs_and_the_log_keeps_
 
 
 def _nested_bars(epochs, batches):
+    """What the status says at writes made while an inner bar is live: twice an epoch, with the
+    inner bar moved between them."""
     from tqdm.auto import tqdm
 
     status = bg.current()
+    writer = _counted_writes()
     seen = set()
-    for _ in tqdm(range(epochs), desc="epochs"):
-        for _ in tqdm(range(batches), desc="batches", leave=False):
-            time.sleep(0.01)
-            seen.add((status.percent, status.message.split(" [")[0]))
+    # mininterval=0: each bar's count is its true one at every write, not one tqdm last drew
+    for _ in tqdm(range(epochs), desc="epochs", mininterval=0):
+        for batch in tqdm(range(batches), desc="batches", leave=False, mininterval=0):
+            if batch in (0, batches // 2):
+                _await_writes(writer, 1)
+                seen.add((status.percent, status.message.split(" [")[0]))
     return sorted(seen)
 
 
 def test_nested_tqdm_bars_the_outermost_one_reports(way):
     seen = bg.run(_nested_bars, 3, 30).result(timeout=60)
-    assert {message for _, message in seen} <= {"", "epochs: 0/3", "epochs: 1/3", "epochs: 2/3"}
-    assert {"epochs: 1/3", "epochs: 2/3"} <= {message for _, message in seen}
-    assert {round(percent, 6) for percent, message in seen if message} <= {0.0, round(100 / 3, 6), round(200 / 3, 6)}
+    assert {(round(percent, 6), message) for percent, message in seen} == {
+        (0.0, "epochs: 0/3"), (round(100 / 3, 6), "epochs: 1/3"), (round(200 / 3, 6), "epochs: 2/3"),
+    }
     status = bg.find_last()
     assert status.message.startswith("epochs: 3/3 [")
     lines = status.log()[len(started_line(status)):].splitlines()
@@ -327,26 +332,54 @@ def _await(predicate, timeout=20.0):
         time.sleep(0.02)
 
 
+def _counted_writes():
+    """In a task: a list that grows by one as each write of its progress writer thread ends (each
+    write also reads its tqdm bars), and a lock that, held, keeps the next write from starting."""
+    from nbbgtask.task.runner import current_reporter
+
+    reporter = current_reporter()
+    flush = reporter.flush
+    writes = []
+    writes_lock = threading.Lock()
+
+    def counted():
+        with writes_lock:
+            flush()
+            writes.append(time.monotonic())
+
+    reporter.flush = counted  # only the writer thread calls it
+    return writes, writes_lock
+
+
+def _await_writes(counted, n):
+    """In a task: wait until ``n`` more writes of its progress writer have ended."""
+    writes = counted[0]
+    start = len(writes)
+    _await(lambda: len(writes) >= start + n)
+
+
 def _both_report():
     """The rule: field by field, the most recent change wins; the task's own report wins a tie."""
     from tqdm import tqdm
 
     status = bg.current()
+    writer = _counted_writes()
     seen = {}
     bar = tqdm(total=10, desc="bar", mininterval=0)
     bar.update(4)
     _await(lambda: status.percent == 40)
     seen["bar moved"] = (status.percent, status.message.split(" [")[0])
     bg.progress(90, "mine")
-    time.sleep(0.5)  # several writes: the bar has not moved since, so the task's report stays
+    _await_writes(writer, 3)  # the bar has not moved since, so the task's report stays
     seen["reported since"] = (status.percent, status.message)
     bar.update(1)
     _await(lambda: status.percent == 50)
     seen["bar moved again"] = (status.percent, status.message.split(" [")[0])
-    bar.update(1)
-    bg.progress(message="both")  # with the bar's move, before the next write
+    with writer[1]:  # both change between the same two writes: a tie
+        bar.update(1)
+        bg.progress(message="both")
     _await(lambda: status.percent == 60)
-    time.sleep(0.3)
+    _await_writes(writer, 2)
     seen["both moved"] = (status.percent, status.message)
     bar.close()
     return seen

@@ -16,6 +16,9 @@ documented only by a code span (text in single backticks) there:
 
 Under "## Not yet available", the code spans in each item's bold lead name missing features:
 ``bg.X``, ``status.X``, ``start_method="X"``, ``nbbgtask X`` and ``%bgtask X`` must not exist.
+And what the code says is not available yet (a message such as "... is not available for Dask
+tasks yet", found in nbbgtask's string literals) is what that section quotes: each such message
+is quoted there, in double quotes, and each message quoted there is one the code gives.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from nbbgtask.core import config as _config
 from nbbgtask.core import errors as _errors
 
 API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+PACKAGE = Path(bg.__file__).resolve().parent
 NOT_YET = "## Not yet available"
 SPAN = re.compile(r"`([^`\n]+)`")
 
@@ -239,3 +243,48 @@ def test_what_is_listed_as_not_yet_available_does_not_exist() -> None:
         f"{API_MD.name} lists these as not yet available, but they exist: document them in the reference "
         f"and take them off the list: " + ", ".join(built)
     )
+
+
+#: how the code says a feature is not built yet ("reading its stack is not available for Dask tasks yet")
+NOT_YET_MESSAGE = re.compile(r"\bnot\b[^.:;]*?\bavailable\b[^.:;]*?\byet\b|\bnot yet (?:available|built|supported)\b", re.I)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, kinds) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+
+
+def _not_yet_in_code() -> dict[str, str]:
+    """Each message in nbbgtask's code that says something is not available yet: the clause of
+    the string literal (an f-string's fixed text) that says so -> the file and line."""
+    found: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in skip:
+                continue
+            for clause in re.split(r"[.:;]\s", node.value):
+                if NOT_YET_MESSAGE.search(clause):
+                    found[" ".join(clause.split())] = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+    return found
+
+
+def test_what_the_code_says_is_not_available_yet_is_what_the_docs_list() -> None:
+    """Issue 22: the list said "Nothing" while Dask's ``stack()`` raised "not available yet"."""
+    _, not_yet = _parts()
+    in_code = _not_yet_in_code()
+    quoted = {" ".join(q.split()) for q in re.findall(r'"([^"]+)"', not_yet)}
+    in_docs = {q for q in quoted if NOT_YET_MESSAGE.search(q)}
+    unlisted = {m: where for m, where in in_code.items() if m not in in_docs}
+    assert not unlisted, (
+        f"the code says these are not available yet, but {API_MD.name}'s {NOT_YET!r} does not quote "
+        f"them: " + "; ".join(f'"{m}" ({where})' for m, where in sorted(unlisted.items()))
+    )
+    gone = sorted(in_docs - set(in_code))
+    assert not gone, f"{API_MD.name}'s {NOT_YET!r} quotes messages the code no longer gives: {gone}"
+    leads = re.findall(r"^- \*\*(.+?)\*\*", not_yet, flags=re.MULTILINE)
+    assert not (leads and re.match(r"\s*Nothing\b", not_yet)), f"{NOT_YET} lists items, yet begins 'Nothing'"

@@ -2,8 +2,10 @@
 
 The property: whatever a caller passes, nbbgtask answers with a result or with one of the
 documented exceptions - TypeError, ValueError, bg.TaskNotFound (a KeyError) or another
-bg.NbbgtaskError - never with an exception from deep inside a dependency; and what it accepts
-behaves as documented.  Example counts are modest so that the file runs in well under a minute.
+bg.NbbgtaskError - raised by nbbgtask itself (the traceback's last frame is in nbbgtask/), a
+TypeError or ValueError with a message that names the argument; never with an exception from
+deep inside a dependency (a bare TypeError from iterating, a ValueError from int -> str), even
+of a documented type; and what it accepts behaves as documented.  Example counts are modest so that the file runs in well under a minute.
 
 The bugs this fuzzing found each have a test of their own at the end of this file, so a return is
 caught by name.  The figures are printed and appended to $NBBGTASK_FIGURES (JSON lines) when it
@@ -15,12 +17,15 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import decimal
+import inspect
 import json
 import math
 import os
+import re
 import secrets as _secrets
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,25 +44,67 @@ FUZZ = settings(
 )
 
 DOCUMENTED = (TypeError, ValueError, bg.NbbgtaskError)  # TaskNotFound is both a KeyError and one of these
+#: where nbbgtask's own code is: a documented exception must be raised here
+NBBGTASK = Path(bg.__file__).resolve().parent
+
+
+def raised_by_nbbgtask(exc: BaseException) -> bool:
+    """The last frame of ``exc``'s traceback (where it was raised) is in nbbgtask's own code,
+    not in a dependency or the standard library that nbbgtask called."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(NBBGTASK)
+
+
+def refusal_problem(exc: BaseException, arguments) -> str | None:
+    """Why ``exc`` is not one of nbbgtask's documented refusals of a call given ``arguments``
+    (parameter names), or ``None`` if it is: a documented type, raised by nbbgtask itself, and
+    (a TypeError or ValueError) with a message that names one of the arguments."""
+    if not isinstance(exc, DOCUMENTED):
+        return "not a documented exception"
+    if not raised_by_nbbgtask(exc):
+        return "raised inside a dependency, not by nbbgtask"
+    if isinstance(exc, (TypeError, ValueError)) and not isinstance(exc, bg.NbbgtaskError):
+        words = {spelling for name in arguments for spelling in (name, name.replace("_", " "))}
+        if not any(re.search(rf"\b{re.escape(word)}\b", str(exc)) for word in words):
+            return f"the message names none of the arguments ({', '.join(sorted(arguments))})"
+    return None
+
+
+def _arguments(fn, args, kwargs) -> set[str]:
+    """The names of the parameters a call gives values to."""
+    try:
+        return set(inspect.signature(fn).bind_partial(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return set(kwargs)
 
 
 class Tally:
     """Counts outcomes; ``unexpected`` lists what breaks the property."""
 
-    def __init__(self, documented=DOCUMENTED) -> None:
+    def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self.unexpected: list[str] = []
-        self._documented = documented
 
     def call(self, fn, *args, **kwargs):
-        """``(True, value)``, or ``(False, exception)`` for a documented exception."""
+        """``(True, value)``, or ``(False, exception)`` for an exception; one that is not a
+        documented refusal by nbbgtask itself (`refusal_problem`) is listed in ``unexpected``."""
         try:
             value = fn(*args, **kwargs)
         except Exception as exc:
-            if isinstance(exc, self._documented):
+            problem = refusal_problem(exc, _arguments(fn, args, kwargs))
+            if problem is None:
                 self.counts[type(exc).__name__] += 1
             else:
-                self.unexpected.append(f"{fn.__name__}(*{_short(args)}, **{_short(kwargs)}): {type(exc).__name__}: {exc}")
+                last = traceback.extract_tb(exc.__traceback__)[-1]
+                where = f"raised at {last.filename}:{last.lineno} in {last.name}"
+                self.unexpected.append(
+                    f"{getattr(fn, '__name__', fn)}(*{_short(args)}, **{_short(kwargs)}): "
+                    f"{type(exc).__name__}: {exc} - {problem}, {where}"
+                )
             return False, exc
         self.counts["accepted"] += 1
         return True, value
@@ -76,7 +123,10 @@ class Tally:
 
 
 def _short(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to write out
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>" if isinstance(value, int) else "<unwritable>"
     return text if len(text) < 120 else text[:117] + "..."
 
 
@@ -208,6 +258,10 @@ def test_fuzz_initiate_settings(home):
 # -- status.update / bg.progress / bg.track, inside one task process -------------------------------
 
 
+def _track_all(iterable, total, message):
+    return list(bg.track(iterable, total=total, message=message))
+
+
 def _fuzz_progress_inside(examples: int) -> dict:
     """Runs in the task's process: the fuzz loop, and what it found."""
     status = bg.current()
@@ -227,7 +281,7 @@ def _fuzz_progress_inside(examples: int) -> dict:
         elif which == "bg.progress":
             tally.call(bg.progress, percent, message)
         else:
-            tally.call(lambda: list(bg.track(range(3), total=total, message=message)))
+            tally.call(_track_all, range(3), total=total, message=message)
         p = status.percent
         if not (type(p) is float and 0.0 <= p <= 100.0):
             out_of_range.append(repr(p))
@@ -448,17 +502,19 @@ def test_fuzz_wait_result_and_log_arguments(home):
 
 def _progress_in_a_task(percent):
     """``bg.progress`` where it does something, in a task: the percent it then reports; a refusal
-    is raised again here."""
+    (checked in the task, where its traceback is) is raised again here."""
 
     def report():
         try:
             bg.progress(percent)
         except (TypeError, ValueError) as exc:
-            return exc
-        return bg.current().percent
+            return exc, refusal_problem(exc, {"percent"})
+        return bg.current().percent, None
 
-    got = bg.run(report).result(timeout=30)
+    got, problem = bg.run(report).result(timeout=30)
     if isinstance(got, Exception):
+        assert problem is None, f"{type(got).__name__}: {got} - {problem}"
+        got.checked_in_task = True
         raise got
     return got
 
@@ -495,6 +551,8 @@ def test_a_huge_integer_is_accepted_or_refused_clearly(home, call, parameter, ac
         got = call(kept)
     except (TypeError, ValueError) as exc:
         assert parameter in str(exc), f"the refusal does not name {parameter}: {exc}"
+        if not getattr(exc, "checked_in_task", False):
+            assert refusal_problem(exc, {parameter}) is None, f"{type(exc).__name__}: {exc} - {refusal_problem(exc, {parameter})}"
         assert _config.settings().__dict__ == before, "a refused call changed the settings"
         assert [s.id for s in bg.tasks(state="complete")][-1] == kept.id
     else:
@@ -536,6 +594,7 @@ def _try(fn, *args):
 
 
 def test_configure_with_a_dask_client_that_is_not_one_is_refused_clearly(home):
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises((TypeError, ValueError)) as info:
         bg.configure(dask_client=object())
+    assert refusal_problem(info.value, {"dask_client"}) is None, info.value
     assert _config.settings().backend == "local"

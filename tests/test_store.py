@@ -474,6 +474,22 @@ def test_a_task_still_ends_when_the_main_file_cannot_be_written(home):
     assert _shard_files(home, 9)[2:] == ({*ids, *late, *last}, None)
 
 
+def _seconds_to_first_progress_write() -> float | None:
+    """In a task: seconds from the start of its code to the first write its progress writer
+    makes, seen by counting the store's writes in this process (waits for it, up to 30 s)."""
+    writes: list[float] = []
+    original = _store.Store.patch
+
+    def counting(self, *args, **kwargs):
+        writes.append(time.monotonic())
+        return original(self, *args, **kwargs)
+
+    _store.Store.patch = counting
+    started = time.monotonic()
+    until(lambda: writes, timeout=30)
+    return writes[0] - started if writes else None
+
+
 def test_many_live_tasks_pace_a_new_tasks_first_write_too(home):
     """With 100 tasks live, each writes its progress every 0.5 s (`WRITE_SHARE`); the first
     write of a task started then keeps to that pace too, instead of coming after 0.1 s, so a
@@ -486,10 +502,11 @@ def test_many_live_tasks_pace_a_new_tasks_first_write_too(home):
         store.admit(record, float("inf"))
         fakes.append(record["id"])
     try:
-        status = bg.run(time.sleep, 0.8)
-        time.sleep(0.35)  # past three of the base intervals; the pace is 101 x 0.005 = 0.505 s
-        early = store.get(status.id)
-        assert early["pid"] is None and early.get("reported") is None, early
-        assert status.wait(30) and status.state == "complete" and status.pid is not None
+        status = bg.run(_seconds_to_first_progress_write)
+        first = status.result(timeout=60)
+        assert first is not None, "the task saw no progress write in 30 s"
+        # the pace is 101 x 0.005 = 0.505 s; the base interval, 0.1 s, would have written before 0.3 s
+        assert first >= 0.3, first
+        assert status.state == "complete" and status.pid is not None
     finally:
         store.remove(fakes)

@@ -25,7 +25,7 @@ from nbbgtask.core.procs import process_start_time
 from nbbgtask.core.record import new_record
 from nbbgtask.core.states import State
 from nbbgtask.core.validate import percent as check_percent
-from nbbgtask.core.validate import whole_number
+from nbbgtask.core.validate import shown, whole_number
 from nbbgtask.store.files import remove_task_files
 from nbbgtask.store.store import store_for
 from nbbgtask.task import runner as _runner
@@ -77,7 +77,7 @@ def _checked_name(name: Any, default: str) -> str:
     if name is None:
         return default
     if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"name must be a non-empty string, got {name!r}")
+        raise TypeError(f"name must be a non-empty string, got {shown(name)}")
     return name
 
 
@@ -279,7 +279,11 @@ def _states(state: Any) -> set[str] | None:
         return None
     if isinstance(state, (str, State)):
         return {State.parse(state).value}
-    return {State.parse(s).value for s in state}
+    try:
+        several = list(state)
+    except TypeError:
+        raise TypeError(f"state must be a state, its name, or a list of them, got {shown(state)}") from None
+    return {State.parse(s).value for s in several}
 
 
 def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -296,6 +300,8 @@ def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
 def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
     """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
     wanted = _states(state)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string (or None), got {shown(name)}")
     if limit is not None:
         whole_number(limit, "limit")
     home = _config.home()
@@ -338,7 +344,7 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     if older_than is not None and (
         isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than >= 0
     ):
-        raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {older_than!r}")
+        raise ValueError(f"older_than must be a timedelta or seconds, 0 or more, got {shown(older_than)}")
     home = _config.home()
     _config.verify_home(home)  # it deletes files: only in the home that was checked
     store = store_for(home)

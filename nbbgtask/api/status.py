@@ -23,7 +23,7 @@ from nbbgtask.core.record import TaskRecord
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import read_owned
 from nbbgtask.core.validate import percent as check_percent
-from nbbgtask.core.validate import seconds, whole_number
+from nbbgtask.core.validate import seconds, text, whole_number
 from nbbgtask.store.files import log_path, result_path
 from nbbgtask.store.store import store_for
 from nbbgtask.store.tail import last_lines, read_log
@@ -183,7 +183,7 @@ class TaskStatus:
             else:
                 reporter.percent = check_percent(percent)
         if message is not None:
-            reporter.message = message if type(message) is str else str(message)
+            reporter.message = message if type(message) is str else text(message, "message")
 
     # -- watching ----------------------------------------------------------------------------
 

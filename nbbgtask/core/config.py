@@ -10,7 +10,7 @@ from typing import Any
 
 from nbbgtask.core.trust import check_home
 from nbbgtask.core.trust import verify_home as verify
-from nbbgtask.core.validate import positive_seconds
+from nbbgtask.core.validate import positive_seconds, shown
 
 __all__ = ["Settings", "checked_changes", "apply", "settings", "home", "default_home", "ensure_home", "verify_home"]
 
@@ -114,7 +114,7 @@ def checked_changes(
     if start_method is not None:
         if start_method not in START_METHODS:
             raise ValueError(
-                f"start_method must be one of {', '.join(repr(m) for m in START_METHODS)}, got {start_method!r}"
+                f"start_method must be one of {', '.join(repr(m) for m in START_METHODS)}, got {shown(start_method)}"
             )
         changes["start_method"] = start_method
     if max_running is not None:
@@ -122,7 +122,7 @@ def checked_changes(
         if not (ok_int or (type(max_running) is float and max_running == math.inf)):
             raise ValueError(
                 f"max_running must be a whole number of tasks, 1 or more (math.inf for no limit), "
-                f"got {max_running!r}"
+                f"got {shown(max_running)}"
             )
         changes["max_running"] = max_running
     if refresh_interval is not None:
@@ -132,7 +132,7 @@ def checked_changes(
     if backend is not None or address is not None or dask_client is not None:
         chosen = backend or "dask"
         if chosen not in BACKENDS:
-            raise ValueError(f"backend must be 'local' or 'dask', got {backend!r}")
+            raise ValueError(f"backend must be 'local' or 'dask', got {shown(backend)}")
         if chosen == "dask" and address is None and dask_client is None:
             raise ValueError("backend='dask' needs address='tcp://host:8786' or dask_client=a distributed.Client")
         if chosen == "local" and (address is not None or dask_client is not None):
@@ -140,7 +140,7 @@ def checked_changes(
         if dask_client is not None and not (hasattr(dask_client, "submit") and hasattr(dask_client, "scheduler")):
             raise TypeError(f"dask_client must be a distributed.Client, got {type(dask_client).__name__}")
         if address is not None and not isinstance(address, str):
-            raise TypeError(f"address must be a string such as 'tcp://scheduler:8786', got {address!r}")
+            raise TypeError(f"address must be a string such as 'tcp://scheduler:8786', got {shown(address)}")
         changes["backend"] = chosen
     if limits is not None:
         from nbbgtask.core.limits import checked
@@ -153,6 +153,8 @@ def checked_changes(
     if log_max is not None:
         changes["log_max"] = _log_max(log_max)
     if home is not None:
+        if not isinstance(home, (str, os.PathLike)):
+            raise TypeError(f"home must be a path (a str or a pathlib.Path), got {shown(home)}")
         changes["home"] = ensure_home(Path(os.fspath(home)), create=create_home)
     return changes
 

@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any
 
-from nbbgtask.core.validate import positive_seconds
+from nbbgtask.core.validate import positive_seconds, shown
 
 __all__ = [
     "Limits",
@@ -55,7 +55,7 @@ def _memory(value: Any) -> int | None:
     if value is None:
         return None
     problem = ValueError(
-        f"memory must be a number of bytes above 0 or a size such as '512 MiB' or '4 GB' (or None), got {value!r}"
+        f"memory must be a number of bytes above 0 or a size such as '512 MiB' or '4 GB' (or None), got {shown(value)}"
     )
     if isinstance(value, str):
         match = _SIZE.fullmatch(value)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from nbbgtask.core.procs import own_process
 from nbbgtask.core.trust import redactor
 from nbbgtask.core.validate import percent as check_percent
+from nbbgtask.core.validate import text
 from nbbgtask.task import tqdm_capture as _tqdm_capture
 
 __all__ = ["Reporter"]
@@ -86,7 +87,7 @@ class Reporter:
         if percent is not None:
             self.percent = check_percent(percent)
         if message is not None:
-            self.message = message if type(message) is str else str(message)
+            self.message = message if type(message) is str else text(message, "message")
 
     def track(self, iterable: Iterable[T], total: int | None, message: str | None) -> Iterator[T]:
         if total is None:
