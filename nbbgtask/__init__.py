@@ -45,6 +45,11 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter server extension (`nbbgtask.server`, imported only by jupyter_server)."""
+    return [{"module": "nbbgtask.server"}]
+
+
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext nbbgtask``: the ``%bgtask`` and ``%%bgtask`` magics."""
     from ._magic import load_ipython_extension as load
