@@ -45,9 +45,11 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    """The Jupyter server extension (`nbbgtask.server`, imported only by jupyter_server)."""
-    return [{"module": "nbbgtask.server"}]
+def _jupyter_server_extension_points() -> list[dict[str, object]]:
+    """The Jupyter server extension, `nbbgtask.server` (imported here, when jupyter_server asks)."""
+    from .server import Nbbgtask
+
+    return [{"module": "nbbgtask.server", "app": Nbbgtask}]
 
 
 def load_ipython_extension(ipython: object) -> None:

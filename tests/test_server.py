@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from http.cookies import SimpleCookie
@@ -26,7 +28,13 @@ from waiting import until
 import nbbgtask as bg
 from nbbgtask._store import store_for
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 API = ("nbbgtask", "api")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -109,6 +117,20 @@ def shows() -> int:
 def _started(status: bg.TaskStatus) -> bool:
     status.refresh()
     return status.state == "running" and status.percent >= 10
+
+
+# -- installing -----------------------------------------------------------------------------------
+
+
+def test_importing_nbbgtask_imports_no_web_server_and_the_install_enables_the_extension():
+    code = "import sys, nbbgtask; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tornado', 'jupyter_server')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    (point,) = bg._jupyter_server_extension_points()
+    assert point["module"] == "nbbgtask.server" and point["app"].name == "nbbgtask"
+    config = json.loads((ROOT / "jupyter-config" / "server-config" / "nbbgtask.json").read_text())
+    assert config == {"ServerApp": {"jpserver_extensions": {"nbbgtask": True}}}
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["shared-data"] == {"jupyter-config/server-config": "etc/jupyter/jupyter_server_config.d"}
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -396,5 +418,25 @@ def test_the_event_stream_is_refused_without_credentials(run, http_server, jp_ht
         stream, code, headers = await EventStream.open(jp_http_port, path, "wrong")
         stream.close()
         assert code == 403 and headers["content-type"].startswith("application/json")
+
+    run(scenario())
+
+
+def test_the_server_stopping_ends_every_stream(run, http_server, jp_serverapp, jp_http_port, jp_base_url):
+    path = url_path_join(jp_base_url, *API, "events")
+    token = jp_serverapp.identity_provider.token
+    watcher = jp_serverapp.web_app.settings["nbbgtask.watcher"]
+
+    async def scenario() -> None:
+        streams = [(await EventStream.open(jp_http_port, path, token))[0] for _ in range(2)]
+        for stream in streams:
+            await stream.until(lambda d: d["tasks"] == [] and d["running"] == 0)
+        assert watcher.clients == 2 and watcher.running
+        await jp_serverapp.extension_manager.stop_all_extensions()
+        for stream in streams:
+            with pytest.raises(EOFError):
+                await stream.next(timeout=10)
+            stream.close()
+        assert watcher.clients == 0 and not watcher.running
 
     run(scenario())

@@ -1,15 +1,20 @@
-"""The Jupyter server extension: its configuration (`Nbbgtask`, ``c.Nbbgtask.home``) and loading
-it into a server (`load`): the handlers' routes under ``{base_url}nbbgtask/api/``, the threads that
-read the store, and the one `Watcher` of the event stream."""
+"""The Jupyter server extension itself: `Nbbgtask`, its settings (``c.Nbbgtask.home``) and its
+life in a server: the handlers' routes under ``{base_url}nbbgtask/api/``, the threads that read
+the store, and the one `Watcher` of the event stream, all ended with the server.
+
+An ``ExtensionApp`` rather than a bare loader function because only an ``ExtensionApp`` hears that
+the server stops (``stop_extension``): the event streams are then ended properly and the threads
+let go, rather than cut off when the process exits.
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Unicode
-from traitlets.config import Configurable
 
 from ._data import Tasks
 from .events import EventsHandler, Watcher
@@ -23,7 +28,7 @@ from .handlers import (
     TasksHandler,
 )
 
-__all__ = ["API_PATH", "THREADS", "Nbbgtask", "load", "routes"]
+__all__ = ["API_PATH", "THREADS", "Nbbgtask", "routes"]
 
 #: where the REST API lives, under the server's base_url
 API_PATH = "nbbgtask/api"
@@ -33,8 +38,26 @@ THREADS = 8
 _ID = r"(?P<task_id>[^/]+)"
 
 
-class Nbbgtask(Configurable):
-    """The server extension's settings (``c.Nbbgtask.home = "..."`` in jupyter_server_config.py)."""
+def routes() -> list[tuple[str, type, dict[str, Any]]]:
+    """The handlers, by path under the server's base_url."""
+    return [
+        (url_path_join(API_PATH, "tasks"), TasksHandler, {}),
+        (url_path_join(API_PATH, "tasks", _ID), TaskHandler, {}),
+        (url_path_join(API_PATH, "tasks", _ID, "log"), LogHandler, {}),
+        (url_path_join(API_PATH, "tasks", _ID, "stack"), StackHandler, {}),
+        (url_path_join(API_PATH, "tasks", _ID, "outputs"), OutputsHandler, {}),
+        (url_path_join(API_PATH, "tasks", _ID, "cancel"), CancelHandler, {}),
+        (url_path_join(API_PATH, "events"), EventsHandler, {}),
+        (url_path_join(API_PATH, "(.*)"), NotFoundHandler, {}),
+    ]
+
+
+class Nbbgtask(ExtensionApp):
+    """nbbgtask's server extension (``c.Nbbgtask.home = "..."`` in jupyter_server_config.py)."""
+
+    name = "nbbgtask"
+    #: loaded beside JupyterLab and the rest, never the application a server is started for
+    load_other_extensions = True
 
     home = Unicode(
         "",
@@ -44,38 +67,24 @@ class Nbbgtask(Configurable):
         "user's that nobody else can write; one that is not is refused, naming the problem.",
     )
 
+    def initialize_settings(self) -> None:
+        self.tasks = Tasks(self.home or None)
+        self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix="nbbgtask-server")
+        self.watcher = Watcher(self.tasks, self.executor)
+        self.settings.update(
+            {"nbbgtask.tasks": self.tasks, "nbbgtask.executor": self.executor, "nbbgtask.watcher": self.watcher}
+        )
+        self.log.info(
+            "nbbgtask: REST API at %s (home: %s)",
+            url_path_join(self.serverapp.base_url, API_PATH),  # type: ignore[union-attr]
+            self.home or "$NBBGTASK_HOME, else the default",
+        )
 
-def routes(base_url: str) -> list[tuple[str, type, dict[str, Any]]]:
-    api = url_path_join(base_url, API_PATH)
-    return [
-        (url_path_join(api, "tasks"), TasksHandler, {}),
-        (url_path_join(api, "tasks", _ID), TaskHandler, {}),
-        (url_path_join(api, "tasks", _ID, "log"), LogHandler, {}),
-        (url_path_join(api, "tasks", _ID, "stack"), StackHandler, {}),
-        (url_path_join(api, "tasks", _ID, "outputs"), OutputsHandler, {}),
-        (url_path_join(api, "tasks", _ID, "cancel"), CancelHandler, {}),
-        (url_path_join(api, "events"), EventsHandler, {}),
-        (url_path_join(api, "(.*)"), NotFoundHandler, {}),
-    ]
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(routes())
 
-
-def load(serverapp: Any) -> None:
-    """Add the extension to ``serverapp`` (a jupyter_server ``ServerApp``)."""
-    config = Nbbgtask(parent=serverapp)
-    tasks = Tasks(config.home or None)
-    executor = ThreadPoolExecutor(THREADS, thread_name_prefix="nbbgtask-server")
-    web_app = serverapp.web_app
-    web_app.settings.update(
-        {
-            "nbbgtask.tasks": tasks,
-            "nbbgtask.executor": executor,
-            "nbbgtask.watcher": Watcher(tasks, executor),
-        }
-    )
-    base_url = web_app.settings["base_url"]
-    web_app.add_handlers(".*$", routes(base_url))
-    serverapp.log.info(
-        "nbbgtask: REST API at %s (home: %s)",
-        url_path_join(base_url, API_PATH),
-        config.home or "$NBBGTASK_HOME, else the default",
-    )
+    async def stop_extension(self) -> None:
+        """The server stops: end every event stream, and let the threads go (a read under way
+        finishes on its own; nothing waits for it)."""
+        self.watcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
