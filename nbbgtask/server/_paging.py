@@ -3,14 +3,15 @@
 The history is spread over files (the store's shards); each file's records are indexed here by
 ``(created, id)``, and an index is made again only for a file whose parsed records changed (the
 store hands out the same object while a file is unchanged).  A page is then, per file, a bisection
-to the cursor and at most ``limit`` steps back from it, and the newest ``limit`` of those.
+to the cursor, and a merge of the files' records from there back, newest first, stopped after
+``limit``: about ``limit`` steps, at any size of the history.
 """
 
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = ["Key", "HistoryIndex", "key_of"]
@@ -63,23 +64,28 @@ class HistoryIndex:
         """The newest ``limit`` finished records older than ``before`` (``None``: from the newest),
         in ``state`` and named ``name`` where given; newest first.  The records are the store's
         own: not to be changed."""
-        found: list[tuple[Key, Mapping[str, Any]]] = []
-        for records, index in self._files.values():
-            if name is not None:
-                keys = index.by_name.get(name, [])
-            elif state is not None:
-                keys = index.by_state.get(state, [])
-            else:
-                keys = index.all
-            i = (len(keys) if before is None else bisect_left(keys, before)) - 1
-            taken = 0
-            while i >= 0 and taken < limit:
-                key = keys[i]
-                record = records[key[1]]
-                if state is None or record["state"] == state:
-                    found.append((key, record))
-                    taken += 1
-                i -= 1
-        # A task is in two files of its shard only after a crash cut its move short: it counts once.
-        unique = {key: record for key, record in found}
-        return [unique[key] for key in heapq.nlargest(limit, unique)]
+        walks = [self._walk(records, index, before, state, name) for records, index in self._files.values()]
+        found: dict[str, Mapping[str, Any]] = {}
+        # The files' walks merged newest first, lazily: about ``limit`` steps, whatever the history's size.
+        for _, record in heapq.merge(*walks, key=lambda item: item[0], reverse=True):
+            # A task is in two files of its shard only after a crash cut its move short: it counts once.
+            found.setdefault(record["id"], record)
+            if len(found) == limit:
+                break
+        return list(found.values())
+
+    @staticmethod
+    def _walk(
+        records: Mapping[str, Mapping[str, Any]], index: _FileIndex, before: Key | None, state: str | None, name: str | None
+    ) -> Iterator[tuple[Key, Mapping[str, Any]]]:
+        """One file's matching records older than ``before``, newest first."""
+        if name is not None:
+            keys = index.by_name.get(name, [])
+        elif state is not None:
+            keys = index.by_state.get(state, [])
+        else:
+            keys = index.all
+        for i in range((len(keys) if before is None else bisect_left(keys, before)) - 1, -1, -1):
+            record = records[keys[i][1]]
+            if state is None or record["state"] == state:
+                yield keys[i], record
