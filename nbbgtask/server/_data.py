@@ -166,13 +166,17 @@ class Tasks:
     def _status(self, record: dict[str, Any]) -> bg.TaskStatus:
         return bg.TaskStatus(dict(record), self.home())
 
+    @staticmethod
+    def measurable(record: Mapping[str, Any]) -> bool:
+        """A running task of this machine whose process is known: `resources` can read it."""
+        return record["state"] == "running" and record.get("pid") is not None and record.get("host") == HOST
+
     def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
         """A running task of this machine: its CPU % and memory (``status.resources()``), read
         again at most every `RESOURCES_EVERY` seconds; else ``None``."""
-        pid = record.get("pid")
-        if record["state"] != "running" or pid is None or record.get("host") != HOST:
+        if not self.measurable(record):
             return None
-        task_id, proc = record["id"], (pid, record.get("pid_started"))
+        task_id, proc = record["id"], (record["pid"], record.get("pid_started"))
         with self._readings_lock:
             last = self._readings.get(task_id)
         if last is not None and last[1] == proc and time.monotonic() - last[0] < RESOURCES_EVERY:

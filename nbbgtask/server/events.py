@@ -34,7 +34,7 @@ from tornado.iostream import StreamClosedError
 import nbbgtask as bg
 
 from ._data import Tasks, public
-from .handlers import NbbgtaskHandler
+from .handlers import ApiError, NbbgtaskHandler
 
 __all__ = ["BACKLOG", "HEARTBEAT", "INTERVAL", "EventsHandler", "Watcher"]
 
@@ -78,6 +78,8 @@ class _Client:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            while not self.queue.empty():  # what it did not read is not sent: it starts afresh
+                self.queue.get_nowait()
             self.queue.put_nowait(None)
 
 
@@ -89,6 +91,8 @@ class Watcher:
         self._executor = executor
         self._clients: set[_Client] = set()
         self._task: asyncio.Task[None] | None = None
+        #: the server stops: no new client
+        self.closed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -111,6 +115,8 @@ class Watcher:
         return self._task is not None and not self._task.done()
 
     def subscribe(self) -> _Client:
+        if self.closed:
+            raise RuntimeError("the watcher was closed: the server is stopping")
         client = _Client()
         self._clients.add(client)
         if not self.running:
@@ -126,7 +132,8 @@ class Watcher:
             self._task = None
 
     def close(self) -> None:
-        """End every stream, and the watcher with them."""
+        """End every stream, and the watcher with them; no stream starts after."""
+        self.closed = True
         for client in list(self._clients):
             self.unsubscribe(client)
 
@@ -164,7 +171,7 @@ class Watcher:
         return live, left, newest
 
     async def _resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if record["state"] != "running" or record.get("pid") is None:
+        if not self.tasks.measurable(record):
             return None  # no need of a thread to say so
         return await self._call(self.tasks.resources, record)
 
@@ -186,7 +193,9 @@ class Watcher:
                 for record in newest:
                     if record["id"] not in self._recent_final and record["id"] not in ended:
                         ended[record["id"]] = record
-            self._recent_final = {r["id"] for r in newest} | set(ended)
+            self._recent_final = {r["id"] for r in newest}
+        if self._recent_final is not None:  # said once: not again when they show among the newest
+            self._recent_final |= set(ended)
         figures = await asyncio.gather(*(self._resources(r) for r in live))
         now = time.time()
         current = {r["id"]: public(r, f, now) for r, f in zip(live, figures, strict=True)}
@@ -225,6 +234,8 @@ class EventsHandler(NbbgtaskHandler):
     @authorized
     async def get(self) -> None:
         await self.call(self.tasks.home)  # a home it refuses is a JSON 503, before the stream starts
+        if self.watcher.closed:
+            raise ApiError(503, "the server is stopping")
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once

@@ -111,8 +111,13 @@ class NbbgtaskHandler(APIHandler):
 
     async def with_resources(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The records as JSON, each running local task's CPU and memory read meanwhile."""
-        figures = await asyncio.gather(*(self.call(self.tasks.resources, r) for r in records))
+        figures = await asyncio.gather(*(self.resources(r) for r in records))
         return [public(r, f) for r, f in zip(records, figures, strict=True)]
+
+    async def resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.tasks.measurable(record):
+            return None  # no need of a thread to say so
+        return await self.call(self.tasks.resources, record)
 
 
 class TasksHandler(NbbgtaskHandler):
