@@ -32,7 +32,6 @@ __all__ = [
     "LOG_BYTES",
     "LOG_LINES",
     "LOG_MAX_LINES",
-    "NoStack",
     "STATES",
     "Tasks",
     "public",
@@ -54,10 +53,6 @@ LOG_MAX_LINES = 5000
 LOG_BYTES = 256 * 1024
 #: a running task's CPU and memory are read again after this many seconds
 RESOURCES_EVERY = 2.0
-
-
-class NoStack(Exception):
-    """The task has no stack to read now (it has ended, is queued, or did not answer)."""
 
 
 def _seconds(value: Any) -> float | None:
@@ -189,18 +184,16 @@ class Tasks:
         return figures
 
     def cancel(self, task_id: str) -> tuple[bool, dict[str, Any]]:
-        """Stop the task (``status.cancel()``); whether it was still running, and its record."""
+        """Stop the task (``status.cancel()``); whether it was still running, and its record.
+        `bg.NbbgtaskError` if the cancel could not be confirmed (its process not proved the task's)."""
         status = self._status(self.get(task_id))
         cancelled = status.cancel()
         return cancelled, status.to_dict()
 
     def stack(self, task_id: str) -> str:
-        """The running task's Python stack (``status.stack()``); `NoStack` saying why not."""
-        status = self._status(self.get(task_id))
-        try:
-            return status.stack()
-        except bg.NbbgtaskError as exc:
-            raise NoStack(str(exc)) from None
+        """The running task's Python stack (``status.stack()``); `bg.NbbgtaskError` saying why
+        there is none (it has ended, is queued, runs elsewhere, or did not answer)."""
+        return self._status(self.get(task_id)).stack()
 
     def log(self, task_id: str, lines: int) -> dict[str, Any]:
         """The last ``lines`` lines of the task's log, from at most its last `LOG_BYTES` bytes:

@@ -20,7 +20,7 @@ from tornado import web
 
 import nbbgtask as bg
 
-from ._data import LOG_LINES, LOG_MAX_LINES, STATES, NoStack, Tasks, public, valid_id
+from ._data import LOG_LINES, LOG_MAX_LINES, STATES, Tasks, public, valid_id
 
 __all__ = [
     "AUTH_RESOURCE",
@@ -67,8 +67,9 @@ class NbbgtaskHandler(APIHandler):
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the extension's threads (it reads files, or waits for a process);
-        the library's errors become answers: a home it refuses or a store it cannot read 503, an
-        unknown task 404."""
+        the library's errors become answers: an unknown task 404, a home it refuses or a store it
+        cannot read 503, and any other refusal of the library 409 (the task's state does not
+        allow it now: a stack of a task that ended, a cancel that could not be confirmed)."""
         executor: Executor = self.settings["nbbgtask.executor"]
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -76,6 +77,8 @@ class NbbgtaskHandler(APIHandler):
             raise ApiError(404, str(exc)) from None
         except bg.StoreError as exc:  # bg.HomeError among them: the message names the path and the fault
             raise ApiError(503, f"nbbgtask cannot use its home folder: {exc}") from None
+        except bg.NbbgtaskError as exc:
+            raise ApiError(409, str(exc)) from None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """``{"error": "..."}``: the message of an `ApiError`, the reason of any other HTTP error,
@@ -166,12 +169,7 @@ class StackHandler(NbbgtaskHandler):
     @web.authenticated
     @authorized
     async def get(self, task_id: str) -> None:
-        task_id = self.task_id(task_id)
-        try:
-            text = await self.call(self.tasks.stack, task_id)
-        except NoStack as exc:
-            raise ApiError(409, str(exc)) from None
-        self.finish({"text": text})
+        self.finish({"text": await self.call(self.tasks.stack, self.task_id(task_id))})
 
 
 class OutputsHandler(NbbgtaskHandler):
