@@ -47,6 +47,8 @@ RECHECK = 1.0
 HEARTBEAT = 15.0
 #: events a client may leave unread before it is dropped (it reconnects and starts afresh)
 BACKLOG = 100
+#: seconds a stopping server waits for the streams to end their responses
+STOP_WAIT = 2.0
 #: how many of the tasks that ended last are compared each round, to see ends the live files did
 #: not show (a task that started and ended between two rounds)
 NEWEST = 64
@@ -66,6 +68,8 @@ class _Client:
         #: it has not had its first event (every live task) yet
         self.fresh = True
         self.closed = False
+        #: its handler has ended the response (or found the connection gone)
+        self.ended = asyncio.Event()
 
     def send(self, event: str, data: dict[str, Any]) -> None:
         if self.closed:
@@ -131,11 +135,19 @@ class Watcher:
             self._task.cancel()
             self._task = None
 
-    def close(self) -> None:
-        """End every stream, and the watcher with them; no stream starts after."""
+    async def close(self, timeout: float = STOP_WAIT) -> None:
+        """End every stream, and the watcher with them; no stream starts after.  Returns once
+        each stream's response has ended (the server stops its loop right after), or ``timeout``."""
         self.closed = True
-        for client in list(self._clients):
+        clients = list(self._clients)
+        for client in clients:
             self.unsubscribe(client)
+        if clients:
+            waits = asyncio.gather(*(client.ended.wait() for client in clients))
+            try:
+                await asyncio.wait_for(waits, timeout)
+            except asyncio.TimeoutError:
+                log.warning("nbbgtask: %d event stream(s) did not end within %g s", len(clients), timeout)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -241,6 +253,12 @@ class EventsHandler(NbbgtaskHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
         client = self._client = self.watcher.subscribe()
         try:
+            await self._stream(client)
+        finally:
+            client.ended.set()
+
+    async def _stream(self, client: _Client) -> None:
+        try:
             self.write("retry: 3000\n\n")
             await self.flush()
             while True:
@@ -254,12 +272,12 @@ class EventsHandler(NbbgtaskHandler):
                     event, data = item
                     self.write(f"event: {event}\ndata: {json.dumps(data)}\n\n")
                 await self.flush()
+            if not self._gone:  # the server ends the stream: it stops
+                await self.finish(set_content_type="text/event-stream; charset=utf-8")
         except StreamClosedError:
             self._gone = True
         finally:
             self.watcher.unsubscribe(client)
-        if not self._gone:  # the server ends the stream (the watcher was closed)
-            self.finish(set_content_type="text/event-stream; charset=utf-8")
 
     def on_connection_close(self) -> None:
         self._gone = True

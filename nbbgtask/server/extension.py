@@ -86,5 +86,5 @@ class Nbbgtask(ExtensionApp):
     async def stop_extension(self) -> None:
         """The server stops: end every event stream, and let the threads go (a read under way
         finishes on its own; nothing waits for it)."""
-        self.watcher.close()
+        await self.watcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
