@@ -440,3 +440,19 @@ def test_the_server_stopping_ends_every_stream(run, http_server, jp_serverapp, j
         assert watcher.clients == 0 and not watcher.running
 
     run(scenario())
+
+
+def test_a_quiet_stream_gets_a_heartbeat(run, http_server, jp_serverapp, jp_http_port, jp_base_url, monkeypatch):
+    from nbbgtask.server import events
+
+    monkeypatch.setattr(events, "HEARTBEAT", 0.2)
+    path = url_path_join(jp_base_url, *API, "events")
+
+    async def scenario() -> None:
+        stream, _, _ = await EventStream.open(jp_http_port, path, jp_serverapp.identity_provider.token)
+        await stream.next()
+        line = await asyncio.wait_for(stream.reader.readline(), 10)
+        assert line == b": heartbeat\n"
+        stream.close()
+
+    run(scenario())
