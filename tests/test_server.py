@@ -456,3 +456,24 @@ def test_a_quiet_stream_gets_a_heartbeat(run, http_server, jp_serverapp, jp_http
         stream.close()
 
     run(scenario())
+
+
+def test_a_stream_says_when_the_home_is_refused_and_starts_afresh_once_it_is_fixed(run, http_server, jp_serverapp, jp_http_port, jp_base_url, home):
+    path = url_path_join(jp_base_url, *API, "events")
+    status = bg.run(gated, str(home))
+    assert until(lambda: _started(status), timeout=30)
+
+    async def scenario() -> None:
+        stream, _, _ = await EventStream.open(jp_http_port, path, jp_serverapp.identity_provider.token)
+        assert _in((await stream.next())[1], status.id) is not None
+        home.chmod(0o777)
+        try:
+            event, data = await stream.next()
+            assert event == "error" and str(home) in data["error"] and "writable by others" in data["error"]
+        finally:
+            home.chmod(0o700)
+        event, data = await stream.next()
+        assert event == "tasks" and _in(data, status.id)["state"] == "running"  # every live task again
+        stream.close()
+
+    run(scenario())

@@ -13,8 +13,9 @@ It sends each client the records that changed, in one event::
 ``ended`` are the tasks that reached a final state since the last event (their final records are
 in ``tasks``; an id there without a record was removed from the store).  A client's first event
 holds every live task.  A comment line goes out every `HEARTBEAT` seconds when nothing else did,
-and ``event: error`` (``{"error": "..."}``) when the home cannot be read (the stream stays open and
-the watcher keeps trying).  A client that stops reading is dropped after `BACKLOG` unsent events.
+and ``event: error`` (``{"error": "..."}``) when the home cannot be read: the stream stays open,
+the watcher keeps trying, and once it can read again each client gets every live task again.  A
+client that stops reading is dropped after `BACKLOG` unsent events.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ class Watcher:
     async def _run(self) -> None:
         while self._clients:
             try:
+                if self._error is not None:  # after an error, every client gets every live task again
+                    for client in self._clients:
+                        client.fresh = True
                 await self._round()
                 self._error = None
             except bg.StoreError as exc:  # the home refused, or unreadable: say so once, keep trying
