@@ -60,6 +60,13 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+def _jupyter_server_extension_points() -> list[dict[str, object]]:
+    """The Jupyter server extension, `nbbgtask.server` (imported here, when jupyter_server asks)."""
+    from .server import Nbbgtask
+
+    return [{"module": "nbbgtask.server", "app": Nbbgtask}]
+
+
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext nbbgtask``: the ``%bgtask`` and ``%%bgtask`` magics."""
     from nbbgtask.commands.magic import load_ipython_extension as load
