@@ -39,6 +39,10 @@ class Settings:
     limits: Any = None
     #: word when a task that names none ends (`nbbgtask.core.notify.Notify`); None: none
     notify: Any = None
+    #: retries of a task that names none (`nbbgtask.core.retry`): how many, the first delay, which failures
+    retries: int = 0
+    retry_delay: float | None = None
+    retry_on: Any = None
 
 
 _settings = Settings()
@@ -99,6 +103,9 @@ def checked_changes(
     dask_client: Any = None,
     limits: Any = None,
     notify: Any = None,
+    retries: Any = None,
+    retry_delay: Any = None,
+    retry_on: Any = None,
 ) -> dict[str, Any]:
     """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
@@ -144,6 +151,15 @@ def checked_changes(
         from nbbgtask.core.notify import checked as checked_notify
 
         changes["notify"] = checked_notify(notify)
+    if retries is not None or retry_delay is not None or retry_on is not None:
+        from nbbgtask.core import retry as _retry
+
+        if retries is not None:
+            changes["retries"] = _retry.checked_retries(retries)
+        if retry_delay is not None:
+            changes["retry_delay"] = _retry.checked_delay(retry_delay)
+        if retry_on is not None:
+            changes["retry_on"] = _retry.checked_on(retry_on)
     if home is not None:
         changes["home"] = ensure_home(Path(os.fspath(home)), create=create_home)
     return changes
