@@ -101,8 +101,9 @@ def attempt_text(record: dict[str, Any], now: float | None = None) -> str | None
 def earlier_failures(record: dict[str, Any]) -> str:
     """`` on attempt 3 of 3, after 2 failed attempts`` for a task that retried, else ``""`` (for
     `TaskFailed`'s message and the like)."""
-    failed = sum(1 for a in record.get("attempts") or [] if a.get("state") == "failed")
     attempt = int(record.get("attempt") or 1)
+    # the attempts before the last: the last is the one the error describes
+    failed = sum(1 for a in (record.get("attempts") or [])[: attempt - 1] if a.get("state") == "failed")
     if attempt <= 1:
         return ""
     before = f"{failed} failed attempt{'s' if failed != 1 else ''}"
