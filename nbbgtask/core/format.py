@@ -227,6 +227,11 @@ def details(record: dict[str, Any]) -> str:
         f"pid:       {record.get('pid') or '-'}",
         f"settings:  {visible(record.get('settings')) if record.get('settings') is not None else '-'}",
     ]
+    attempt = attempt_text(record)
+    if attempt is not None:
+        lines.append(f"attempt:   {attempt}")
+    if record.get("after"):
+        lines.append(f"after:     {', '.join(str(i)[:8] for i in record['after'])}")
     note = stall_note(record)
     if note is not None:
         lines.append(f"stalled:   {note}")

@@ -179,8 +179,8 @@ class _Keeper:
         started = time.time()
         oom = _limits.oom_kills()
         fresh = {"attempt": number, "started": started, "retry_at": None, "limit_error": None, **self.me}
-        if number > 1:
-            fresh.update(percent=0.0, message="")
+        if number > 1:  # one write says how the last attempt ended and that this one began
+            fresh.update(percent=0.0, message="", attempts=list(self.attempts))
             print(f"\nnbbgtask: ──── attempt {number} of {self.policy.retries + 1} ────", flush=True)
         if self.sink.progress(fresh):
             self.cancelled = True
@@ -254,11 +254,12 @@ class _Keeper:
             print(f"nbbgtask: attempt {number} of {total} failed ({error}); attempt {number + 1} in {delay:.2g} s", flush=True)
             # While it waits, "started" is when the next attempt starts: a reader's timeout check
             # (started + timeout) never ends a task that waits to retry.
-            update = {"attempts": list(self.attempts), "retry_at": retry_at, "started": retry_at,
-                      "message": f"attempt {number} failed: {error}"}
-            if self.sink.progress(update):
-                self.cancelled = True
-            self.wait(delay)
+            if delay > 0:  # with no delay, the next attempt's first write says it all
+                update = {"attempts": list(self.attempts), "retry_at": retry_at, "started": retry_at,
+                          "message": f"attempt {number} failed: {error}"}
+                if self.sink.progress(update):
+                    self.cancelled = True
+                self.wait(delay)
             if self.cancelled:
                 fields = {"state": State.CANCELLED.value, "finished": time.time()}
                 break
