@@ -1,7 +1,7 @@
 """Every nbbgtask benchmark in one run, each figure beside the baseline measured in the same run.
 
-Runs ``bench_engine.py``, ``bench_widgets.py``, ``bench_peers.py``, ``bench_scale.py`` and
-``bench_logs.py`` one after the other (each
+Runs ``bench_engine.py``, ``bench_widgets.py``, ``bench_peers.py``, ``bench_scale.py``,
+``bench_logs.py`` and ``bench_pipelines.py`` one after the other (each
 as its own process with ``--json``; ``--quick`` is passed on), then writes
 
 * ``docs/benchmarks.json``: every figure, the configuration, and the machine (CPU model, cores,
@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = Path(sys.executable)  # the venv's interpreter (not resolved: that would leave the venv)
 BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py",
-           "scale": "bench_scale.py", "logs": "bench_logs.py"}
+           "scale": "bench_scale.py", "logs": "bench_logs.py", "pipelines": "bench_pipelines.py"}
 nan = common.nan
 
 
@@ -246,6 +246,9 @@ def summary(res: dict) -> list[dict]:
         "2 monitor refresher interval_s")
     add("scale", "prune 90,000 of 100,000 finished: seconds", scale, "3 prune")
     add("scale", "prune: peak RSS of the pruning process", scale, "3 prune: peak RSS")
+    pipes = res.get("pipelines", {})
+    add("pipelines", "prerequisite's end recorded → waiting task's code vs bg.run → task code", pipes, "2 after")
+    add("pipelines", "retry: attempt 1's end → attempt 2's code vs bg.run → task code", pipes, "3 retry")
     add("store", "progress write with 100 tasks live (base: 1 live)", eng, "4 Store.patch with 100 tasks live")
     add("store", "progress write with 1,000 tasks live (base: 1 live)", eng, "4 Store.patch with 1000 tasks live")
     add("100 bars", "kernel CPU added by 100 live bars", wid, "1 kernel CPU added by")

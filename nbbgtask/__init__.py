@@ -36,6 +36,7 @@ from nbbgtask.core.errors import (
     TaskFailed,
     TaskNotFound,
 )
+from nbbgtask.core.limits import MemoryLimitExceeded, OutOfMemory, TimeLimitExceeded
 from nbbgtask.core.notify import Notify
 from nbbgtask.core.states import State
 
@@ -91,8 +92,10 @@ __all__ = [
     "BackgroundTask",
     "HomeError",
     "Limits",
+    "MemoryLimitExceeded",
     "NbbgtaskError",
     "Notify",
+    "OutOfMemory",
     "ProgressBar",
     "State",
     "StoreDamagedWarning",
@@ -101,6 +104,7 @@ __all__ = [
     "TaskFailed",
     "TaskNotFound",
     "TaskStatus",
+    "TimeLimitExceeded",
     "configure",
     "current",
     "find_last",

@@ -17,12 +17,14 @@ Nothing outside a backend asks which backend a task has: it asks the seam.
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 from nbbgtask.core import config as _config
 from nbbgtask.core.errors import StoreError, TaskNotFound
+from nbbgtask.core.procs import HOST, same_process
 from nbbgtask.core.states import State
 from nbbgtask.store.store import Store, store_for
 from nbbgtask.task.runner import Job
@@ -106,11 +108,24 @@ def reconcile(store: Store, record: dict[str, Any]) -> dict[str, Any]:
     never fails for want of room, and the next read once there is room records the end."""
     if State(record["state"]).is_final:
         return record
+    if record["state"] == State.WAITING.value:
+        return _orphaned(store, record)
     records = for_record(record)
     try:
         return records.reconcile(store, record)
-    except StoreError:
+    except StoreError:  # it cannot be written now (a full disk): answer with what is on disk
         return record
+
+
+def _orphaned(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """A waiting task lives in the memory of the process that made it (`nbbgtask.api.after`): if
+    that process has gone (killed, so it could not say so itself), the task can never start."""
+    owner = record.get("owner_pid")
+    if owner is None or record.get("owner_host") != HOST or same_process(owner, record.get("owner_started")):
+        return record
+    reason = f"the process that made it ({owner}) exited before its prerequisites completed"
+    fields = {"state": State.CANCELLED.value, "error": reason, "message": reason, "finished": time.time()}
+    return store.finalize(record["id"], fields) or record
 
 
 def may_still_report(record: dict[str, Any]) -> bool:
@@ -135,6 +150,9 @@ def cancel(home: Path, task_id: str) -> tuple[bool, dict[str, Any] | None]:
     record = store.patch(task_id, {"cancel_requested": True})
     if record is None:  # it ended meanwhile
         return False, read_record(home, task_id)
+    if record["state"] == State.WAITING.value:  # nothing runs yet: its waiter drops it when it sees this
+        final = store.finalize(task_id, {"state": State.CANCELLED.value, "finished": time.time()})
+        return bool(final and final["state"] == State.CANCELLED.value), final
     final = for_record(record).cancel(home, record)
     return bool(final and final["state"] == State.CANCELLED.value), final
 

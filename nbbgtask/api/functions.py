@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from nbbgtask import backends as _backends
+from nbbgtask.api import after as _after
 from nbbgtask.api import notify as _notify
 from nbbgtask.api.status import TaskStatus
 from nbbgtask.core import config as _config
 from nbbgtask.core import limits as _limits
+from nbbgtask.core import retry as _retry
 from nbbgtask.core.errors import AmbiguousTaskId, StoreError, TaskNotFound
 from nbbgtask.core.limits import Limits
 from nbbgtask.core.notify import Notify
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_LIVE = {State.QUEUED.value, State.RUNNING.value}
+_LIVE = {State.WAITING.value, State.QUEUED.value, State.RUNNING.value}
 _OWNER_STARTED: dict[int, float | None] = {}
 
 
@@ -100,16 +102,30 @@ def _launch(
     cooperative_cancel: bool = False,
     limits: Limits | None = None,
     notify: Notify | None = None,
+    retries: tuple[Any, Any, Any] = (None, None, None),
+    after: Any = None,
 ) -> TaskStatus:
     config = _config.settings()
     notify = notify if notify is not None else config.notify
     home = _config.home()
+    # Prerequisites first: an unknown id or a cycle is refused before anything is made.
+    args, kwargs, prerequisites = _after.prerequisites(after, args, kwargs or {}, home)
     backend = _backends.current()
     chosen = limits if limits is not None else _limits.checked(config.limits)
+    count, delay, on = retries
+    retry = _retry.policy(
+        count if count is not None else config.retries,
+        delay if delay is not None else config.retry_delay,
+        on if on is not None else config.retry_on,
+    )
     record = dict(new_record(name, settings, backend.placement(), _owner_started()))
     limit_fields = chosen.to_record() if chosen is not None else None
     if limit_fields is not None:
         record["limits"] = limit_fields
+    if retry is not None:
+        record.update(retries=retry.retries, attempt=1, attempts=[])
+    if prerequisites:
+        record["after"] = prerequisites
     job = _runner.Job(
         record=record,
         home=home,
@@ -126,9 +142,22 @@ def _launch(
         # a URL travels with the job, in memory only; a callable stays in this process
         notify=notify if notify is not None and notify.url is not None else None,
         log_max=config.log_max,
+        retry=retry,
     )
     backend.prepare(job)
-    backend.submit(job)
+    waits = False
+    if prerequisites:
+        store = store_for(home)
+        what, words = _after.verdict(store, prerequisites)
+        if what == "cancel":  # made, and ended at once, so that it can be seen why it never ran
+            store.insert({**job.record, "state": State.WAITING.value})
+            job.record.update(_after.end_cancelled(store, job.task_id, words) or {})
+        elif what == "wait":
+            job.record.update(state=State.WAITING.value, message=words)
+            _after.hold(job, backend, prerequisites, words)
+        waits = what != "start"
+    if not waits:
+        backend.submit(job)
     status = TaskStatus(dict(job.record), home)
     if notify is not None and notify.url is None:
         _notify.call_when_done(status, notify)
@@ -149,6 +178,12 @@ class BackgroundTask:
     limits: ClassVar[Limits | None] = None
     #: word when it ends: a webhook URL, a callable or a `bg.Notify`; None: `bg.configure(notify=...)`'s
     notify: ClassVar[Any] = None
+    #: how many times a failed attempt is retried; None: `bg.configure(retries=...)`'s (0 by default)
+    retries: ClassVar[int | None] = None
+    #: seconds before the first retry, doubling each time (with jitter); None: the configured
+    retry_delay: ClassVar[float | None] = None
+    #: the exception types worth a retry (e.g. ``(ConnectionError, bg.TimeLimitExceeded)``); None: any failure
+    retry_on: ClassVar[Any] = None
 
     def execute(self, status: TaskStatus) -> Any:
         raise NotImplementedError
@@ -162,12 +197,17 @@ class BackgroundTask:
         name: str | None = None,
         limits: Limits | None = None,
         notify: Any = None,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        retry_on: Any = None,
+        after: Any = None,
     ) -> TaskStatus:
         """Start this task in its own process and return its status at once.
 
         ``limits``: a `bg.Limits` for this run; else the class's ``limits``, else the configured.
         ``notify``: word when it ends (a webhook URL, a callable or a `bg.Notify`); else the
-        class's ``notify``, else the configured.
+        class's ``notify``, else the configured.  ``retries``, ``retry_delay``, ``retry_on``:
+        likewise.  ``after``: tasks (their `TaskStatus`) to wait for; it starts once all completed.
         """
         if cls is BackgroundTask or cls.execute is BackgroundTask.execute:
             raise TypeError(
@@ -183,7 +223,20 @@ class BackgroundTask:
             cooperative_cancel=bool(cls.cooperative_cancel),
             limits=_limits.checked(limits) or _limits.checked(cls.limits, f"{cls.__name__}.limits"),
             notify=checked_notify(notify) or checked_notify(cls.notify),
+            retries=_checked_retries(
+                (retries, retry_delay, retry_on), (cls.retries, cls.retry_delay, cls.retry_on), cls.__name__
+            ),
+            after=after,
         )
+
+
+def _checked_retries(given: tuple[Any, Any, Any], defaults: tuple[Any, Any, Any] = (None, None, None), owner: str = "") -> tuple[Any, Any, Any]:
+    """(retries, retry_delay, retry_on), each checked: the given one, else the class attribute."""
+    where = f"{owner}." if owner else ""
+    count = _retry.checked_retries(given[0]) if given[0] is not None else _retry.checked_retries(defaults[0], f"{where}retries")
+    delay = _retry.checked_delay(given[1]) if given[1] is not None else _retry.checked_delay(defaults[1], f"{where}retry_delay")
+    on = _retry.checked_on(given[2]) if given[2] is not None else _retry.checked_on(defaults[2], f"{where}retry_on")
+    return count, delay, on
 
 
 def run(
@@ -193,12 +246,19 @@ def run(
     secrets: Mapping[str, Any] | None = None,
     limits: Limits | None = None,
     notify: Any = None,
+    retries: int | None = None,
+    retry_delay: float | None = None,
+    retry_on: Any = None,
+    after: Any = None,
     **kwargs: Any,
 ) -> TaskStatus:
     """Run ``fn(*args, **kwargs)`` as a background task; its return value is the result.
 
-    ``name``, ``secrets``, ``limits`` (a `bg.Limits`) and ``notify`` (word when it ends: a
-    webhook URL, a callable or a `bg.Notify`) are bg.run's own; every other keyword goes to ``fn``.
+    ``name``, ``secrets``, ``limits`` (a `bg.Limits`), ``notify`` (word when it ends: a webhook
+    URL, a callable or a `bg.Notify`), ``retries``/``retry_delay``/``retry_on`` (attempts after a
+    failure) and ``after`` (tasks to wait for) are bg.run's own; every other keyword goes to
+    ``fn``.  A `TaskStatus` among the arguments (or one level inside a list, tuple or dict) is
+    waited for, and replaced by its result when the task starts.
     """
     if not callable(fn):
         raise TypeError(f"bg.run needs a function or other callable to run, got {type(fn).__name__}")
@@ -212,6 +272,8 @@ def run(
         kwargs=kwargs,
         limits=_limits.checked(limits),
         notify=checked_notify(notify),
+        retries=_checked_retries((retries, retry_delay, retry_on)),
+        after=after,
     )
 
 
@@ -374,6 +436,9 @@ def configure(
     limits: Limits | None = None,
     notify: Any = None,
     log_max: int | str | None = None,
+    retries: int | None = None,
+    retry_delay: float | None = None,
+    retry_on: Any = None,
 ) -> _config.Settings:
     """Change how tasks start and where their status lives; ``None`` leaves a setting as it is.
 
@@ -392,6 +457,9 @@ def configure(
         limits=limits,
         notify=notify,
         log_max=log_max,
+        retries=retries,
+        retry_delay=retry_delay,
+        retry_on=retry_on,
     )
     if changes.get("backend") == "dask":
         # Connect now, so an unreachable scheduler is reported here and changes nothing.

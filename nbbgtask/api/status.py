@@ -133,6 +133,17 @@ class TaskStatus:
         return _utc(self._record.get("finished"))
 
     @property
+    def attempt(self) -> int:
+        """1 for the first attempt, 2 for the first retry, …"""
+        return int(self._record.get("attempt") or 1)
+
+    @property
+    def attempts(self) -> list[dict[str, Any]]:
+        """Each attempt that ended, first to last: ``attempt``, ``started``, ``finished``,
+        ``state`` and ``error`` (times in seconds since the epoch)."""
+        return copy.deepcopy(self._record.get("attempts") or [])
+
+    @property
     def pid(self) -> int | None:
         return self._record.get("pid")
 
@@ -206,7 +217,7 @@ class TaskStatus:
         return self
 
     def is_running(self) -> bool:
-        """Re-reads; ``True`` while the task is queued or running."""
+        """Re-reads; ``True`` while the task is waiting, queued or running."""
         return not self.refresh().state.is_final
 
     def done(self) -> bool:
@@ -246,13 +257,14 @@ class TaskStatus:
         state = self.state
         if state is State.FAILED:
             raise TaskFailed(
-                f"task {self.name!r} ({self.id[:8]}) failed: {self.error}",
+                f"task {self.name!r} ({self.id[:8]}) failed{_format.earlier_failures(self._record)}: {self.error}",
                 task_id=self.id,
                 error=self.error,
                 traceback=self.traceback,
             )
         if state is State.CANCELLED:
-            raise TaskCancelled(f"task {self.name!r} ({self.id[:8]}) was cancelled", task_id=self.id)
+            why = f": {self.error}" if self.error else ""  # a prerequisite's failure, say
+            raise TaskCancelled(f"task {self.name!r} ({self.id[:8]}) was cancelled{why}", task_id=self.id)
         if self._result is _MISSING:
             self._result = self._load_result()
         return self._result

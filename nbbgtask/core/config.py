@@ -44,6 +44,10 @@ class Settings:
     notify: Any = None
     #: bytes a task's log is held to: past it the start and the end are kept (`nbbgtask.task.logcap`)
     log_max: int = LOG_MAX
+    #: retries of a task that names none (`nbbgtask.core.retry`): how many, the first delay, which failures
+    retries: int = 0
+    retry_delay: float | None = None
+    retry_on: Any = None
 
 
 _settings = Settings()
@@ -105,6 +109,9 @@ def checked_changes(
     limits: Any = None,
     notify: Any = None,
     log_max: Any = None,
+    retries: Any = None,
+    retry_delay: Any = None,
+    retry_on: Any = None,
 ) -> dict[str, Any]:
     """What `bg.configure` would change, every argument checked (``None``: leave it as it is).
 
@@ -152,6 +159,15 @@ def checked_changes(
         changes["notify"] = checked_notify(notify)
     if log_max is not None:
         changes["log_max"] = _log_max(log_max)
+    if retries is not None or retry_delay is not None or retry_on is not None:
+        from nbbgtask.core import retry as _retry
+
+        if retries is not None:
+            changes["retries"] = _retry.checked_retries(retries)
+        if retry_delay is not None:
+            changes["retry_delay"] = _retry.checked_delay(retry_delay)
+        if retry_on is not None:
+            changes["retry_on"] = _retry.checked_on(retry_on)
     if home is not None:
         if not isinstance(home, (str, os.PathLike)):
             raise TypeError(f"home must be a path (a str or a pathlib.Path), got {shown(home)}")

@@ -10,6 +10,9 @@ from nbbgtask.core.trust import visible, visible_lines
 
 __all__ = [
     "COLUMNS",
+    "attempt_text",
+    "earlier_failures",
+    "waiting_text",
     "details",
     "duration",
     "eta_seconds",
@@ -80,10 +83,54 @@ def stall_note(record: dict[str, Any], now: float | None = None) -> str | None:
     return None if quiet is None else f"no progress for {duration(quiet)} — see stack"
 
 
+def attempt_text(record: dict[str, Any], now: float | None = None) -> str | None:
+    """``attempt 2 of 4`` for a task that may retry (``attempt 1 of 4 failed · retrying in 0:05``
+    while it waits to), else ``None``."""
+    retries = record.get("retries") or 0
+    if not retries:
+        return None
+    attempt = int(record.get("attempt") or 1)
+    text = f"attempt {attempt} of {retries + 1}"
+    retry_at = record.get("retry_at")
+    if retry_at is not None and record.get("state") == "running":
+        left = retry_at - (now if now is not None else time.time())
+        text = f"attempt {attempt - 1} of {retries + 1} failed · retrying in {duration(max(0.0, left))}"
+    return text
+
+
+def earlier_failures(record: dict[str, Any]) -> str:
+    """`` on attempt 3 of 3, after 2 failed attempts`` for a task that retried, else ``""`` (for
+    `TaskFailed`'s message and the like)."""
+    attempt = int(record.get("attempt") or 1)
+    # the attempts before the last: the last is the one the error describes
+    failed = sum(1 for a in (record.get("attempts") or [])[: attempt - 1] if a.get("state") == "failed")
+    if attempt <= 1:
+        return ""
+    before = f"{failed} failed attempt{'s' if failed != 1 else ''}"
+    return f" on attempt {attempt} of {(record.get('retries') or 0) + 1}, after {before}"
+
+
+def waiting_text(prerequisites: list[tuple[str, str]]) -> str:
+    """``waiting for load (3f2a…)``, or ``waiting for load (3f2a…) and 2 more``: ``prerequisites``
+    are (name, id) pairs of the tasks still to complete."""
+    if not prerequisites:
+        return "waiting to start"
+    name, task_id = prerequisites[0]
+    text = f"waiting for {visible(name)} ({task_id[:4]}…)"
+    if len(prerequisites) > 1:
+        text += f" and {len(prerequisites) - 1} more"
+    return text
+
+
 def summary(record: dict[str, Any], now: float | None = None) -> str:
-    """``42% · spline 17 of 40 · 0:12 elapsed · ETA 0:17`` (or how it ended)."""
+    """``attempt 2 of 4 · 42% · spline 17 of 40 · 0:12 elapsed · ETA 0:17`` (or how it ended)."""
     state = record["state"]
+    if state == "waiting":  # its message says what it waits for
+        return str(record.get("message") or "waiting")
     parts = [f"{float(record.get('percent') or 0):.0f}%"]
+    attempt = attempt_text(record, now)
+    if attempt is not None:
+        parts.insert(0, attempt)
     if record.get("message"):
         parts.append(str(record["message"]))
     if state == "failed" and record.get("error"):
@@ -180,6 +227,11 @@ def details(record: dict[str, Any]) -> str:
         f"pid:       {record.get('pid') or '-'}",
         f"settings:  {visible(record.get('settings')) if record.get('settings') is not None else '-'}",
     ]
+    attempt = attempt_text(record)
+    if attempt is not None:
+        lines.append(f"attempt:   {attempt}")
+    if record.get("after"):
+        lines.append(f"after:     {', '.join(str(i)[:8] for i in record['after'])}")
     note = stall_note(record)
     if note is not None:
         lines.append(f"stalled:   {note}")

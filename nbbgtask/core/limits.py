@@ -20,6 +20,8 @@ __all__ = [
     "LimitExceeded",
     "TimeLimitExceeded",
     "MemoryLimitExceeded",
+    "OutOfMemory",
+    "death_kind",
     "checked",
     "explain",
     "overdue",
@@ -130,6 +132,11 @@ class MemoryLimitExceeded(LimitExceeded):
     pass
 
 
+class OutOfMemory(LimitExceeded):
+    """The machine's OOM killer ended the task (never raised in it: the process is killed); a
+    name for ``retry_on``."""
+
+
 def timeout_text(timeout: float) -> str:
     return f"TimeLimitExceeded: the task timed out after {_seconds(timeout)} (its limit) and was stopped"
 
@@ -142,6 +149,18 @@ def memory_text(limit: int, peak: int) -> str:
 
 
 OOM_TEXT = "killed by the OOM killer (out of memory)"
+
+
+def death_kind(error: str) -> type[BaseException] | None:
+    """Which limit an `explain`ed error of a killed task names (what ``retry_on`` matches), or
+    ``None`` for a death of no known cause."""
+    if error.startswith("TimeLimitExceeded"):
+        return TimeLimitExceeded
+    if error.startswith("MemoryLimitExceeded"):
+        return MemoryLimitExceeded
+    if error.startswith(OOM_TEXT):
+        return OutOfMemory
+    return None
 
 
 def compact(resources: dict[str, Any] | None) -> str:

@@ -11,7 +11,7 @@ import psutil
 
 __all__ = [
     "HOST", "EXIT_UNRECORDED", "process_start_time", "same_process", "is_task_process", "own_process",
-    "signal_group", "signal_task", "signal_left_group", "describe_exit",
+    "signal_group", "signal_task", "signal_left_group", "describe_exit", "speak_for",
 ]
 
 HOST = socket.gethostname()
@@ -65,6 +65,9 @@ def own_process() -> dict[str, Any]:
     Read once per process (a task asks at its start, its first report and its end): a forked
     child has a pid of its own, so the entry its parent made is never its answer."""
     pid = os.getpid()
+    keeper = _SPEAKS_FOR.get(pid)
+    if keeper is not None:
+        return dict(keeper)
     started = _OWN_START.get(pid)
     if started is None:
         started = _OWN_START[pid] = _own_start_time()
@@ -108,6 +111,16 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 #: this process's start time, by pid
 _OWN_START: dict[int, float] = {}
+#: by pid: the process this one names as itself (`speak_for`)
+_SPEAKS_FOR: dict[int, dict[str, Any]] = {}
+
+
+def speak_for(keeper: dict[str, Any]) -> None:
+    """From now on this process names ``keeper`` (``{"pid", "pid_started"}``) as the task's
+    process: an attempt forked by its keeper (`nbbgtask.task.attempts`), since the keeper leads
+    the group a cancel signals and outlives the attempt.  Keyed by pid: a process it forks in
+    turn names itself again."""
+    _SPEAKS_FOR[os.getpid()] = dict(keeper)
 
 
 def signal_group(pid: int, sig: int) -> bool:

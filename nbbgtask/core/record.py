@@ -31,6 +31,8 @@ class TaskRecord(TypedDict, total=False):
     #: the process that made the task (for a queued task: the one that will start it)
     owner_pid: int
     owner_started: float | None
+    #: the machine of that process, for a task that waits in its memory (``after=``)
+    owner_host: str | None
     # -- where and how it runs (from the backend's `placement`) -------------------------------
     backend: str  #: "local" or "dask"
     start_method: str  #: "fork", "forkserver", "spawn" or "dask"
@@ -64,6 +66,17 @@ class TaskRecord(TypedDict, total=False):
     #: which limit the task went past, written by the task before it is stopped (in case it has
     #: to be killed, so whoever records that can say why)
     limit_error: str | None
+    # -- retries (`nbbgtask.core.retry`) and dependencies -------------------------------------
+    #: how many times a failed attempt may be retried (0 or absent: none)
+    retries: int
+    #: the attempt running now, or the last one: 1 for the first, 2 for the first retry, …
+    attempt: int
+    #: each attempt that ended: {"attempt", "started", "finished", "state", "error"}
+    attempts: list[dict[str, Any]]
+    #: when the next attempt starts, while the task waits to retry
+    retry_at: float | None
+    #: the ids of the tasks it waits for (``after=``, and `TaskStatus` arguments)
+    after: list[str]
     # -- once it ends --------------------------------------------------------------------------
     finished: float | None
     error: str | None  #: one line, "ValueError: bad spline"
@@ -78,7 +91,7 @@ class TaskRecord(TypedDict, total=False):
 #: what a task's end may set (its final report, or a backend that saw how it ended)
 FINAL_FIELDS = (
     "state", "percent", "message", "error", "traceback", "has_result", "result_type", "result_inline",
-    "finished", "cancel_requested", "peak_memory",
+    "finished", "cancel_requested", "peak_memory", "attempt", "attempts",
 )
 #: the fields that say whether and where a result is
 RESULT_FIELDS = ("has_result", "result_type", "result_inline")
@@ -109,12 +122,17 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "peak_memory": (int,),
     "event_key": (str,),
     "event_marks": (dict,),
+    "retries": (int,),
+    "attempt": (int,),
+    "attempts": (list,),
+    "retry_at": _NUMBER,
+    "after": (list,),
 }
 _REQUIRED = ("id", "name", "state", "created")
 _PIDS = ("pid", "owner_pid", "reaper_pid")
 _STATES = frozenset(s.value for s in State)
 #: live states in the order a task goes through them: an update never moves a record back
-_RANK = {State.QUEUED: 0, State.RUNNING: 1}
+_RANK = {State.WAITING: -1, State.QUEUED: 0, State.RUNNING: 1}
 
 
 def new_task_id() -> str:

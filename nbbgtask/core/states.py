@@ -8,8 +8,12 @@ __all__ = ["State", "FINAL_STATES", "LIVE_STATES"]
 
 
 class State(str, enum.Enum):
-    """Where a task is in its life: queued → running → complete, failed or cancelled."""
+    """Where a task is in its life: (waiting →) queued → running → complete, failed or cancelled.
 
+    ``waiting``: live, but neither queued nor running: it waits for other tasks to complete
+    (``after=``) and counts against no ``max_running`` and no limit until it starts."""
+
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETE = "complete"
@@ -34,4 +38,4 @@ class State(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({State.COMPLETE, State.FAILED, State.CANCELLED})
-LIVE_STATES = frozenset({State.QUEUED, State.RUNNING})
+LIVE_STATES = frozenset({State.WAITING, State.QUEUED, State.RUNNING})

@@ -32,6 +32,7 @@ from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, log_path, result_path
 from nbbgtask.store.store import Store, store_for
 from nbbgtask.task import notify
+from nbbgtask.task.results import resolved
 from nbbgtask.task.runner import pickled
 
 __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_address"]
@@ -151,7 +152,10 @@ class DaskBackend(DaskRecords):
         key = new_key()
         record["event_key"] = key.hex()
         # The notify URL stays here: this kernel records the end, and sends word of it.
-        remote = dataclasses.replace(job, home=Path("."), payload=None, notify=None)
+        # Results of other tasks given as arguments are read here, where the results are (a worker
+        # has no home folder), and travel with the job.
+        args, kwargs = resolved(self.home, job.args, job.kwargs)
+        remote = dataclasses.replace(job, home=Path("."), payload=None, notify=None, args=args, kwargs=kwargs)
         notify.expect(job.task_id, job.notify)
         payload = pickled(remote, "the Dask cluster")
         # The task is sent first and recorded while it travels: the record's write (a locked,

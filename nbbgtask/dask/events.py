@@ -25,6 +25,11 @@ _EVENT_FIELDS: dict[str, dict[str, Any]] = {
         "pid": "pid",
         "pid_started": "time",
         "limit_error": "text?",
+        # a task's attempts (`nbbgtask.task.attempts`): the keeper's reports between them
+        "attempt": "count",
+        "attempts": "attempts",
+        "started": "time",
+        "retry_at": "time?",
     },
     "log": {"text": "text"},
     "output": {"line": "text"},
@@ -43,8 +48,16 @@ _EVENT_FIELDS: dict[str, dict[str, Any]] = {
         "pid": "pid",
         "pid_started": "time",
         "peak_memory": "size?",
+        "attempt": "count",
+        "attempts": "attempts",
+        "retry_at": "time?",
     },
 }
+#: what a progress event may set in the record
+_PROGRESS = ("percent", "message", "reported", "limit_error", "attempt", "attempts", "started", "retry_at")
+#: the most attempts a record keeps
+_MAX_ATTEMPTS = 10_000
+_ATTEMPT_KEYS = {"attempt": "count", "started": "time", "finished": "time", "state": "final", "error": "text?"}
 _REQUIRED_FIELDS = {"started": ("pid", "worker"), "log": ("text",), "output": ("line",), "final": ("state",)}
 
 
@@ -64,7 +77,7 @@ def applied_once(doc: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any] | N
         else:
             fields["started"] = msg["time"]
     elif kind == "progress":
-        fields = {k: msg[k] for k in ("percent", "message", "reported", "limit_error") if k in msg}
+        fields = {k: msg[k] for k in _PROGRESS if k in msg}
     marks[run] = seq
     return {**fields, "event_marks": marks}
 
@@ -75,6 +88,15 @@ def _field_ok(kind: str, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
     if kind == "time":
         return number
+    if kind == "time?":
+        return value is None or number
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_ATTEMPTS
+    if kind == "attempts":
+        return isinstance(value, list) and len(value) <= _MAX_ATTEMPTS and all(
+            isinstance(a, dict) and set(a) <= set(_ATTEMPT_KEYS) and all(_field_ok(_ATTEMPT_KEYS[k], v) for k, v in a.items())
+            for a in value
+        )
     if kind == "percent":
         return number and 0 <= value <= 100
     if kind in ("text", "text?"):

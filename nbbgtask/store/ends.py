@@ -15,9 +15,27 @@ from typing import Any
 
 from nbbgtask.core.forks import renew_in_child
 
-__all__ = ["listen", "ended"]
+__all__ = ["listen", "ended", "watch", "seen"]
 
 _LISTENERS: list[Callable[[Path, dict[str, Any]], None]] = []
+#: told of every end this process sees, whoever recorded it (`seen`)
+_WATCHERS: list[Callable[[Path, str], None]] = []
+
+
+def watch(watcher: Callable[[Path, str], None]) -> None:
+    """Call ``watcher(home, task_id)`` when this process sees a task's process end after the task
+    recorded its own end (tasks that wait for it start at once, `nbbgtask.api.after`)."""
+    if watcher not in _WATCHERS:
+        _WATCHERS.append(watcher)
+
+
+def seen(home: Path, task_id: str) -> None:
+    """The process of ``task_id`` has ended, its end already recorded: tell every watcher."""
+    for watcher in list(_WATCHERS):
+        try:
+            watcher(home, task_id)
+        except Exception as exc:  # noqa: BLE001
+            print(f"nbbgtask: after task {task_id[:8]} ended: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def listen(listener: Callable[[Path, dict[str, Any]], None]) -> None:
@@ -38,6 +56,7 @@ def ended(home: Path, record: dict[str, Any]) -> None:
 def _reset_after_fork() -> None:
     """A process forked from this one hears nothing it did not ask for itself."""
     _LISTENERS.clear()
+    _WATCHERS.clear()
 
 
 renew_in_child(_reset_after_fork)

@@ -24,15 +24,18 @@ from nbbgtask.core.notify import Notify
 from nbbgtask.core.procs import EXIT_UNRECORDED, describe_exit, own_process, signal_left_group
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import redactor
+from nbbgtask.store import ends
 from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, result_path, stack_path
 from nbbgtask.store.store import store_for
+from nbbgtask.task import attempts as _attempts
 from nbbgtask.task import notify as _notify
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task import tqdm_capture as _tqdm_capture
 from nbbgtask.task.limits import Enforcer
 from nbbgtask.task.logcap import DEFAULT_LOG_MAX, LogCap
 from nbbgtask.task.reporter import Reporter
+from nbbgtask.task.results import resolved
 
 __all__ = [
     "Job", "StoreSink", "current", "current_reporter", "exit_child", "run_job", "run_pickled",
@@ -70,6 +73,9 @@ class Job:
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: where word of its end goes (a webhook URL: a secret, in memory only; `nbbgtask.task.notify`)
     notify: Notify | None = dataclasses.field(default=None, repr=False)
+    #: its retries (`nbbgtask.core.retry.Retry`): the task's process keeps its attempts
+    #: (`nbbgtask.task.attempts`); None: one attempt, as before there were retries
+    retry: Any = None
     #: the pickled job, for spawn (made by the launcher before anything is stored)
     payload: tuple[bytes, bytes] | None = dataclasses.field(default=None, repr=False)
 
@@ -192,7 +198,9 @@ def _call(job: Job, status: Any) -> Any:
     if job.is_task_class:
         value = job.target.execute(status)
     else:
-        value = job.target(*job.args, **job.kwargs)
+        # Other tasks' results given as arguments are read here, in the task's own process.
+        args, kwargs = resolved(job.home, job.args, job.kwargs)
+        value = job.target(*args, **kwargs)
     if inspect.isawaitable(value):
         async def _await() -> Any:
             return await value
@@ -273,10 +281,19 @@ def trim_stack(dump: str) -> str:
 
 
 def run_job(job: Job, sink: Any = None) -> int:
-    """Run the task here and record how it ended (in the store, or through ``sink``); the exit code."""
+    """Run the task here and record how it ended (in the store, or through ``sink``); the exit code.
+
+    A task with retries runs each attempt in a process forked from this one (`_attempts`)."""
+    if job.retry is not None:
+        return _attempts.keep(job, sink, _run_once, StoreSink)
+    return _run_once(job, sink, sink is None)
+
+
+def _run_once(job: Job, sink: Any, local: bool) -> int:
+    """One run of the task; ``local``: it runs on this machine, with the store at hand."""
     global _current, _current_reporter
-    # A local task (no sink given) answers stack requests before its first report names its pid.
-    stack_file = _answer_stack_requests(job) if sink is None else None
+    # A local task answers stack requests before its first report names its pid.
+    stack_file = _answer_stack_requests(job) if local else None
     # The secrets' text never reaches what nbbgtask writes: the error, traceback and log lines.
     redact = redactor(job.secrets)
     if sink is None:  # a local task records its own end, and so sends word of it
@@ -309,6 +326,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     reporter.start()
     fields: dict[str, Any]
     value: Any = None
+    failure: BaseException | None = None
     try:
         try:
             enforcer.start()
@@ -331,6 +349,7 @@ def run_job(job: Job, sink: Any = None) -> int:
     except _Terminated:
         fields = {"state": State.CANCELLED.value}
     except _limits.LimitExceeded as exc:
+        failure = exc
         text = _user_traceback(exc)
         error = enforcer.error(exc)
         try:
@@ -340,6 +359,7 @@ def run_job(job: Job, sink: Any = None) -> int:
         fields = {"state": State.FAILED.value, "error": error, "traceback": text}
         cancelled = False
     except SystemExit as exc:
+        failure = exc
         if exc.code in (None, 0):
             fields = {"state": State.COMPLETE.value}
         else:
@@ -349,6 +369,7 @@ def run_job(job: Job, sink: Any = None) -> int:
                 "traceback": redact(_user_traceback(exc)),
             }
     except BaseException as exc:
+        failure = exc
         text = redact(_user_traceback(exc))
         try:
             print(text, file=sys.stderr, end="")
@@ -365,6 +386,9 @@ def run_job(job: Job, sink: Any = None) -> int:
     fields["cancel_requested"] = cancelled or reporter.cancel_requested
     if enforcer.peak is not None:
         fields["peak_memory"] = enforcer.peak
+    failed_with = getattr(sink, "failed_with", None)
+    if failed_with is not None:  # an attempt's: its keeper matches the failure to retry_on
+        failed_with(failure)
     try:
         _finish(sink, fields, logcap)
     except StoreError as exc:  # a full disk, say: the exit code tells the parent what happened
@@ -453,6 +477,7 @@ def record_exit(home: Path, task_id: str, pid: int, code: int | None) -> None:
     record = store.get(task_id) if store.is_live(task_id) else None
     if record is None or State(record["state"]).is_final:
         _notify.forget(task_id)  # the task recorded its end, and sent word of it
+        ends.seen(home, task_id)
         return
     if record.get("cancel_requested"):
         fields: dict[str, Any] = {"state": State.CANCELLED.value}
