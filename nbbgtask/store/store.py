@@ -281,6 +281,10 @@ class Store:
         ``by``, from the shards' summaries; ``None`` where they cannot tell: read `history`."""
         return lookups.newest_finished(self, limit, states, name, by)
 
+    def count_finished(self, states: set[str] | None = None, name: str | None = None) -> int:
+        """How many finished tasks (in ``states``, named ``name``) there are, from the summaries."""
+        return lookups.count_finished(self, states, name)
+
     def ids_starting(self, prefix: str) -> list[str]:
         """The ids of every task that start with ``prefix``."""
         return lookups.ids_starting(self, prefix)
