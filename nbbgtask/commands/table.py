@@ -229,11 +229,11 @@ class _Parser(argparse.ArgumentParser):
         raise Usage(message or "")
 
 
-def _said(exc: argparse.ArgumentError) -> str:
+def _said(exc: argparse.ArgumentError, prog: str) -> str:
     """``-n takes a whole number, got 'many'``: the option's first spelling and what was wrong."""
     name = (exc.argument_name or "").split("/")[0]
-    if not name:
-        return exc.message
+    if not name:  # what newer Pythons raise, not hand to `error`, with exit_on_error=False
+        return f"{exc.message} (see {prog} --help)"
     return f"{name} {exc.message}" if exc.message.startswith("takes ") else f"{name}: {exc.message}"
 
 
@@ -244,4 +244,4 @@ def parse(command: Command, words: list[str], prog: str) -> argparse.Namespace:
     try:
         return parser.parse_args(words)
     except argparse.ArgumentError as exc:
-        raise Usage(_said(exc)) from None
+        raise Usage(_said(exc, prog)) from None
