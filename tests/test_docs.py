@@ -24,14 +24,14 @@ is quoted there, in double quotes, and each message quoted there is one the code
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
+import ast
 import re
 from pathlib import Path
 
 import nbbgtask as bg
 from nbbgtask.commands import cli as _cli
-from nbbgtask.commands.magic import BgTaskMagics
+from nbbgtask.commands import table as _table
 from nbbgtask.core import config as _config
 from nbbgtask.core import errors as _errors
 
@@ -94,47 +94,14 @@ def _global_options() -> list[list[str]]:
 
 
 def _magic_forms() -> dict[str, list[str]]:
-    """The words ``%bgtask`` dispatches on, read from its code, each with the options it parses."""
-    tree = ast.parse(inspect.getsource(BgTaskMagics))
-    forms: dict[str, list[str]] = {}
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "command"):
-            continue
-        for comparator in node.comparators:
-            items = comparator.elts if isinstance(comparator, ast.Tuple) else [comparator]
-            for item in items:
-                if isinstance(item, ast.Constant) and isinstance(item.value, str):
-                    forms.setdefault(item.value, [])
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
-            test = node.test
-            if (
-                isinstance(test.left, ast.Name)
-                and test.left.id == "command"
-                and isinstance(test.ops[0], ast.Eq)
-                and isinstance(test.comparators[0], ast.Constant)
-            ):
-                forms[test.comparators[0].value] = _parsed_options(node.body)
-    return forms
+    """The words ``%bgtask`` takes, from the table of commands, each with the options it offers."""
+    return {
+        c.name: [o.flags[0] for o in c.offered(_table.MAGIC)] for c in _table.COMMANDS if _table.MAGIC in c.forms
+    }
 
 
 def _cell_options() -> list[str]:
-    tree = ast.parse(inspect.getsource(BgTaskMagics))
-    (cell,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_cell"]
-    return _parsed_options(cell.body)
-
-
-def _parsed_options(body: list[ast.stmt]) -> list[str]:
-    """The option words in the dict and set literals handed to ``_parse`` in ``body``."""
-    found = []
-    for statement in body:
-        for node in ast.walk(statement):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_parse":
-                for literal in [*node.args, *(k.value for k in node.keywords)]:
-                    if isinstance(literal, (ast.Dict, ast.Set)):
-                        keys = literal.keys if isinstance(literal, ast.Dict) else literal.elts
-                        found += [k.value for k in keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
-    return found
+    return [o.flags[0] for o in _table.CELL.offered(_table.MAGIC)]
 
 
 # -- every public name is documented ---------------------------------------------------------------

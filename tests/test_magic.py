@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import nbbgtask as bg
@@ -149,3 +151,59 @@ quick.wait(30)
     ended = kernel.run(f"%bgtask stack {quick_id[:6]}")["stderr"]
     assert ended.startswith("UsageError: task 'int'") and "has ended (complete)" in ended and ended.count("\n") == 1
     kernel.ok(f"%bgtask cancel {stuck_id[:6]}")
+
+
+def test_the_table_gives_each_line_form_the_clis_options_and_help(kernel, home):
+    from test_cli import cli
+
+    from nbbgtask.commands import table
+
+    kernel.ok("%load_ext nbbgtask")
+    usage = kernel.ok("%bgtask")
+    for command in table.COMMANDS:
+        if table.MAGIC not in command.forms:
+            continue
+        assert f"%bgtask {table.synopsis(command, table.MAGIC)}" in usage
+        shown = " ".join(kernel.ok(f"%bgtask {command.name} --help").split())  # argparse wraps the lines
+        assert shown.startswith(f"usage: %bgtask {command.name}") and command.help in shown
+        for option in command.offered(table.MAGIC):
+            assert option.flags[0] in shown and option.help in shown
+        if table.CLI in command.forms:  # the same help on the command line, for the options both offer
+            cli_help = " ".join(cli(home, command.name, "--help").stdout.split())
+            assert command.help in cli_help
+            assert all(o.help in cli_help for o in command.offered(table.MAGIC))
+
+
+def test_the_same_bad_option_is_a_usage_error_in_the_magic_and_exit_2_in_the_cli(kernel, home):
+    from test_cli import cli
+
+    kernel.ok("%load_ext nbbgtask")
+    done = bg.run(int, "3")
+    done.wait(30)
+    # The magic names the option; argparse on the command line says "argument -n/--lines: " first.
+    for words, option, said in (
+        (["logs", done.id, "-n", "many"], "-n", "takes a whole number, got 'many'"),
+        (["list", "--since", "2x"], "--since", "takes a duration such as 90s, 30m, 2h or 1d, got '2x'"),
+        (["list", "--limit", "-1"], "--limit", "takes a whole number, 0 or more, got '-1'"),
+        (["list", "--all", "--limit", "3"], "--limit:", "not allowed with argument --all"),
+        (["wait", done.id, "--timeout", "inf"], "--timeout", "takes a number of seconds from 0 to 1e+09, got 'inf'"),
+    ):
+        assert kernel.run("%bgtask " + " ".join(words))["stderr"] == f"UsageError: {option} {said}\n", words
+        out = cli(home, *words)
+        assert out.returncode == 2 and said in out.stderr.splitlines()[-1], (words, out.stderr)
+    unknown = kernel.run("%bgtask list --bogus")["stderr"]
+    assert unknown == "UsageError: unrecognized arguments: --bogus (see %bgtask list --help)\n"
+    assert "unrecognized arguments: --bogus" in cli(home, "list", "--bogus").stderr
+
+
+def test_list_line_form_pages_like_the_cli(kernel, home):
+    from test_cli import _plant, _planted, _rows
+
+    kernel.ok("%load_ext nbbgtask")
+    _plant(home, _planted(30))
+    listing = kernel.ok("%bgtask list")
+    assert len(_rows(listing)) == 20 and listing.endswith("… 10 more: --limit N or --all\n")
+    assert len(_rows(kernel.ok("%bgtask list --all"))) == 30
+    assert len(_rows(kernel.ok("%bgtask list --since 1h --limit 25"))) == 25
+    lines = kernel.ok("%bgtask list --json --limit 2").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [s.id for s in bg.tasks(limit=2)]

@@ -386,6 +386,18 @@ def tasks(state: Any = None, name: str | None = None, limit: int | None = None) 
     return [TaskStatus(r, home) for r in records[:limit]]
 
 
+def count_tasks(state: Any = None, name: str | None = None) -> int:
+    """How many tasks `tasks` would list with no limit: the finished ones counted from the shards'
+    summaries, not read (for a listing's "N more")."""
+    wanted = _states(state)
+    store = store_for(_config.home())
+    # First the live ones: a task that reconcile ends here is in the history when that is counted.
+    live = [r for r in (_reconciled(store, r) for r in store.live()) if not State(r["state"]).is_final]
+    finals = None if wanted is None else wanted - _LIVE
+    finished = store.count_finished(finals, name) if finals is None or finals else 0
+    return finished + sum((wanted is None or r["state"] in wanted) and (name is None or r["name"] == name) for r in live)
+
+
 def find_last(state: Any = None, name: str | None = None) -> TaskStatus | None:
     """The newest task in ``state`` with ``name`` (either may be omitted), or ``None``."""
     found = tasks(state=state, name=name, limit=1)

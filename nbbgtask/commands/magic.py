@@ -12,26 +12,15 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from nbbgtask import backends as _backends
-from nbbgtask.api.functions import prune, resolve, run, tasks
+from nbbgtask.api.functions import run
 from nbbgtask.api.status import TaskStatus
+from nbbgtask.commands import table as _commands
 from nbbgtask.core import format as _format
-from nbbgtask.core.errors import NbbgtaskError, TaskNotFound
+from nbbgtask.core.errors import TaskNotFound
 
 __all__ = ["BgTaskMagics", "assigned_names", "split_last_expression", "load_ipython_extension", "unload_ipython_extension"]
 
-USAGE = """\
-%%bgtask [--name NAME] [--focus]   run the cell in the background (by fork: it sees every name);
-                                   the names it assigns come back when it completes
-%bgtask list                       the tasks, newest first
-%bgtask show ID                    everything about one task
-%bgtask logs ID [-n N]             what it printed
-%bgtask result ID                  its return value
-%bgtask wait ID [--timeout S]      block until it ends
-%bgtask cancel ID                  stop it
-%bgtask stack ID                   its Python stack now, every thread (what a stuck task is doing)
-%bgtask monitor                    the live task monitor
-%bgtask prune [--keep N]           forget finished tasks
-An ID is a full id or a unique prefix of one."""
+USAGE = _commands.usage()
 
 #: seconds between looks for finished cell tasks while the kernel is idle
 POLL = 0.2
@@ -196,11 +185,14 @@ class BgTaskMagics(Magics):
             if cell is None:
                 return self._line(line)
             return self._cell(line, cell)
-        except TaskNotFound as exc:  # an unknown or ambiguous id: one line, no traceback
-            raise UsageError(str(exc)) from None
+        except _commands.Help as shown:
+            print(shown)
+            return None
+        except (TaskNotFound, _commands.Usage) as exc:  # an unknown or ambiguous id, a bad option: one line
+            raise UsageError(str(exc).strip()) from None
 
     def _cell(self, line: str, cell: str) -> Any:
-        args = _parse(line, {"--name": str}, flags={"--focus"})
+        args = _commands.parse(_commands.CELL, _words(line), "%%bgtask")
         source = self.shell.transform_cell(cell)
         try:
             names = assigned_names(source)
@@ -208,9 +200,9 @@ class BgTaskMagics(Magics):
             raise UsageError(f"the cell has a syntax error: {exc}") from None
         number = self.shell.execution_count
         filename = self.shell.compile.cache(source, number, raw_code=cell)
-        name = args.get("--name") or f"cell [{number}]"
+        name = args.name or f"cell [{number}]"
         status = run(_run_cell_body, source, filename, names, self._namespace_for(source), name=name)
-        if args.get("--focus"):
+        if args.focus:
             from nbbgtask.notebook.focus import full_focus
 
             self._copy_back(status, full_focus(status, acceptable_wait=0.5))
@@ -298,74 +290,57 @@ class BgTaskMagics(Magics):
     # -- %bgtask ... ----------------------------------------------------------------------------
 
     def _line(self, line: str) -> Any:
-        words = shlex.split(line)
+        """A line form: parsed with the table's options, done by the table's behaviour, shown here."""
+        words = _words(line)
         if not words:
             print(USAGE)
             return None
-        command, rest = words[0], words[1:]
-        if command == "list":
-            records = [s.to_dict() for s in tasks()]
-            print(_format.plain_table(records) if records else "no tasks")
-            return None
-        if command == "monitor":
-            from nbbgtask.notebook.monitor import monitor
-
-            return monitor()
-        if command == "prune":
-            args = _parse(" ".join(rest), {"--keep": int})
-            print(f"forgot {prune(keep=args.get('--keep', 0))} finished tasks")
-            return None
-        if command not in ("show", "logs", "result", "wait", "cancel", "stack") or not rest:
+        command = _commands.find(words[0], _commands.MAGIC)
+        if command is None or command.run is None:
             raise UsageError(f"%bgtask {line.strip()!r}: not a command this magic knows.\n{USAGE}")
-        status = resolve(rest[0])
-        if command == "show":
-            print(_format.details(status.to_dict()))
-        elif command == "logs":
-            args = _parse(" ".join(rest[1:]), {"-n": int})
-            print(status.log(tail=args.get("-n")), end="")
-        elif command == "result":
-            if not status.done():
-                raise UsageError(f"task {_format.short_id(status.id)} is still {status.state}: %bgtask wait {rest[0]}")
-            return status.result()
-        elif command == "wait":
-            args = _parse(" ".join(rest[1:]), {"--timeout": float})
-            if not status.wait(args.get("--timeout")):
-                print(f"{_format.short_id(status.id)} still {status.state}")
-            else:
-                print(f"{_format.short_id(status.id)} {status.state}" + (f": {status.error}" if status.error else ""))
-        elif command == "stack":
-            try:
-                text = status.stack()
-            except NbbgtaskError as exc:  # ended, not started, elsewhere: one line, no traceback
-                raise UsageError(str(exc)) from None
-            print(text, end="")
-        elif command == "cancel":
-            done = status.cancel()
-            print(f"{_format.short_id(status.id)} " + ("cancelled" if done else f"had already ended: {status.state}"))
-        return None
+        args = _commands.parse(command, words[1:], f"%bgtask {command.name}")
+        out = _Notebook()
+        command.run(args, out)
+        return out.shown
 
 
-def _parse(text: str, options: dict[str, type], flags: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """``--opt VALUE`` and ``--flag`` words, with a one-line error for anything else."""
-    words = shlex.split(text)
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word in flags:
-            out[word] = True
-            i += 1
-        elif word in options and i + 1 < len(words):
-            try:
-                out[word] = options[word](words[i + 1])
-            except ValueError:
-                kind = {int: "whole number", float: "number"}.get(options[word], options[word].__name__)
-                raise UsageError(f"{word} takes a {kind}, got {words[i + 1]!r}") from None
-            i += 2
-        else:
-            known = " ".join([*options, *flags])
-            raise UsageError(f"unexpected {word!r} (this form takes: {known or 'nothing more'})")
-    return out
+class _Notebook:
+    """The magic's `actions.Out`: the cell's output, where a value or a widget is shown by returning it."""
+
+    def __init__(self) -> None:
+        self.shown: Any = None
+
+    def text(self, text: str) -> None:
+        print(text)
+
+    def task_text(self, text: str) -> None:
+        print(text, end="")  # the output area renders a task's text itself, as it did under its bar
+
+    def table(self, records: list[dict[str, Any]]) -> None:
+        print(_format.plain_table(records))
+
+    def note(self, text: str) -> None:
+        print(text)
+
+    def problem(self, text: str, code: int) -> int:
+        raise UsageError(text)
+
+    def value(self, value: Any) -> int:
+        self.shown = value
+        return 0
+
+    def monitor(self, args: Any) -> int:
+        from nbbgtask.notebook.monitor import monitor
+
+        self.shown = monitor()
+        return 0
+
+
+def _words(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"%bgtask: {exc}") from None
 
 
 _magics: BgTaskMagics | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import time
 from typing import Any
 
@@ -16,8 +17,11 @@ __all__ = [
     "details",
     "duration",
     "eta_seconds",
+    "finite",
     "html_snapshot",
     "message_cell",
+    "number",
+    "percent_of",
     "plain_table",
     "row",
     "short_id",
@@ -32,16 +36,50 @@ COLUMNS = ("id", "name", "state", "percent", "message", "elapsed")
 #: seconds without a change of percent or message after which a running task is shown as
 #: stalled, with a pointer to its stack (``status.stack()``, ``nbbgtask stack ID``)
 STALLED_AFTER = 300.0
+#: a number of seconds (or percent) beyond which a record's figure is shown as a plain number
+HUGE = 1e15
 
 
 def short_id(task_id: str) -> str:
     return task_id[:8]
 
 
+def number(value: Any, spec: str = "g") -> str:
+    """A number from a record as text, formatted by ``spec``; NaN, an infinity, a huge number or
+    not a number at all as it is (``nan``, ``1e+300``), never an exception."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return visible(repr(value))[:40]
+    if not math.isfinite(as_float) or abs(as_float) >= HUGE:
+        return f"{as_float:g}"
+    return format(as_float, spec)
+
+
+def finite(record: dict[str, Any], field: str) -> float | None:
+    """A number of ``record`` (a time, the percent) as a finite float, or ``None`` (missing, NaN,
+    an infinity, not a number): what a figure is computed from."""
+    value = record.get(field)
+    try:
+        as_float = float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return as_float if as_float is not None and math.isfinite(as_float) else None
+
+
+def percent_of(record: dict[str, Any]) -> float:
+    """The record's percent, 0 to 100 (0 where it is missing or not a number)."""
+    value = finite(record, "percent")
+    return 0.0 if value is None else max(0.0, min(100.0, value))
+
+
 def duration(seconds: float | None) -> str:
-    """``0:07``, ``12:34``, ``1:02:03``."""
-    if seconds is None:
+    """``0:07``, ``12:34``, ``1:02:03``; ``-`` for none (or NaN), and a duration too long to be
+    one (an infinity, ``1e+300``) as its number of seconds."""
+    if seconds is None or seconds != seconds:
         return "-"
+    if not abs(seconds) < HUGE:
+        return f"{seconds:g} s"
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -49,10 +87,10 @@ def duration(seconds: float | None) -> str:
 
 
 def elapsed(record: dict[str, Any], now: float | None = None) -> float | None:
-    started = record.get("started")
+    started = finite(record, "started")
     if started is None:
         return None
-    end = record.get("finished") or (now if now is not None else time.time())
+    end = finite(record, "finished") or (now if now is not None else time.time())
     return max(0.0, end - started)
 
 
@@ -61,7 +99,7 @@ def eta_seconds(record: dict[str, Any], now: float | None = None) -> float | Non
     if record.get("finished") or record.get("state") != "running":
         return None
     spent = elapsed(record, now)
-    percent = float(record.get("percent") or 0)
+    percent = percent_of(record)
     if not spent or percent <= 0 or percent >= 100:
         return None
     return spent * (100 - percent) / percent
@@ -70,7 +108,7 @@ def eta_seconds(record: dict[str, Any], now: float | None = None) -> float | Non
 def stalled_for(record: dict[str, Any], now: float | None = None) -> float | None:
     """Seconds since a running task's progress last changed, if that is `STALLED_AFTER` or more;
     else (or for a task that has not reported yet) ``None``."""
-    reported = record.get("reported")
+    reported = finite(record, "reported")
     if record.get("state") != "running" or reported is None:
         return None
     quiet = (now if now is not None else time.time()) - reported
@@ -127,7 +165,7 @@ def summary(record: dict[str, Any], now: float | None = None) -> str:
     state = record["state"]
     if state == "waiting":  # its message says what it waits for
         return str(record.get("message") or "waiting")
-    parts = [f"{float(record.get('percent') or 0):.0f}%"]
+    parts = [f"{percent_of(record):.0f}%"]
     attempt = attempt_text(record, now)
     if attempt is not None:
         parts.insert(0, attempt)
@@ -159,7 +197,7 @@ def text_bar(percent: float, width: int = 20) -> str:
 
 def text_snapshot(record: dict[str, Any]) -> str:
     """One line for a terminal or a notebook without widgets."""
-    return f"{record['name']} [{short_id(record['id'])}] {text_bar(float(record.get('percent') or 0))} {summary(record)}"
+    return f"{record['name']} [{short_id(record['id'])}] {text_bar(percent_of(record))} {summary(record)}"
 
 
 _COLOURS = {"complete": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}
@@ -167,7 +205,7 @@ _COLOURS = {"complete": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}
 
 def html_snapshot(record: dict[str, Any]) -> str:
     """A static picture of the bar, for nbconvert output and front ends without widgets."""
-    percent = float(record.get("percent") or 0)
+    percent = percent_of(record)
     colour = _COLOURS.get(record["state"], "#1976d2")
     return (
         '<div style="display:flex;align-items:center;gap:0.6em;font-family:sans-serif">'
@@ -194,7 +232,7 @@ def row(record: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
         short_id(record["id"]),
         visible(record["name"]),
         str(record["state"]),
-        f"{float(record.get('percent') or 0):.0f}%",
+        f"{number(record.get('percent') or 0, '.0f')}%",
         message if len(message) <= 60 else message[:59] + "…",
         duration(elapsed(record, now)),
     )
@@ -212,19 +250,24 @@ def details(record: dict[str, Any]) -> str:
     characters (a newline too) shown as escapes, so that no value can fake another field."""
     import datetime as dt
 
-    def when(ts: float | None) -> str:
-        return "-" if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds")
+    def when(ts: Any) -> str:
+        if ts is None:
+            return "-"
+        try:
+            return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds")
+        except (TypeError, ValueError, OverflowError, OSError):  # NaN, 1e300: not a time, shown as it is
+            return f"{number(ts)} (not a time)"
 
     lines = [
         f"id:        {record['id']}",
         f"name:      {visible(record['name'])}",
         f"state:     {record['state']}",
-        f"progress:  {float(record.get('percent') or 0):.1f}%  {visible(record.get('message') or '')}".rstrip(),
+        f"progress:  {number(record.get('percent') or 0, '.1f')}%  {visible(record.get('message') or '')}".rstrip(),
         f"created:   {when(record.get('created'))}",
         f"started:   {when(record.get('started'))}",
         f"finished:  {when(record.get('finished'))}",
         f"elapsed:   {duration(elapsed(record))}",
-        f"pid:       {record.get('pid') or '-'}",
+        f"pid:       {visible(record.get('pid') or '-')}",
         f"settings:  {visible(record.get('settings')) if record.get('settings') is not None else '-'}",
     ]
     attempt = attempt_text(record)
@@ -240,10 +283,10 @@ def details(record: dict[str, Any]) -> str:
     if record.get("peak_memory") is not None:
         from nbbgtask.core.limits import format_bytes
 
-        lines.append(f"peak memory: {format_bytes(record['peak_memory'])} (USS, children included)")
+        lines.append(f"peak memory: {visible(format_bytes(record['peak_memory']))} (USS, children included)")
     if record.get("limits"):
         limits = record["limits"]
-        lines.append(f"limits:    timeout={limits.get('timeout')} memory={limits.get('memory')}")
+        lines.append(visible(f"limits:    timeout={limits.get('timeout')} memory={limits.get('memory')}"))
     if record.get("error"):
         lines.append(f"error:     {visible(record['error'])}")
     if record.get("traceback"):  # a block of its own, each of its lines indented

@@ -7,6 +7,7 @@ Every part that makes, checks or changes a record uses this module: the API make
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -16,7 +17,10 @@ from typing import Any, TypedDict
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import valid_id
 
-__all__ = ["TaskRecord", "new_record", "new_task_id", "fault", "merge", "FINAL_FIELDS", "RESULT_FIELDS"]
+__all__ = [
+    "TaskRecord", "new_record", "new_task_id", "fault", "merge", "public", "FINAL_FIELDS", "RESULT_FIELDS",
+    "PUBLIC_FIELDS",
+]
 
 
 class TaskRecord(TypedDict, total=False):
@@ -95,6 +99,12 @@ FINAL_FIELDS = (
 )
 #: the fields that say whether and where a result is
 RESULT_FIELDS = ("has_result", "result_type", "result_inline")
+#: what a task's record shows to anyone who lists tasks (``nbbgtask list --json``): no settings,
+#: no result, no keys, no internal bookkeeping
+PUBLIC_FIELDS = (
+    "id", "name", "state", "percent", "message", "created", "started", "finished", "error", "start_method",
+    "pid", "host",
+)
 
 _NUMBER = (int, float)
 #: what a record's fields must be, where present (``None`` is allowed for all but `_REQUIRED`)
@@ -203,3 +213,15 @@ def merge(doc: dict[str, Any], fields: Mapping[str, Any]) -> None:
         if key == "cancel_requested" and doc.get("cancel_requested"):
             continue
         doc[key] = value
+
+
+def public(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The `PUBLIC_FIELDS` of ``record``, each present (``None`` where missing); a number that JSON
+    cannot hold (NaN, an infinity) is ``None`` too, so the result always dumps as strict JSON."""
+    out = {}
+    for field in PUBLIC_FIELDS:
+        value = record.get(field)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[field] = value
+    return out

@@ -249,9 +249,12 @@ def _escape_char(ch: str) -> str:
 
 
 def visible(text: Any, *, keep: str = "") -> str:
-    """``text`` with every control character (and line break, bidi override, …) shown as an
-    escape, so that a terminal prints it as it is: ``\\x1b]0;x\\x07`` stays those characters,
-    a newline cannot start a fake field.  Characters in ``keep`` pass (``"\\n\\t"`` for a log)."""
+    """``text`` with every character that is not printable shown as an escape (``\\x1b``,
+    ``\\u202e``), so that a terminal prints it as it is: control characters (Cc: ``\\x1b]0;x\\x07``
+    stays those characters, a newline cannot start a fake field), format characters (Cf: a bidi
+    override, a zero-width space), line and paragraph separators, unassigned code points and lone
+    surrogates (which no terminal could even be sent).  Characters in ``keep`` pass (``"\\n\\t"``
+    for a log).  The one escaping of the command line, for every field it prints."""
     text = str(text)
     if text.isprintable() and not keep:
         return text

@@ -12,9 +12,9 @@ from tinydb.table import Table
 
 from nbbgtask.store.shards import HISTORY_SHARDS, RECENT_SUFFIX, SETTLE_NS
 from nbbgtask.store.storage import TASKS, storage_of
-from nbbgtask.store.summaries import Summary, newest
+from nbbgtask.store.summaries import Summary, count, newest
 
-__all__ = ["existing_history", "folder_signature", "summaries", "newest_finished", "ids_starting"]
+__all__ = ["existing_history", "folder_signature", "summaries", "newest_finished", "count_finished", "ids_starting"]
 
 
 def existing_history(self: Any) -> list[tuple[str, Table]]:
@@ -83,6 +83,11 @@ def newest_finished(
     else:
         found = answers[key] = newest(made, limit, states, name, by)
     return None if found is None else [dict(r) for r in found]
+
+
+def count_finished(self: Any, states: set[str] | None = None, name: str | None = None) -> int:
+    """How many finished tasks (in ``states``, named ``name``) there are, from the summaries."""
+    return count(summaries(self), states, name)
 
 
 def ids_starting(self: Any, prefix: str) -> list[str]:

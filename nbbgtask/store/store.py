@@ -1,17 +1,15 @@
 """The status store: task records in TinyDB files shared by kernels, task processes and the CLI.
 
-The files themselves (atomic, cached, checked TinyDB files) are `nbbgtask.store.storage`'s; this module
-says which files there are and what a task's life does to its record.  Each queued or running
-task has a small file of its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to the
-history, spread over 64 shards by id.  A shard is two files: ``history/NN.recent.json`` takes
-each task that ends, and once it holds `RECENT_MAX` of them they join ``history/NN.json`` in one
-write, so ending a task rewrites a small file, not one that grows with the history.  A read-modify-write takes one of 64 stripe locks
-(``locks/NN.lock``, chosen by id as the history shard is), so tasks that report or end at the
-same moment seldom wait for each other.  Only admission under a ``max_running`` limit takes the
-store-wide ``store.lock``, to count the running tasks.  Every write replaces its file
-atomically, so readers take no lock and never see a torn file.
-
-Upkeep apart from a task's life (sweeping, bulk import, removal) is `nbbgtask.store.maintenance`.
+The files themselves (atomic, cached, checked TinyDB files) are `nbbgtask.store.storage`'s; this
+module says which files there are and what a task's life does to its record.  Each live task has
+a file of its own, ``live/<id>.json``, which its progress writes replace; a finished task moves to
+the history, 64 shards by id.  A shard is two files: ``history/NN.recent.json`` takes each task
+that ends, and once it holds `RECENT_MAX` of them they join ``history/NN.json`` in one write, so
+an end rewrites a small file, not one that grows with the history.  A read-modify-write takes one
+of 64 stripe locks (``locks/NN.lock``, by id as the shard is); only admission under
+``max_running`` takes the store-wide ``store.lock``.  Every write replaces its file atomically,
+so readers take no lock and never see a torn file.  Upkeep apart from a task's life (sweeping,
+bulk import, removal) is `nbbgtask.store.maintenance`; lookups, `nbbgtask.store.lookups`.
 """
 
 from __future__ import annotations
@@ -286,6 +284,10 @@ class Store:
         """The newest ``limit`` finished tasks (in ``states``, named ``name``), newest first by
         ``by``, from the shards' summaries; ``None`` where they cannot tell: read `history`."""
         return lookups.newest_finished(self, limit, states, name, by)
+
+    def count_finished(self, states: set[str] | None = None, name: str | None = None) -> int:
+        """How many finished tasks (in ``states``, named ``name``) there are, from the summaries."""
+        return lookups.count_finished(self, states, name)
 
     def ids_starting(self, prefix: str) -> list[str]:
         """The ids of every task that start with ``prefix``."""

@@ -14,7 +14,7 @@ import heapq
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["DEPTH", "Summary", "newest"]
+__all__ = ["DEPTH", "Summary", "count", "newest"]
 
 #: how many of a shard's newest tasks a summary keeps; tasks(limit=N) is answered from the
 #: summaries for N up to this, and reads every record beyond it
@@ -26,7 +26,7 @@ def _finished_key(record: dict[str, Any]) -> float:
 
 
 class Summary:
-    __slots__ = ("by_created", "by_finished", "by_name", "complete")
+    __slots__ = ("by_created", "by_finished", "by_name", "complete", "counts")
 
     def __init__(self, records: Iterable[dict[str, Any]]) -> None:
         records = list(records)
@@ -36,11 +36,26 @@ class Summary:
         self.by_finished = heapq.nlargest(DEPTH, records, key=_finished_key)
         #: name -> state -> the newest such record (by creation)
         self.by_name: dict[str, dict[str, dict[str, Any]]] = {}
+        #: (name, state) -> how many of the shard's tasks have it
+        self.counts: dict[tuple[str, str], int] = {}
         for record in records:
+            key = (record["name"], record["state"])
+            self.counts[key] = self.counts.get(key, 0) + 1
             states = self.by_name.setdefault(record["name"], {})
             known = states.get(record["state"])
             if known is None or record["created"] > known["created"]:
                 states[record["state"]] = record
+
+
+def count(summaries: list[Summary], states: set[str] | None, name: str | None) -> int:
+    """How many finished tasks are in ``states`` (None: any) and named ``name`` (None: any); a
+    task that a crash left in both files of its shard counts twice."""
+    return sum(
+        n
+        for summary in summaries
+        for (task_name, state), n in summary.counts.items()
+        if (states is None or state in states) and (name is None or task_name == name)
+    )
 
 
 def newest(
