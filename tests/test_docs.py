@@ -24,8 +24,8 @@ is quoted there, in double quotes, and each message quoted there is one the code
 from __future__ import annotations
 
 import argparse
-import inspect
 import ast
+import inspect
 import re
 from pathlib import Path
 

@@ -10,11 +10,12 @@ from typing import Any
 
 from tinydb.table import Table
 
+from nbbgtask.core.states import State
 from nbbgtask.store.shards import HISTORY_SHARDS, RECENT_SUFFIX, SETTLE_NS
 from nbbgtask.store.storage import TASKS, storage_of
 from nbbgtask.store.summaries import Summary, count, newest
 
-__all__ = ["existing_history", "folder_signature", "summaries", "newest_finished", "count_finished", "ids_starting"]
+__all__ = ["existing_history", "folder_signature", "summaries", "newest_finished", "count_finished", "ids_starting", "wait_final"]
 
 
 def existing_history(self: Any) -> list[tuple[str, Table]]:
@@ -102,3 +103,13 @@ def ids_starting(self: Any, prefix: str) -> list[str]:
     else:
         records = [*self.live(), *(r for t in self._history_pair(index) for r in self._records(t).values())]
     return sorted({r["id"] for r in records if r["id"].startswith(prefix)})
+
+
+def wait_final(self: Any, task_id: str, seconds: float, poll: float = 0.02) -> dict[str, Any] | None:
+    """Wait up to ``seconds`` for the task to end; its record then (``None`` if it is gone)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        record = self.get(task_id)
+        if record is None or State(record["state"]).is_final or time.monotonic() >= deadline:
+            return record
+        time.sleep(poll)

@@ -248,12 +248,7 @@ class Store:
 
     def wait_final(self, task_id: str, seconds: float, poll: float = 0.02) -> dict[str, Any] | None:
         """Wait up to ``seconds`` for the task to end; its record then (``None`` if it is gone)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            record = self.get(task_id)
-            if record is None or State(record["state"]).is_final or time.monotonic() >= deadline:
-                return record
-            time.sleep(poll)
+        return lookups.wait_final(self, task_id, seconds, poll)
 
     def is_live(self, task_id: str) -> bool:
         """``task_id`` has a live file (one stat; a task that has ended has none)."""
