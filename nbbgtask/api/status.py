@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import datetime as _dt
@@ -45,6 +44,15 @@ _STACK_SETTLE = 0.05
 
 def _utc(ts: float | None) -> _dt.datetime | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+
+
+
+def _asyncio() -> Any:
+    """asyncio, imported when a status is first awaited (it costs a script that never awaits
+    one most of the time ``import nbbgtask`` takes)."""
+    import asyncio
+
+    return asyncio
 
 
 class TaskStatus:
@@ -303,7 +311,7 @@ class TaskStatus:
         for delay in self._poll_delays():
             if self.done():
                 break
-            await asyncio.sleep(delay)
+            await _asyncio().sleep(delay)
         return self._outcome()
 
     def cancel(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 import time
 from typing import Any
@@ -205,6 +204,8 @@ _COLOURS = {"complete": "#2e7d32", "failed": "#c62828", "cancelled": "#757575"}
 
 def html_snapshot(record: dict[str, Any]) -> str:
     """A static picture of the bar, for nbconvert output and front ends without widgets."""
+    import html  # only for a notebook's HTML view
+
     percent = percent_of(record)
     colour = _COLOURS.get(record["state"], "#1976d2")
     return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ class ProgressBar(widgets.HBox):
             self._text.value = f"waiting for a task{waiting} to start"
             return
         state = record["state"]
-        name = _format.html.escape(str(record["name"]))
+        name = html.escape(str(record["name"]))
         label = f"<b>{name}</b>"
         if self._label.value != label:
             self._label.value = label
@@ -87,9 +88,9 @@ class ProgressBar(widgets.HBox):
             self._bar.value = float(record.get("percent") or 0)
             self._bar.bar_style = bar_style(state)
             self._bar.description = ""
-        text = _format.html.escape(_format.summary(record, now))
+        text = html.escape(_format.summary(record, now))
         if costs:
-            text += f' <small style="color:#757575">· {_format.html.escape(_limits.compact(costs))}</small>'
+            text += f' <small style="color:#757575">· {html.escape(_limits.compact(costs))}</small>'
         if state == State.FAILED.value:
             text = f'<span style="color:#c62828">{text}</span>'
         if self._text.value != text:

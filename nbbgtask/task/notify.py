@@ -16,8 +16,6 @@ import os
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +73,9 @@ def _on_end(home: Path, record: dict[str, Any]) -> None:
 def send(url: str, body: dict[str, Any], home: Path | None = None, task_id: str | None = None) -> bool:
     """POST ``body`` as JSON to ``url``: ``TIMEOUT`` seconds, one retry; ``True`` if it was taken.
     A failure is noted in the task's log (when ``home`` and ``task_id`` name it)."""
+    import urllib.error  # here: every task and script imports this module, few send word
+    import urllib.request
+
     data = json.dumps(body).encode()
     why = ""
     for attempt in range(2):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import _signal
-import asyncio
 import base64
 import dataclasses
 import errno
@@ -204,6 +203,8 @@ def _call(job: Job, status: Any) -> Any:
     if inspect.isawaitable(value):
         async def _await() -> Any:
             return await value
+        import asyncio  # only for a coroutine: a task that needs no event loop does not load one
+
         value = asyncio.run(_await())
     return value
 
