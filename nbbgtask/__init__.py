@@ -12,49 +12,79 @@ the library's layers, top to bottom (``docs/architecture.md``; enforced by ``lin
 
 from __future__ import annotations
 
-from nbbgtask.api import status as _status_module
-from nbbgtask.api.functions import (
-    BackgroundTask,
-    Limits,
-    configure,
-    current,
-    find_last,
-    get,
-    progress,
-    prune,
-    run,
-    tasks,
-    track,
-)
-from nbbgtask.api.status import TaskStatus
-from nbbgtask.core.errors import (
-    HomeError,
-    NbbgtaskError,
-    StoreDamagedWarning,
-    StoreError,
-    TaskCancelled,
-    TaskFailed,
-    TaskNotFound,
-)
-from nbbgtask.core.limits import MemoryLimitExceeded, OutOfMemory, TimeLimitExceeded
-from nbbgtask.core.notify import Notify
-from nbbgtask.core.states import State
+import importlib
+from typing import TYPE_CHECKING
+
+from nbbgtask.core import display as _display
+
+if TYPE_CHECKING:  # what the names below are, for type checkers and editors (imported on first use)
+    from nbbgtask.api.functions import (
+        BackgroundTask,
+        Limits,
+        configure,
+        current,
+        find_last,
+        get,
+        progress,
+        prune,
+        run,
+        tasks,
+        track,
+    )
+    from nbbgtask.api.status import TaskStatus
+    from nbbgtask.core.errors import (
+        HomeError,
+        NbbgtaskError,
+        StoreDamagedWarning,
+        StoreError,
+        TaskCancelled,
+        TaskFailed,
+        TaskNotFound,
+    )
+    from nbbgtask.core.limits import MemoryLimitExceeded, OutOfMemory, TimeLimitExceeded
+    from nbbgtask.core.notify import Notify
+    from nbbgtask.core.states import State
+    from nbbgtask.notebook.bar import ProgressBar
+    from nbbgtask.notebook.focus import full_focus
+    from nbbgtask.notebook.monitor import monitor
 
 __version__ = "0.1.0"
 
 # How a TaskStatus that ends a cell displays: the notebook layer's live bar, imported only then.
-_status_module.DISPLAY = "nbbgtask.notebook.bar:status_mimebundle"
+_display.RENDERER = "nbbgtask.notebook.bar:status_mimebundle"
 
-# The notebook parts import ipywidgets; a spawned task or the command line never needs them.
-_LAZY = {"ProgressBar": "nbbgtask.notebook.bar", "full_focus": "nbbgtask.notebook.focus", "monitor": "nbbgtask.notebook.monitor"}
+# Every public name, and the module that defines it.  Each is imported on first use, so that
+# ``import nbbgtask`` alone (``%load_ext nbbgtask``, ``nbbgtask --help``, a task's process, the
+# Jupyter server loading its extension) loads neither the store nor the backends, and the notebook
+# parts, which import ipywidgets, only when a widget is asked for.
+_HOMES = {
+    **dict.fromkeys(
+        ("BackgroundTask", "Limits", "configure", "current", "find_last", "get", "progress", "prune", "run",
+         "tasks", "track"),
+        "nbbgtask.api.functions",
+    ),
+    "TaskStatus": "nbbgtask.api.status",
+    **dict.fromkeys(
+        ("HomeError", "NbbgtaskError", "StoreDamagedWarning", "StoreError", "TaskCancelled", "TaskFailed",
+         "TaskNotFound"),
+        "nbbgtask.core.errors",
+    ),
+    **dict.fromkeys(("MemoryLimitExceeded", "OutOfMemory", "TimeLimitExceeded"), "nbbgtask.core.limits"),
+    "Notify": "nbbgtask.core.notify",
+    "State": "nbbgtask.core.states",
+    "ProgressBar": "nbbgtask.notebook.bar",
+    "full_focus": "nbbgtask.notebook.focus",
+    "monitor": "nbbgtask.notebook.monitor",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'nbbgtask' has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'nbbgtask' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # the next look-up is a plain attribute
+    return value
 
 
 def __dir__() -> list[str]:

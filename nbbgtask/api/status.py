@@ -15,6 +15,7 @@ from typing import Any
 
 from nbbgtask import backends as _backends
 from nbbgtask.core import config as _config
+from nbbgtask.core import display as _display
 from nbbgtask.core import format as _format
 from nbbgtask.core.errors import NbbgtaskError, TaskCancelled, TaskFailed, TaskNotFound
 from nbbgtask.core.procs import same_process
@@ -32,10 +33,6 @@ from nbbgtask.task.runner import current_reporter, trim_stack
 __all__ = ["TaskStatus"]
 
 _MISSING = object()
-
-#: "module:function" that renders a `TaskStatus` for IPython's display (set by the package to the
-#: notebook layer's bar; imported only when a status is displayed, so a script never loads widgets)
-DISPLAY = ""
 #: seconds `TaskStatus.stack` waits for the task to write its stack
 STACK_TIMEOUT = 5.0
 #: seconds a stack file must stay the same size before the dump counts as whole
@@ -392,8 +389,10 @@ class TaskStatus:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         # A handle that ends a cell shows as a live bar, and the bar is the notebook layer's: it is
-        # reached through `DISPLAY`, which the package names, never by an import from here.
-        module, _, function = DISPLAY.partition(":")
+        # reached through the name in `nbbgtask.core.display`, never by an import from here.
+        if not _display.RENDERER:
+            return {"text/plain": repr(self)}
+        module, _, function = _display.RENDERER.partition(":")
         render = getattr(importlib.import_module(module), function)
         bundle: dict[str, Any] = render(self, include, exclude)
         return bundle
