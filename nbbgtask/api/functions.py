@@ -25,6 +25,7 @@ from nbbgtask.core.validate import percent as check_percent
 from nbbgtask.core.validate import whole_number
 from nbbgtask.store.files import remove_task_files
 from nbbgtask.store.store import store_for
+from nbbgtask.store.summaries import created_key
 from nbbgtask.task import runner as _runner
 
 __all__ = [
@@ -274,28 +275,44 @@ def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
         return record
 
 
-def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
-    """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
+def tasks(
+    state: Any = None, name: str | None = None, limit: int | None = None, before: str | None = None
+) -> list[TaskStatus]:
+    """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name.
+
+    ``before``: a task's id: only the tasks created before it (the next page of a listing whose
+    last task that was: ``tasks(limit=20, before=page[-1].id)``).  The newest pages are answered
+    from the history's index files, not the history, in a new process too.
+    """
     wanted = _states(state)
     if limit is not None:
         whole_number(limit, "limit")
     home = _config.home()
     store = store_for(home)
+    anchor = None
+    if before is not None:
+        if not isinstance(before, str):
+            raise TypeError(f"before is a task id, got {type(before).__name__}")
+        found = store.get(before)
+        if found is None:
+            raise TaskNotFound(f"no task {before!r} in the store at {home}")
+        anchor = created_key(found)
 
     def matches(r: dict[str, Any]) -> bool:
-        return (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+        return ((wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+                and (anchor is None or created_key(r) < anchor))
 
     live = [_reconciled(store, r) for r in store.live()]
     finished: list[dict[str, Any]] = []
     if wanted is None or wanted - _LIVE:
         # The newest finished from the shards' summaries where they can tell, else every record.
         finals = None if wanted is None else wanted - _LIVE
-        newest = None if limit is None else store.newest_finished(limit, finals, name)
+        newest = None if limit is None else store.newest_finished(limit, finals, name, before=anchor)
         finished = store.history() if newest is None else newest
     ended = {r["id"] for r in finished}
     # A task found in both places (a move cut short, or reconcile just ended it) counts as finished.
     records = [r for r in live if r["id"] not in ended and matches(r)] + [r for r in finished if matches(r)]
-    records.sort(key=lambda r: r["created"], reverse=True)
+    records.sort(key=created_key, reverse=True)
     return [TaskStatus(r, home) for r in records[:limit]]
 
 
