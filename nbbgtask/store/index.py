@@ -21,7 +21,6 @@ import os
 import time
 from typing import Any
 
-from nbbgtask.core import record as _record
 from nbbgtask.core.errors import StoreError
 from nbbgtask.core.trust import open_owned
 from nbbgtask.store.files import atomic_write
@@ -30,7 +29,7 @@ from nbbgtask.store.shards import SETTLE_NS, shard_of
 from nbbgtask.store.storage import TASKS, AtomicJSONStorage
 from nbbgtask.store.summaries import Summary
 
-__all__ = ["INDEX_SUFFIX", "INDEX_VERSION", "ShardStorage", "index_path", "signature", "load", "write_index"]
+__all__ = ["INDEX_SUFFIX", "INDEX_VERSION", "KEYS", "ShardStorage", "Stub", "index_path", "signature", "load", "write_index"]
 
 #: the name of a shard's index file, after its two digits
 INDEX_SUFFIX = ".index.json"
@@ -49,24 +48,60 @@ def fingerprint(st: os.stat_result) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def _digest(body: bytes) -> bytes:
+    return hashlib.sha256(body).hexdigest()[:32].encode()
+
+
+#: the fields a lookup sorts and filters by, kept in an index's header for each task it holds
+KEYS = ("name", "state", "created", "finished")
+
+
+class Stub(dict):  # type: ignore[type-arg]
+    """A task as an index's header holds it: the fields a lookup sorts and filters by (`KEYS`);
+    `full` decodes the whole record, kept on a line of its own further down the index."""
+
+    __slots__ = ("_line", "_record")
+
+    def __init__(self, fields: dict[str, Any], line: tuple[bytes, int, int]) -> None:
+        super().__init__(fields)
+        self._line = line
+        self._record: dict[str, Any] | None = None
+
+    def full(self) -> dict[str, Any]:
+        if self._record is None:
+            raw, start, end = self._line
+            record = json.loads(raw[start:end])
+            if not isinstance(record, dict) or record.get("id") != self["id"]:
+                raise ValueError(f"the index line of task {self['id']} holds another record")
+            self._record = record
+        return dict(self._record)
 
 
 def write_index(shard_path: str, data: dict[str, Any] | None, st: os.stat_result) -> None:
     """Write the index of the main file ``shard_path`` (its ``data`` as written, its stat ``st``);
     the caller holds the shard's lock.  An index that cannot be written is left out: readers then
-    read the shard."""
+    read the shard.
+
+    Three parts: a line with the digest of the rest; a header line (JSON) with the lists of the
+    `Summary`, each task in it by its id and `KEYS`, and where its record is; then one record a
+    line.  A reader decodes the header, and only the records it answers with."""
     summary = Summary(((data or {}).get(TASKS) or {}).values())
     records: dict[str, Any] = {}
     for record in (*summary.by_created, *summary.by_finished, *(r for s in summary.by_name.values() for r in s.values())):
         records[record["id"]] = record
-    body = {
-        "version": INDEX_VERSION, "of": fingerprint(st), "count": summary.count, "records": records,
+    lines, keys, at = [], {}, 0
+    for task_id, record in records.items():
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        keys[task_id] = [*(record.get(k) for k in KEYS), at, at + len(line)]
+        lines.append(line)
+        at += len(line)
+    header = {
+        "version": INDEX_VERSION, "of": fingerprint(st), "count": summary.count, "tasks": keys,
         "by_created": [r["id"] for r in summary.by_created], "by_finished": [r["id"] for r in summary.by_finished],
         "by_name": {name: {state: r["id"] for state, r in states.items()} for name, states in summary.by_name.items()},
     }
-    raw = json.dumps({**body, "digest": _digest(body)}, separators=(",", ":"), allow_nan=False).encode()
+    encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode() + b"\n" + b"".join(lines)
+    raw = _digest(encoded) + b"\n" + encoded
     path = index_path(shard_path)
     try:
         atomic_write(path, raw, durable=False, tmp=os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp"))
@@ -76,19 +111,26 @@ def write_index(shard_path: str, data: dict[str, Any] | None, st: os.stat_result
 
 
 def _checked(raw: bytes, shard: int, of: list[int]) -> Summary | None:
-    """The summary an index holds, if it is whole, of this version, made from the file ``of``
-    names, and every record in it is a record of shard ``shard``; else ``None``."""
+    """The summary an index holds, if it is whole (its digest), of this version, made from the
+    file ``of`` names, and each task in it is of shard ``shard``; else ``None``.  (Each record was
+    checked when the shard was read or written: the digest vouches that it is unchanged since.)"""
+    digest, _, encoded = raw.partition(b"\n")
+    if digest != _digest(encoded):
+        return None
     try:
-        found = json.loads(raw)
-        body = {k: v for k, v in found.items() if k != "digest"}
-        if body.get("version") != INDEX_VERSION or body.get("of") != of or found.get("digest") != _digest(body):
+        line, _, rest = encoded.partition(b"\n")
+        header = json.loads(line)
+        if header.get("version") != INDEX_VERSION or header.get("of") != of:
             return None
-        records = body["records"]
-        if any(_record.fault(key, rec) or shard_of(key) != shard for key, rec in records.items()):
-            return None
-        by_name = {name: {state: records[i] for state, i in states.items()} for name, states in body["by_name"].items()}
-        return Summary.restore(int(body["count"]), [records[i] for i in body["by_created"]],
-                               [records[i] for i in body["by_finished"]], by_name)
+        stubs: dict[str, Stub] = {}
+        for task_id, (name, state, created, finished, start, end) in header["tasks"].items():
+            if shard_of(task_id) != shard or not isinstance(created, (int, float)) or not isinstance(name, str):
+                return None
+            fields = {"id": task_id, "name": name, "state": state, "created": created, "finished": finished}
+            stubs[task_id] = Stub(fields, (rest, start, end))
+        by_name = {name: {state: stubs[i] for state, i in states.items()} for name, states in header["by_name"].items()}
+        return Summary.restore(int(header["count"]), [stubs[i] for i in header["by_created"]],
+                               [stubs[i] for i in header["by_finished"]], by_name)  # type: ignore[arg-type]
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 

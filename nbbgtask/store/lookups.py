@@ -120,7 +120,7 @@ def newest_finished(
         found = answers[key]
     else:
         found = answers[key] = newest(made, limit, states, name, by, before)
-    return None if found is None else [dict(r) for r in found]
+    return None if found is None else [r.full() if isinstance(r, _index.Stub) else dict(r) for r in found]
 
 
 def ids_starting(self: Any, prefix: str) -> list[str]:
