@@ -24,6 +24,7 @@ from nbbgtask.core.states import State
 from nbbgtask.core.validate import percent as check_percent
 from nbbgtask.core.validate import whole_number
 from nbbgtask.store.files import remove_task_files
+from nbbgtask.store.maintenance import prunable
 from nbbgtask.store.store import store_for
 from nbbgtask.store.summaries import created_key
 from nbbgtask.task import runner as _runner
@@ -340,14 +341,8 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     home = _config.home()
     _config.verify_home(home)  # it deletes files: only in the home that was checked
     store = store_for(home)
-    finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
     cutoff = None if older_than is None else time.time() - older_than  # -inf: forget nothing
-    doomed = [
-        r["id"]
-        for r in finished[keep:]
-        if cutoff is None or (r.get("finished") or r["created"]) < cutoff
-    ]
-    gone = store.remove(doomed)
+    gone = store.remove(prunable(store, keep, cutoff))  # streams: one history file at a time
     store.sweep()  # temp files of tasks whose start was cut short by a kill
     remove_task_files(home, gone)
     return len(gone)

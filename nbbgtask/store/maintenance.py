@@ -15,9 +15,12 @@ from nbbgtask.core import record as _record
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import TASK_ID as _FILE_ID
 from nbbgtask.store.locks import held
+from nbbgtask.store.lookups import existing_history
 from nbbgtask.store.shards import shard_of
+from nbbgtask.store.storage import storage_of
+from nbbgtask.store.summaries import finished_key
 
-__all__ = ["sweep", "add_finished", "remove"]
+__all__ = ["sweep", "add_finished", "remove", "prunable"]
 
 
 def sweep(self: Any, older_than: float = 3600.0) -> int:
@@ -94,3 +97,21 @@ def remove(self: Any, task_ids: Iterable[str]) -> list[str]:
                     gone.append(task_id)
                 self._forget_live(task_id)
     return list(dict.fromkeys(gone))
+
+
+def prunable(self: Any, keep: int, cutoff: float | None) -> list[str]:
+    """The finished tasks that ``prune(keep, older_than)`` forgets: all but the ``keep`` that
+    ended last, and of those only the ones that ended before ``cutoff`` (``None``: any time).
+
+    The history is read one file at a time, each parsed anew in a session of its own and let go
+    before the next (a plain read would keep every file's parsed copy in its cache, which at
+    100,000 tasks peaked at 215 MB): what stays is each task's id and end time."""
+    ended: dict[str, float] = {}
+    for _, table in existing_history(self):
+        with self._session(table):
+            data = self._guard(table, storage_of(table).read)
+            for task_id, record in ((data or {}).get("tasks") or {}).items():
+                ended.setdefault(task_id, finished_key(record))
+            del data
+    order = sorted(ended, key=ended.__getitem__, reverse=True)
+    return [task_id for task_id in order[keep:] if cutoff is None or ended[task_id] < cutoff]
