@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import datetime as _dt
@@ -288,6 +287,8 @@ class TaskStatus:
         return self._async_result().__await__()
 
     async def _async_result(self) -> Any:
+        import asyncio  # here, not at the top: awaiting a status is rare, and asyncio costs ~40 ms to import
+
         for delay in self._poll_delays():
             if self.done():
                 break

@@ -7,7 +7,6 @@ reason; the kernel (`nbbgtask.local.launcher`), the fork server and a Dask worke
 from __future__ import annotations
 
 import _signal
-import asyncio
 import contextlib
 import faulthandler
 import fcntl
@@ -156,9 +155,12 @@ def _in_child(
         _silence_kernel()
         # The kernel's asyncio loop is "running" in the thread we were forked from; without this
         # asyncio.run() in the task fails with "cannot be called from a running event loop".
-        asyncio.events._set_running_loop(None)
-        if getattr(asyncio.events, "_event_loop_policy", True) is not None:  # None: no loop was ever set
-            asyncio.set_event_loop(None)
+        # (Not imported by nbbgtask, to keep its import light: a process that never imported it has no loop.)
+        asyncio = sys.modules.get("asyncio")
+        if asyncio is not None:
+            asyncio.events._set_running_loop(None)
+            if getattr(asyncio.events, "_event_loop_policy", True) is not None:  # None: no loop was ever set
+                asyncio.set_event_loop(None)
         # The kernel may have pointed signal wake-ups at its event loop's socket.
         signal.set_wakeup_fd(-1)
         return run()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import _signal
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -178,6 +177,8 @@ def _call(job: Job, status: Any) -> Any:
     else:
         value = job.target(*job.args, **job.kwargs)
     if inspect.isawaitable(value):
+        import asyncio  # only for a coroutine: it costs a third of nbbgtask's import
+
         async def _await() -> Any:
             return await value
         value = asyncio.run(_await())
