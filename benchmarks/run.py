@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = Path(sys.executable)  # the venv's interpreter (not resolved: that would leave the venv)
 BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py",
-           "scale": "bench_scale.py", "logs": "bench_logs.py", "pipelines": "bench_pipelines.py"}
+           "scale": "bench_scale.py", "output": "bench_output.py", "logs": "bench_logs.py",
+           "pipelines": "bench_pipelines.py"}
 nan = common.nan
 
 
@@ -188,7 +189,7 @@ def find_row(bench: dict, prefix: str) -> dict | None:
 
 def summary(res: dict) -> list[dict]:
     """The figures the issue asks for, in its order; each with its baseline, goal and verdict."""
-    eng, wid, peers, scale = (res.get(k, {}) for k in ("engine", "widgets", "peers", "scale"))
+    eng, wid, peers, scale, output = (res.get(k, {}) for k in ("engine", "widgets", "peers", "scale", "output"))
     rows: list[dict] = []
 
     def add(area: str, label: str, bench: dict, prefix: str) -> None:
@@ -221,6 +222,10 @@ def summary(res: dict) -> list[dict]:
         "2 300 tasks from a process holding 200 MB: bg.run+result (base: mp.Process per task)")
     add("throughput", "300 tasks from a process holding 200 MB: the same through the fork server", peers,
         "2 300 tasks from a process holding 200 MB: bg.run forkserver+result (base: mp.Process per task)")
+    add("throughput", "1,000 tasks through the fork server, its start counted, vs multiprocessing's forkserver context",
+        peers, "2 1000 tasks: bg.run forkserver+result, server start counted")
+    add("throughput", "300 tasks from a process holding 200 MB, the same vs multiprocessing's forkserver context",
+        peers, "2 300 tasks from a process holding 200 MB: bg.run forkserver+result, server start counted")
     add("throughput", "1,000 tasks end to end through the fork server vs a Process per task", peers,
         "2 1000 tasks end to end: bg.run forkserver+result (base: mp.Process per task)")
     add("throughput", "… vs ProcessPoolExecutor", peers,
@@ -236,6 +241,16 @@ def summary(res: dict) -> list[dict]:
         add("store", f"bg.get of a live task with {size:,} finished (base: 0)", eng,
             f"4 bg.get(live task) @{size} vs 0")
     add("store", "a task's end (finalize) with 10,000 finished (base: 0)", eng, "4 Store.finalize (task end) @10000")
+    add("store", "a task's end (finalize) with 100,000 finished (base: 0), median", eng,
+        "4 Store.finalize (task end) @100000")
+    add("store", "a task's end (finalize) with 100,000 finished (base: 0), mean of 2,048", eng,
+        "4 Store.finalize, mean of 2048 ends @100000")
+    for size in (10000, 100000):
+        for read, label in (("bg.tasks(limit=20)", "bg.tasks(limit=20)"), ("bg.find_last(name=...)", "bg.find_last(name=...)"),
+                            ("nbbgtask list", "`nbbgtask list`")):
+            add("scale", f"a new process's first {label} with {size:,} finished, whole process (base: 0)", scale,
+                f"0 cold: a new process's {read}, whole process @{size}")
+    add("scale", "import nbbgtask in a fresh interpreter (base: import ipywidgets)", scale, "0 import nbbgtask")
     for size in (10000, 100000):
         for read in ("bg.get(live task)", "bg.find_last(name=...)", "bg.find_last(state='running')",
                      "bg.tasks(state='running')", "bg.tasks(limit=20)", "progress write (Store.patch)"):
@@ -244,8 +259,9 @@ def summary(res: dict) -> list[dict]:
         "2 monitor refresher cpu_percent")
     add("scale", "monitor refresh interval, 100,000 finished + 20 running (base: 0 + 20)", scale,
         "2 monitor refresher interval_s")
-    add("scale", "prune 90,000 of 100,000 finished: seconds", scale, "3 prune")
-    add("scale", "prune: peak RSS of the pruning process", scale, "3 prune: peak RSS")
+    add("scale", "prune 90,000 of 100,000 finished: seconds (base: today's way, same run)", scale, "3 prune ")
+    add("scale", "prune: peak memory above the process's start (base: today's way)", scale, "3 prune: peak memory")
+    add("scale", "prune: peak RSS of the pruning process (base: today's way)", scale, "3 prune: peak RSS")
     pipes = res.get("pipelines", {})
     add("pipelines", "prerequisite's end recorded → waiting task's code vs bg.run → task code", pipes, "2 after")
     add("pipelines", "retry: attempt 1's end → attempt 2's code vs bg.run → task code", pipes, "3 retry")
@@ -263,6 +279,16 @@ def summary(res: dict) -> list[dict]:
     for shape in ("big log", "32 MiB one-line log"):
         add("logs", f"last 100 lines of a {shape} (base: a 1 MiB one)", logs, f"1 last 100 lines of a {shape}")
         add("logs", "… peak memory of that read (base: a 1 MiB one)", logs, f"2 peak memory, last 100 lines of a {shape}")
+    add("output", "kernel CPU added by the bar of a task printing 10,000 lines/s", output, "1 kernel CPU added by the bar")
+    for method in ("fork", "forkserver", "spawn"):
+        add("output", f"a task's print, {method} (base: print to a file)", output,
+            f"2 a task's print, {method} (base: print to a file)")
+    # Every goal a benchmark computed is in the summary, even one not named above.
+    named = {r["source"] for r in rows}
+    for key, bench in res.items():
+        for r in bench.get("table", []):
+            if r.get("result") in ("PASS", "FAIL") and r["figure"] not in named:
+                rows.append({**r, "area": key, "bench": key, "source": r["figure"]})
     return rows
 
 

@@ -657,3 +657,46 @@ def test_a_cancel_that_comes_before_the_task_is_ready_for_it_still_stops_it():
                 spare.discard()
     finally:
         forker.close()
+
+
+def _waiting_in_a_named_function(seconds):
+    def waiting_for_the_lock():
+        time.sleep(seconds)
+
+    waiting_for_the_lock()
+
+
+def test_the_stack_of_a_task_on_a_worker_is_read_through_its_worker(on_dask, home):
+    """The kernel's own client asks the task's worker; the command line, not connected, asks
+    through a short-lived client of the task's scheduler; both get the child's stack back."""
+    status = bg.run(_waiting_in_a_named_function, 120)
+    assert until(lambda: status.refresh().pid is not None, 60)
+    text = status.stack()
+    assert "waiting_for_the_lock" in text and "_waiting_in_a_named_function" in text, text
+    cli = subprocess.run([sys.executable, "-m", "nbbgtask", "stack", status.id], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "NBBGTASK_HOME": str(home)})
+    assert cli.returncode == 0 and "waiting_for_the_lock" in cli.stdout, cli.stderr
+    status.cancel()
+    assert status.wait(60) and status.state == "cancelled"
+    with pytest.raises(bg.NbbgtaskError, match="ended"):
+        status.stack()
+
+
+def test_dask_without_its_extra_is_a_clear_error_at_configure(home):
+    """`pip install nbbgtask distributed` (no cryptography): configure says which pip install to
+    run, before it connects, and changes nothing."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["cryptography"] = None  # as if it were not installed
+        import nbbgtask as bg
+        try:
+            bg.configure(backend="dask", address="tcp://127.0.0.1:9")
+        except bg.NbbgtaskError as exc:
+            print("ERROR", exc)
+        print("BACKEND", bg.configure().backend)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "NBBGTASK_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert "ERROR" in out.stdout and "'cryptography'" in out.stdout, out.stdout
+    assert 'pip install "nbbgtask[dask]"' in out.stdout and "BACKEND local" in out.stdout, out.stdout

@@ -29,7 +29,9 @@ from nbbgtask.core.states import State
 from nbbgtask.core.validate import percent as check_percent
 from nbbgtask.core.validate import shown, whole_number
 from nbbgtask.store.files import remove_task_files
+from nbbgtask.store.maintenance import prunable
 from nbbgtask.store.store import store_for
+from nbbgtask.store.summaries import created_key
 from nbbgtask.task import runner as _runner
 
 __all__ = [
@@ -359,8 +361,15 @@ def _reconciled(store: Any, record: dict[str, Any]) -> dict[str, Any]:
         return record
 
 
-def tasks(state: Any = None, name: str | None = None, limit: int | None = None) -> list[TaskStatus]:
-    """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name."""
+def tasks(
+    state: Any = None, name: str | None = None, limit: int | None = None, before: str | None = None
+) -> list[TaskStatus]:
+    """Tasks, newest first; ``state`` is one state or several, ``name`` an exact name.
+
+    ``before``: a task's id: only the tasks created before it (the next page of a listing whose
+    last task that was: ``tasks(limit=20, before=page[-1].id)``).  The newest pages are answered
+    from the history's index files, not the history, in a new process too.
+    """
     wanted = _states(state)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a string (or None), got {shown(name)}")
@@ -368,21 +377,30 @@ def tasks(state: Any = None, name: str | None = None, limit: int | None = None) 
         whole_number(limit, "limit")
     home = _config.home()
     store = store_for(home)
+    anchor = None
+    if before is not None:
+        if not isinstance(before, str):
+            raise TypeError(f"before is a task id, got {type(before).__name__}")
+        found = store.get(before)
+        if found is None:
+            raise TaskNotFound(f"no task {before!r} in the store at {home}")
+        anchor = created_key(found)
 
     def matches(r: dict[str, Any]) -> bool:
-        return (wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+        return ((wanted is None or r["state"] in wanted) and (name is None or r["name"] == name)
+                and (anchor is None or created_key(r) < anchor))
 
     live = [_reconciled(store, r) for r in store.live()]
     finished: list[dict[str, Any]] = []
     if wanted is None or wanted - _LIVE:
         # The newest finished from the shards' summaries where they can tell, else every record.
         finals = None if wanted is None else wanted - _LIVE
-        newest = None if limit is None else store.newest_finished(limit, finals, name)
+        newest = None if limit is None else store.newest_finished(limit, finals, name, before=anchor)
         finished = store.history() if newest is None else newest
     ended = {r["id"] for r in finished}
     # A task found in both places (a move cut short, or reconcile just ended it) counts as finished.
     records = [r for r in live if r["id"] not in ended and matches(r)] + [r for r in finished if matches(r)]
-    records.sort(key=lambda r: r["created"], reverse=True)
+    records.sort(key=created_key, reverse=True)
     return [TaskStatus(r, home) for r in records[:limit]]
 
 
@@ -422,14 +440,8 @@ def prune(keep: int = 0, older_than: float | _dt.timedelta | None = None) -> int
     home = _config.home()
     _config.verify_home(home)  # it deletes files: only in the home that was checked
     store = store_for(home)
-    finished = sorted(store.history(), key=lambda r: r.get("finished") or r["created"], reverse=True)
     cutoff = None if older_than is None else time.time() - older_than  # -inf: forget nothing
-    doomed = [
-        r["id"]
-        for r in finished[keep:]
-        if cutoff is None or (r.get("finished") or r["created"]) < cutoff
-    ]
-    gone = store.remove(doomed)
+    gone = store.remove(prunable(store, keep, cutoff))  # streams: one history file at a time
     store.sweep()  # temp files of tasks whose start was cut short by a kill
     remove_task_files(home, gone)
     return len(gone)

@@ -305,6 +305,7 @@ class TaskStatus:
         return self._async_result().__await__()
 
     async def _async_result(self) -> Any:
+
         for delay in self._poll_delays():
             if self.done():
                 break

@@ -26,6 +26,7 @@ from nbbgtask.core.errors import NbbgtaskError
 from nbbgtask.core.states import State
 from nbbgtask.core.trust import open_owned, valid_id
 from nbbgtask.dask.events import applied_once, event_fault
+from nbbgtask.dask.stacks import dump_stack
 from nbbgtask.dask.wire import TOPIC, cancel_event_name, new_key, unseal
 from nbbgtask.dask.worker import run_on_worker
 from nbbgtask.store import outputs as _stored_outputs
@@ -55,7 +56,37 @@ class DaskRecords:
         return True  # on a cluster: nothing here can tell
 
     def stack(self, home: Path, record: dict[str, Any], who: str) -> str:
-        raise NbbgtaskError(f"{who} runs on Dask: reading its stack is not available for Dask tasks yet")
+        """Ask the task's worker, which dumps its child's stack and answers sealed (`_dask_wire`, 8)."""
+        state = State(record["state"])
+        pid, worker, key = record.get("pid"), record.get("worker"), record.get("event_key")
+        if state is not State.RUNNING:
+            raise NbbgtaskError(f"{who} is {state}: it has no process yet; try again once it runs")
+        if not pid or not worker or not key:
+            raise NbbgtaskError(f"{who} has not reported from its worker yet: try again in a moment")
+        client, close = self._client(record)
+        try:
+            answers = client.run(dump_stack, record["id"], pid, key, workers=[worker])
+        except Exception as exc:
+            raise NbbgtaskError(f"cannot ask the Dask worker {worker} for the stack of {who}: {exc}") from None
+        finally:
+            close()
+        event = unseal(bytes.fromhex(key), record["id"], next(iter(answers.values()), None))
+        if event is None or event.get("kind") != "stack":
+            raise NbbgtaskError(f"the Dask worker {worker} answered for {who} with what was not sealed with its key")
+        if "error" in event or not isinstance(event.get("text"), str):
+            raise NbbgtaskError(f"{who} on the Dask worker {worker}: {event.get('error', 'no stack came')}")
+        return event["text"]  # type: ignore[no-any-return]
+
+    def _client(self, record: dict[str, Any]) -> tuple[Any, Any]:
+        """A client of the task's scheduler, short-lived, and how to let it go."""
+        from distributed import Client
+
+        address = record.get("dask_address")
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise NbbgtaskError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        return client, client.close
 
     def process_here(self, record: dict[str, Any]) -> tuple[int, float | None] | None:
         return None  # its process is a Dask worker's child, on the cluster
@@ -126,6 +157,9 @@ class DaskBackend(DaskRecords):
             self.client.unsubscribe_topic(TOPIC)
             if self._owns_client:
                 self.client.close()
+
+    def _client(self, record: dict[str, Any]) -> tuple[Any, Any]:
+        return self.client, lambda: None  # this process's own client of the task's scheduler
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -323,6 +357,7 @@ def _await_final(home: Path, task_id: str, grace: float) -> dict[str, Any] | Non
 def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
     """The backend for ``client`` (or a new client of ``address``), or a clear error."""
     global _backend
+    _check_installed()
     current = _backend
     if (
         current is not None
@@ -333,10 +368,7 @@ def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
         return current  # configure() again with the same cluster: one client, one subscription
     owns = client is None
     if client is None:
-        try:
-            from distributed import Client
-        except ImportError:
-            raise NbbgtaskError("the Dask backend needs the 'distributed' package: pip install distributed") from None
+        from distributed import Client
         try:
             client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
         except (OSError, TimeoutError) as exc:
@@ -348,6 +380,25 @@ def connect(address: str | None, client: Any, home: Path) -> DaskBackend:
         current.close()  # another cluster or home: the old subscription would record events twice
     _backend = DaskBackend(client, home, owns_client=owns)
     return _backend
+
+
+#: what the Dask backend needs beyond nbbgtask's own dependencies: the ``[dask]`` extra
+EXTRA = ("distributed", "cryptography.hazmat.primitives.ciphers.aead")
+
+
+def _check_installed() -> None:
+    """Every package of the ``[dask]`` extra imports here, or a clear error at ``configure``: a
+    task would otherwise fail inside the worker (its events are sealed with ``cryptography``)."""
+    import importlib
+
+    for name in EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise NbbgtaskError(
+                f"the Dask backend needs the '{name.partition('.')[0]}' package, which is not installed "
+                f"({exc}); install the Dask extra: pip install \"nbbgtask[dask]\""
+            ) from None
 
 
 def _at_exit(close: Any) -> None:

@@ -7,6 +7,8 @@ reports through its reports pipe (`_dask_wire`, 5 and 6), and exits.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import pickle
 import signal
@@ -21,7 +23,7 @@ from nbbgtask.core.sources import collect, restore
 from nbbgtask.dask import wire as _dask_wire
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task.reporter import Reporter
-from nbbgtask.task.runner import Job, run_job
+from nbbgtask.task.runner import STACK_SIGNAL, Job, run_job
 
 __all__ = ["PipeSink", "spare_main"]
 
@@ -83,7 +85,29 @@ def spare_main(commands: int, reports: int, inherited: frozenset[int] = frozense
     _outputs.prepare()  # before the job is unpickled: its display() is then this process's
     job = pickle.loads(payload)
     job.home = Path(os.getcwd())
-    return run_job(job, PipeSink(reports))
+    stack_file = _answer_stack_requests(job.task_id)
+    try:
+        return run_job(job, PipeSink(reports))
+    finally:
+        if stack_file is not None:  # ended: nothing more to ask (a late dump goes to the unlinked file)
+            with contextlib.suppress(OSError):
+                os.unlink(stack_file)
+
+
+def _answer_stack_requests(task_id: str) -> str | None:
+    """Dump every thread's stack into the task's stack file on `STACK_SIGNAL` (`_dask_wire`, 8),
+    as a local task does; the file appears only once the handler is in place, since the signal's
+    default action would end the task.  It stays registered until the process exits."""
+    try:
+        path = _dask_wire.stack_file(task_id, os.getpid())
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        faulthandler.register(STACK_SIGNAL, file=fd, all_threads=True, chain=False)
+        os.rename(tmp, path)
+    except (OSError, ValueError, RuntimeError) as exc:  # the task runs on; stack() says it cannot answer
+        print(f"nbbgtask: this task cannot show its stack: {exc}", file=sys.stderr)
+        return None
+    return path
 
 
 class _NoSink:

@@ -77,6 +77,14 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
 
 7. Child -> worker: printed output, as raw bytes on the *output* pipe (the child's fds 1 and 2).
 
+8. Kernel -> worker -> child -> kernel: a stack request (`TaskStatus.stack`).  The kernel calls
+   ``client.run(dump_stack, task_id, pid, key, workers=[the task's worker])`` (`_dask_stacks`);
+   on the worker, the coroutine checks that ``pid`` is its own descendant and has the task's
+   stack file (`stack_file`: made by the child, in a folder of the user's own under the temp
+   folder, once its handler is in place), empties the file, sends the child `STACK_SIGNAL`
+   (faulthandler writes every thread's stack into the file) and returns the dump sealed as an
+   event of 3: ``{"kind": "stack", "text"}``, or ``{"kind": "stack", "error"}`` saying why there is none.
+
 A cancel reaches the child as SIGTERM (to its group), never as a message: run_job's handler stops
 the task.  A child forked by the worker itself (no forker) gets the same pipes, but the worker is
 its parent, signals and reaps it.
@@ -120,6 +128,7 @@ __all__ = [
     "recv_record",
     "send_record",
     "send_report",
+    "stack_file",
     "task_message",
 ]
 
@@ -177,6 +186,21 @@ def unseal(key: bytes, task_id: str, sealed: Any) -> dict[str, Any] | None:
     except (KeyError, TypeError, ValueError, RecursionError, binascii.Error, InvalidTag):
         return None
     return event if isinstance(event, dict) else None
+
+
+def stack_file(task_id: str, pid: int) -> str:
+    """Where the child ``pid`` of task ``task_id`` dumps its stack on a worker (8): in a folder of
+    this user's own, ``nbbgtask-stacks-<uid>`` under the temp folder, made if need be."""
+    import tempfile
+
+    from nbbgtask.core.trust import check_id
+
+    folder = os.path.join(tempfile.gettempdir(), f"nbbgtask-stacks-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(folder) or os.path.islink(folder):
+        raise PermissionError(f"{folder} is not a private folder of this user's")
+    return os.path.join(folder, f"{check_id(task_id)}.{int(pid)}.txt")
 
 
 # -- 4: worker and forker -------------------------------------------------------------------------

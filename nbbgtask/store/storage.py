@@ -226,9 +226,9 @@ class _DB(TinyDB):
     table_class = _TaskTable
 
 
-def open_table(path: str, **storage: Any) -> Any:
+def open_table(path: str, storage_class: type[AtomicJSONStorage] = AtomicJSONStorage, **storage: Any) -> Any:
     # Typed Any: TinyDB's hints say document ids are ints, ours are strings (see _TaskTable).
-    return _DB(path, storage=AtomicJSONStorage, **storage).table(TASKS, cache_size=0)
+    return _DB(path, storage=storage_class, **storage).table(TASKS, cache_size=0)
 
 
 def storage_of(table: Table) -> AtomicJSONStorage:

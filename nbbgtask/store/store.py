@@ -32,6 +32,7 @@ from nbbgtask.core.states import State
 from nbbgtask.core.trust import TASK_ID
 from nbbgtask.store import ends, lookups, maintenance
 from nbbgtask.store.files import make_folders
+from nbbgtask.store.index import ShardStorage
 from nbbgtask.store.locks import Stripes, held
 from nbbgtask.store.shards import HISTORY_SHARDS, RECENT_SUFFIX, SETTLE_NS, shard_of
 from nbbgtask.store.storage import SCHEMA_VERSION, TASKS, AtomicJSONStorage, Damaged, open_table, storage_of
@@ -70,8 +71,8 @@ class Store:
         #: live files' tables, kept while the task is live so that unchanged files are not re-parsed
         self._live: dict[str, Any] = {}
         self._tables_lock = threading.Lock()
-        #: history file name -> (the parsed file it was made from, its summary)
-        self._summary_of: dict[str, tuple[Any, Summary]] = {}
+        #: history file name -> (its signature, the parsed file it was made from or None, its summary)
+        self._summary_of: dict[str, tuple[Any, Any, Summary]] = {}
         #: the history folder's signature when `_summarised` was made, and the summaries
         self._summarised: tuple[Any, list[Summary]] = (None, [])
         #: answers of `newest_finished` for the summaries they were made from (the monitor and
@@ -94,7 +95,7 @@ class Store:
         return self._cached(
             self._shards,
             index,
-            lambda: open_table(os.path.join(self._history_dir, f"{index:02d}.json"), trust_stat=True, durable=True),
+            lambda: open_table(os.path.join(self._history_dir, f"{index:02d}.json"), ShardStorage, trust_stat=True, durable=True),
         )
 
     def _recent(self, index: int) -> Any:
@@ -274,11 +275,12 @@ class Store:
         return [(name, self._records(table)) for name, table in self._existing_history()]
 
     def newest_finished(
-        self, limit: int, states: set[str] | None = None, name: str | None = None, by: str = "created"
+        self, limit: int, states: set[str] | None = None, name: str | None = None, by: str = "created", before: Any = None
     ) -> list[dict[str, Any]] | None:
-        """The newest ``limit`` finished tasks (in ``states``, named ``name``), newest first by
-        ``by``, from the shards' summaries; ``None`` where they cannot tell: read `history`."""
-        return lookups.newest_finished(self, limit, states, name, by)
+        """The newest ``limit`` finished tasks (in ``states``, named ``name``, created before
+        ``before``: a record's (created, id)), newest first by ``by``, from the shards' summaries
+        and indexes; ``None`` where they cannot tell: read `history`."""
+        return lookups.newest_finished(self, limit, states, name, by, before)
 
     def count_finished(self, states: set[str] | None = None, name: str | None = None) -> int:
         """How many finished tasks (in ``states``, named ``name``) there are, from the summaries."""

@@ -201,9 +201,10 @@ def _call(job: Job, status: Any) -> Any:
         args, kwargs = resolved(job.home, job.args, job.kwargs)
         value = job.target(*args, **kwargs)
     if inspect.isawaitable(value):
+        import asyncio  # only for a coroutine: it costs a third of nbbgtask's import
+
         async def _await() -> Any:
             return await value
-        import asyncio  # only for a coroutine: a task that needs no event loop does not load one
 
         value = asyncio.run(_await())
     return value
