@@ -90,25 +90,37 @@ def write_index(shard_path: str, data: dict[str, Any] | None, st: os.stat_result
     for record in (*summary.by_created, *summary.by_finished, *(r for s in summary.by_name.values() for r in s.values())):
         records[record["id"]] = record
     lines, keys, at = [], {}, 0
-    for task_id, record in records.items():
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-        keys[task_id] = [*(record.get(k) for k in KEYS), at, at + len(line)]
-        lines.append(line)
-        at += len(line)
+    try:
+        for task_id, record in records.items():
+            line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+            keys[task_id] = [*(record.get(k) for k in KEYS), at, at + len(line)]
+            lines.append(line)
+            at += len(line)
+    except (TypeError, ValueError):  # a record that is no strict JSON (NaN, from a foreign file): no index
+        _remove(index_path(shard_path))
+        return
     header = {
         "version": INDEX_VERSION, "of": fingerprint(st), "count": summary.count, "tasks": keys,
         "by_created": [r["id"] for r in summary.by_created], "by_finished": [r["id"] for r in summary.by_finished],
         "by_name": {name: {state: r["id"] for state, r in states.items()} for name, states in summary.by_name.items()},
         "counts": [[name, state, n] for (name, state), n in summary.counts.items()],
     }
-    encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode() + b"\n" + b"".join(lines)
+    try:
+        encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode() + b"\n" + b"".join(lines)
+    except (TypeError, ValueError):
+        _remove(index_path(shard_path))
+        return
     raw = _digest(encoded) + b"\n" + encoded
     path = index_path(shard_path)
     try:
         atomic_write(path, raw, durable=False, tmp=os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp"))
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _checked(raw: bytes, shard: int, of: list[int]) -> Summary | None:
