@@ -118,6 +118,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
     """
     return [{"src": "labextension", "dest": "nbbgtask"}]
 
+
 __all__ = [
     "BackgroundTask",
     "HomeError",

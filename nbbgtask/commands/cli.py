@@ -148,7 +148,7 @@ class _Terminal:
 
 
 def _use_home(given: str | None) -> None:
-    """The home the command works on, checked (`_trust.check_home`) and never created or
+    """The home the command works on, checked (`nbbgtask.core.trust.check_home`) and never created or
     changed here: a command line call that only reads must leave the folder as it found it."""
     path = _config.default_home() if not given else Path(os.path.expanduser(given))
     _config.settings().home = _config.ensure_home(path, create=False)

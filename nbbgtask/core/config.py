@@ -26,7 +26,7 @@ class Settings:
     """What `bg.configure` sets; `None` for `home` means "resolve on first use"."""
 
     home: Path | None = None
-    #: "auto": fork when that is safe, else the fork server (`_local_backend`); or one forced
+    #: "auto": fork when that is safe, else the fork server (`nbbgtask.local.backend`); or one forced
     start_method: str = "auto"
     #: tasks beyond this many running wait "queued"; ``math.inf`` for no limit
     max_running: float = math.inf
@@ -38,7 +38,7 @@ class Settings:
     progress_interval: float = 0.1
     backend: str = "local"
     dask_client: Any = None
-    #: the limits of a task that names none (`_limits.Limits`); None: no limits
+    #: the limits of a task that names none (`nbbgtask.core.limits.Limits`); None: no limits
     limits: Any = None
     #: word when a task that names none ends (`nbbgtask.core.notify.Notify`); None: none
     notify: Any = None
@@ -73,7 +73,7 @@ def default_home() -> Path:
 
 
 def home() -> Path:
-    """The home folder, created (0700) on first use, and checked (`_trust.check_home`)."""
+    """The home folder, created (0700) on first use, and checked (`nbbgtask.core.trust.check_home`)."""
     if _settings.home is None:
         _settings.home = ensure_home(default_home())
     return _settings.home
@@ -84,7 +84,7 @@ _identity: dict[Path, tuple[int, int]] = {}
 
 
 def ensure_home(path: Path, *, create: bool = True) -> Path:
-    """Check that ``path`` is a home the user can trust (`_trust.check_home`), making it and its
+    """Check that ``path`` is a home the user can trust (`nbbgtask.core.trust.check_home`), making it and its
     sub-folders (0700) if missing and ``create``; raises `HomeError` naming what is wrong."""
     path = Path(path).expanduser().absolute()
     _identity[path] = check_home(str(path), create=create)

@@ -48,7 +48,7 @@ class TaskRecord(TypedDict, total=False):
     host: str | None  #: the machine of a local task's process; None on a cluster
     dask_address: str  #: the scheduler of a Dask task
     worker: str  #: the Dask worker it runs on
-    #: a Dask task's key for its events (hex), while it is live (`_dask_wire.seal`)
+    #: a Dask task's key for its events (hex), while it is live (`nbbgtask.dask.wire.seal`)
     event_key: str | None
     #: per run of a Dask task (its id), the number of the last event of it applied
     event_marks: dict[str, int] | None
@@ -61,7 +61,7 @@ class TaskRecord(TypedDict, total=False):
     pid: int | None  #: the task's process; with pid_started, tells it from a reused pid
     pid_started: float | None
     cancel_requested: bool
-    #: the task's limits (`_limits.Limits`): {"timeout": seconds or None, "memory": bytes or None};
+    #: the task's limits (`nbbgtask.core.limits.Limits`): {"timeout": seconds or None, "memory": bytes or None};
     #: ``started`` + ``timeout`` is its deadline, which any reader enforces if the task did not
     limits: dict[str, Any] | None
     #: the machine's OOM kill count when the task started (/proc/vmstat): a SIGKILL while it rose

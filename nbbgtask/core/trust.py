@@ -30,7 +30,7 @@ __all__ = [
 #: the folders ``ensure_home`` makes; the store makes `STORE_FOLDERS` on its first write
 SUBFOLDERS = ("logs", "outputs", "results", "stacks")
 STORE_FOLDERS = ("live", "history", "locks")
-#: what a task id is: 32 hex digits (`_record.new_task_id`)
+#: what a task id is: 32 hex digits (`nbbgtask.core.record.new_task_id`)
 TASK_ID = re.compile(r"[0-9a-f]{32}\Z")
 #: O_NOFOLLOW and O_CLOEXEC for every file opened in the home
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC

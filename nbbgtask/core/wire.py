@@ -4,7 +4,7 @@ The bottom layer: it imports nothing from nbbgtask, so every process (a kernel, 
 Dask worker, its forker and its children) can use it.
 
 A *frame* is one message: its length as 8 bytes, big-endian, then that many bytes.  What the
-bytes mean (a pickle, usually) is up to the two ends; see `_launcher._spawn` and `_dask_wire`.
+bytes mean (a pickle, usually) is up to the two ends; see `nbbgtask.local.launcher._spawn` and `nbbgtask.dask.wire`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Dask backend: tasks run on a cluster; the kernel records them in the same store.
 
-Each task is sent with ``client.submit`` to `_dask_worker.run_on_worker`, which runs it in a child
+Each task is sent with ``client.submit`` to `nbbgtask.dask.worker.run_on_worker`, which runs it in a child
 process on the worker and reports progress, printed output and the outcome as worker events
 (topic ``nbbgtask``).  This module subscribes to them and writes the store, the log and the
 result file, so everything that reads the store — status, widgets, magic, command line — works
@@ -56,7 +56,7 @@ class DaskRecords:
         return True  # on a cluster: nothing here can tell
 
     def stack(self, home: Path, record: dict[str, Any], who: str) -> str:
-        """Ask the task's worker, which dumps its child's stack and answers sealed (`_dask_wire`, 8)."""
+        """Ask the task's worker, which dumps its child's stack and answers sealed (`nbbgtask.dask.wire`, 8)."""
         state = State(record["state"])
         pid, worker, key = record.get("pid"), record.get("worker"), record.get("event_key")
         if state is not State.RUNNING:

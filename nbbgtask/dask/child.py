@@ -1,8 +1,8 @@
 """What runs in the task's own process on a Dask worker: a spare waiting for its task, then the task.
 
-A spare is forked ahead of time (by the worker's forker, `_dask_forker`, or by the worker itself)
+A spare is forked ahead of time (by the worker's forker, `nbbgtask.dask.forker`, or by the worker itself)
 and waits on its commands pipe; handed a task, it runs it with the same runner as a local task,
-reports through its reports pipe (`_dask_wire`, 5 and 6), and exits.
+reports through its reports pipe (`nbbgtask.dask.wire`, 5 and 6), and exits.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def spare_main(commands: int, reports: int, inherited: frozenset[int] = frozense
     """A spare, in its own process: wait for a task, run it, exit.  End of the pipe: exit quietly.
 
     ``inherited``: descriptors of the worker's that are not this spare's, to close (see
-    `_dask_spares`'s list of pipe ends).
+    `nbbgtask.dask.spares`'s list of pipe ends).
     """
     for fd in inherited:
         try:
@@ -95,7 +95,7 @@ def spare_main(commands: int, reports: int, inherited: frozenset[int] = frozense
 
 
 def _answer_stack_requests(task_id: str) -> str | None:
-    """Dump every thread's stack into the task's stack file on `STACK_SIGNAL` (`_dask_wire`, 8),
+    """Dump every thread's stack into the task's stack file on `STACK_SIGNAL` (`nbbgtask.dask.wire`, 8),
     as a local task does; the file appears only once the handler is in place, since the signal's
     default action would end the task.  It stays registered until the process exits."""
     try:

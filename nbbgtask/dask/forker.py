@@ -1,5 +1,5 @@
 """What runs in a Dask worker's *forker*: a small process, forked from the worker once, that forks
-the worker's spares, signals them on its behalf and says how they end (`_dask_wire`, 4).
+the worker's spares, signals them on its behalf and says how they end (`nbbgtask.dask.wire`, 4).
 
 Why a forker: a fork makes parent and child share every page until one of them writes it.
 Forked by the worker, each new spare would make the worker copy, page by page, whatever it writes
@@ -29,7 +29,7 @@ def forker_main(path: str, inherited: frozenset[int]) -> int:
     """The forker, in its own process: connect to the worker at ``path``, fork spares on request,
     report how they end; when the worker's end closes, end them all and leave.
 
-    ``inherited``: the worker's pipes to its children, to close (see `_dask_spares`).
+    ``inherited``: the worker's pipes to its children, to close (see `nbbgtask.dask.spares`).
     """
     for fd in inherited:
         try:

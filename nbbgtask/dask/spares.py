@@ -1,6 +1,5 @@
 """Runs in the Dask worker: its handles on the task processes it keeps, the spares, and on the
-forker that forks them.  One job: the worker's side of its child processes (about 500 lines
-with the notes on each race they handle).
+forker that forks them.  (The pipes between them are `nbbgtask.dask.pipes`.)
 
 Forking a child from a worker costs milliseconds (more, the bigger the worker), which would be
 most of a task's start.  So each worker keeps one child forked ahead of time, idle: a *spare*,
@@ -9,7 +8,7 @@ sys.path of that moment); the spare runs that one task and exits, exactly as a c
 the task would, and a new spare is forked in the background.  When no spare is ready (two tasks at
 once on a worker with several threads, the first task) one is forked there and then.
 
-The spares are not forked by the worker itself but by a *forker* (`_dask_forker`, which says
+The spares are not forked by the worker itself but by a *forker* (`nbbgtask.dask.forker`, which says
 why), forked from the worker once with the same rules as a task forked from a kernel
 (`nbbgtask.task.detach`).  What the three say to each other is in `nbbgtask.dask.wire`.
 """

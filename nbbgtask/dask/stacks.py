@@ -1,4 +1,4 @@
-"""What a worker does when a kernel asks for the stack of a task it runs (`_dask_wire`, 8): it
+"""What a worker does when a kernel asks for the stack of a task it runs (`nbbgtask.dask.wire`, 8): it
 signals the task's child, reads the dump from the child's stack file, and returns it sealed with
 the task's key.  Runs on the worker's event loop (``client.run`` awaits a coroutine), so its
 waits are ``asyncio.sleep``, never a blocking one."""

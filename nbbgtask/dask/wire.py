@@ -2,12 +2,12 @@
 
 Four kinds of process take part:
 
-- the **kernel** (`_dask_backend`): sends the task, records what the worker reports;
-- the **worker** (`_dask_worker`, `_dask_spares`): runs `run_on_worker`, keeps one idle *spare*
+- the **kernel** (`nbbgtask.dask.backend`): sends the task, records what the worker reports;
+- the **worker** (`nbbgtask.dask.worker`, `nbbgtask.dask.spares`): runs `run_on_worker`, keeps one idle *spare*
   child ready, hands it the next task, watches it and forwards what it reports;
-- the **forker** (`_dask_forker`): a small process forked from the worker once; it forks the
+- the **forker** (`nbbgtask.dask.forker`): a small process forked from the worker once; it forks the
   spares (so the worker itself does not), signals them and says how they end;
-- the **child** (`_dask_child`): a spare, then the task's own process: it runs one task and exits.
+- the **child** (`nbbgtask.dask.child`): a spare, then the task's own process: it runs one task and exits.
 
 Kernel and worker talk through Dask; worker, forker and child through pipes and one socket.
 
@@ -37,7 +37,7 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    - ``"started"``: ``pid``, ``host``, ``worker`` (its address);
    - ``"log"``: ``text``, printed output (at most `LOG_CHUNK` bytes of it, decoded as UTF-8);
    - ``"progress"``: the fields of a progress report (percent, message, ...);
-   - ``"output"``: ``line``, one output the task displayed (a JSON line of `_outputs`);
+   - ``"output"``: ``line``, one output the task displayed (a JSON line of `nbbgtask.task.outputs`);
    - ``"final"``: the fields of the task's end (``state``, ``finished``, ``error``,
      ``cancel_requested``, ``result``: the pickled return value when it is too big for the
      record, ...).  Sent once, last.  A worker that gives the task up (it closes; Dask runs the
@@ -65,7 +65,7 @@ Kernel and worker talk through Dask; worker, forker and child through pipes and 
    reaps its children and leaves; the worker takes every child of that forker as ended in a way
    not known ("lost").
 
-5. Worker -> child: its task, on the *commands* pipe, as two `_wire` frames written together:
+5. Worker -> child: its task, on the *commands* pipe, as two `nbbgtask.core.wire` frames written together:
    the worker's ``(cwd, environ, sys.path)`` pickled, or empty if unchanged since the spare was
    forked; then the payload of 1.  The worker closes its end after them.  The end of the pipe
    before both frames came: the spare was let go with no task, and leaves quietly.

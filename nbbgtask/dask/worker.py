@@ -3,10 +3,10 @@ with its progress, output and outcome sent to the kernel as worker events.
 
 ``run_on_worker`` is what Dask runs (a coroutine, on the worker's event loop); the rest of the
 task's supervision (`_Supervision`) runs in a thread of its own.  The child is forked ahead of
-time: each worker keeps one idle *spare* ready and hands it the next task (`_dask_spares`).  The
+time: each worker keeps one idle *spare* ready and hands it the next task (`nbbgtask.dask.spares`).  The
 child runs the task with the same runner as a local task, runs that one task only, and reports
-through a pipe (`_dask_child`).  Every message between kernel, worker, forker and child is
-written down in `_dask_wire`.
+through a pipe (`nbbgtask.dask.child`).  Every message between kernel, worker, forker and child is
+written down in `nbbgtask.dask.wire`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
     waits for one of the worker's threads).  Watching the child and forwarding its reports then
     happen in a thread of the task's own (`_Supervision`).  If Dask gives the task up while it
     runs (the worker closes, and Dask will run the task again elsewhere), its child is stopped.
-    ``key``: the task's own key, which seals every event it sends (`_dask_wire.seal`).
+    ``key``: the task's own key, which seals every event it sends (`nbbgtask.dask.wire.seal`).
     """
     from distributed import get_worker
 

@@ -1,7 +1,7 @@
 """The local backend: tasks run as processes of this machine, started by this process.
 
 What a task's record means on this machine lives here: which start method a task gets (for
-``"auto"``: fork, unless `_forksafety` names a runtime that would hang the copy, then the fork
+``"auto"``: fork, unless `nbbgtask.local.forksafety` names a runtime that would hang the copy, then the fork
 server), admission under ``max_running`` and the queue, noticing a task whose process is gone
 (`reconcile`), and cancelling by signalling the task's process group.  How a process is started
 is its starter's (`STARTERS`); watching and reaping it is the supervisor's.

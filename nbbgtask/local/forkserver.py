@@ -1,6 +1,6 @@
 """The fork server: a clean process that forks tasks for a process that cannot fork safely itself.
 
-Once a runtime whose thread pools do not survive a fork has run in a notebook (`_forksafety`),
+Once a runtime whose thread pools do not survive a fork has run in a notebook (`nbbgtask.local.forksafety`),
 a task forked from the kernel would hang.  The fork server is a fresh interpreter that nbbgtask
 starts (``python -m nbbgtask.local.forkserver``), so it never holds those threads; it imports what
 every task needs (nbbgtask, cloudpickle) once, and forks one child per task.  The job travels as
@@ -16,7 +16,7 @@ child: the server never imports the task's modules, so it stays safe to fork.
   server starts nothing more, waits for its running tasks to end, recording each, and exits.
   An idle server (no task for `IDLE` seconds) exits too; the kernel starts a new one when it
   needs one, and a request that finds its server gone is sent again to a new one.
-- The wire: each request is four frames (`_wire`): a JSON header (home, task id, the log's
+- The wire: each request is four frames (`nbbgtask.core.wire`): a JSON header (home, task id, the log's
   first line), the caller's environment, its sys.path and folder, and the job (pickles); the answer is one
   JSON frame, ``{"pid": N}`` or ``{"error": "..."}``.
 """

@@ -10,7 +10,7 @@ from nbbgtask.core.wire import read_frame
 
 
 def _read_frame() -> bytes:
-    """The next of the frames `_launcher._spawn` wrote to stdin."""
+    """The next of the frames `nbbgtask.local.launcher._spawn` wrote to stdin."""
     data = read_frame(0)
     if data is None:
         raise EOFError("the job did not come whole on stdin: the process that spawned this one is gone")
@@ -22,7 +22,7 @@ def main() -> int:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    # As a forked task's (`_launcher._redirect_output`): line-buffered, whatever the environment
+    # As a forked task's (`nbbgtask.local.launcher._redirect_output`): line-buffered, whatever the environment
     # says.  Block-buffered (Python's default for a file) a print would reach the log after what
     # a subprocess wrote later, and not live; unbuffered (PYTHONUNBUFFERED) it costs two writes.
     sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115

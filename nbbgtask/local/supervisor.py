@@ -15,12 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbbgtask.core.forks import renew_in_child
 from nbbgtask.core.procs import same_process
 
 if TYPE_CHECKING:
     import subprocess
-
-from nbbgtask.core.forks import renew_in_child
 
 __all__ = ["OnExit", "RoundHook", "supervisor"]
 

@@ -23,7 +23,7 @@ def log_path(home: Path | str, task_id: str) -> Path:
 
 
 def outputs_path(home: Path | str, task_id: str) -> Path:
-    """What the task displayed (`_outputs`): JSON lines, data only."""
+    """What the task displayed (`nbbgtask.task.outputs`): JSON lines, data only."""
     return Path(home) / "outputs" / f"{check_id(task_id)}.jsonl"
 
 

@@ -2,8 +2,8 @@
 
 A file holds one table of task records keyed by
 their ids, and a schema version; a file that is not valid JSON, or holds records that are not
-task records (`_record.fault`), raises `Damaged` with what can be kept of it.  Which files there
-are, their locks, and what a task's life does to its record are the store's (`_store`).
+task records (`nbbgtask.core.record.fault`), raises `Damaged` with what can be kept of it.  Which files there
+are, their locks, and what a task's life does to its record are the store's (`nbbgtask.store.store`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class AtomicJSONStorage(Storage):
         return data
 
     def _read_file(self) -> tuple[tuple[int, int, int], bytes] | None:
-        # Never through a symlink, and only a file of the user's (`_trust.open_owned`).
+        # Never through a symlink, and only a file of the user's (`nbbgtask.core.trust.open_owned`).
         try:
             fd = open_owned(self.path)
         except FileNotFoundError:

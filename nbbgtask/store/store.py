@@ -46,7 +46,7 @@ __all__ = ["Store", "SCHEMA_VERSION", "HISTORY_SHARDS", "store_for", "forget_ins
 #: rewriting the shard at every end cost each task those 20 ms.
 RECENT_MAX = 32
 
-#: what a task id must look like to have a live file, or any file (`_trust.TASK_ID`)
+#: what a task id must look like to have a live file, or any file (`nbbgtask.core.trust.TASK_ID`)
 _FILE_ID = TASK_ID
 
 

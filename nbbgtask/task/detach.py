@@ -232,7 +232,7 @@ def _release_sockets() -> None:
 def _silence_kernel() -> None:
     """The child must never write to the kernel's zmq sockets: widgets and comms would send
     through the parent's session ("attempted to send message from fork").  display() does not
-    come here: the runner keeps its bundles with the task (`_outputs`)."""
+    come here: the runner keeps its bundles with the task (`nbbgtask.task.outputs`)."""
     if "ipykernel" not in sys.modules:
         return
     from ipykernel.kernelbase import Kernel

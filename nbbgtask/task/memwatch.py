@@ -28,7 +28,7 @@ import time
 def tree(pid: int) -> list[int]:
     """``pid`` and its descendants, from Linux's /proc/PID/task/TID/children (psutil's slower walk
     where there is no such file); ``[]`` if ``pid`` is gone.  A descendant that ends while it is
-    read is left out.  The watcher's, and the task's own readings (`_limits`)."""
+    read is left out.  The watcher's, and the task's own readings (`nbbgtask.core.limits`)."""
     found, i = [pid], 0
     while i < len(found):
         current = found[i]

@@ -1,6 +1,6 @@
-"""The matplotlib backend of a task (`_outputs.MPL_BACKEND`): draws as Agg does, and ``plt.show()``
+"""The matplotlib backend of a task (`nbbgtask.task.outputs.MPL_BACKEND`): draws as Agg does, and ``plt.show()``
 keeps each open figure as a PNG under the task's bar, then closes it, as the inline backend of a
-notebook does.  Set by `_outputs` in the task's process only."""
+notebook does.  Set by `nbbgtask.task.outputs` in the task's process only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What runs inside the task's process around its code: the wrapper that runs it and records how it ended (its progress goes through `_reporter`)."""
+"""What runs inside the task's process around its code: the wrapper that runs it and records how it ended (its progress goes through `nbbgtask.task.reporter`)."""
 
 from __future__ import annotations
 
@@ -62,13 +62,13 @@ class Job:
     #: the task stops itself when it sees ``cancel_requested`` (else SIGTERM interrupts it)
     cooperative_cancel: bool = False
     progress_interval: float = 0.1
-    #: the task's `_limits.Limits`, as its record keeps them (None: no limit)
+    #: the task's `nbbgtask.core.limits.Limits`, as its record keeps them (None: no limit)
     limits: dict[str, Any] | None = None
     #: seconds a task stopped by a limit gets after SIGTERM before it is killed (as a cancel's)
     cancel_grace: float = 3.0
     #: bytes the task's log is held to (`nbbgtask.task.logcap`); None: the default
     log_max: int | None = None
-    #: the files and lines of the task's code, for an interpreter that has not got them (`_sources`)
+    #: the files and lines of the task's code, for an interpreter that has not got them (`nbbgtask.core.sources`)
     sources: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
     #: where word of its end goes (a webhook URL: a secret, in memory only; `nbbgtask.task.notify`)
     notify: Notify | None = dataclasses.field(default=None, repr=False)
@@ -150,7 +150,7 @@ class StoreSink:
             atomic_write(path, data, durable=True)
 
     def output(self, line: bytes) -> None:
-        """One of the task's outputs (`_outputs`), into its outputs file."""
+        """One of the task's outputs (`nbbgtask.task.outputs`), into its outputs file."""
         if self._write_output is None:
             self._write_output = _stored_outputs.file_writer(self._job.home, self._job.task_id)
         self._write_output(line)
