@@ -409,4 +409,6 @@ def test_row11_a_burst_past_the_memory_cap_never_ends_complete(home):
     assert status.state == "failed", (status.state, status.error)
     assert "MemoryLimitExceeded" in status.error and "300 MiB" in status.error, status.error
     peak = status.to_dict().get("peak_memory") or status._record.get("peak_memory")
-    assert peak is not None and peak >= 1024 * MiB, peak
+    # The growth of the process's own high-water mark over what it held at its start: a lower
+    # bound, which pages shared with the parent at the fork can keep a few MiB under the 1 GiB.
+    assert peak is not None and peak >= 1000 * MiB, peak

@@ -65,11 +65,11 @@ def _start(fn, tmp_path):
 
 def test_stack_names_the_function_a_task_is_blocked_in(way, tmp_path):
     status = _start(wait_for_the_network, tmp_path)
-    if way.name == "dask":
-        with pytest.raises(bg.NbbgtaskError, match="not available for Dask tasks yet"):
-            status.stack()
-        return
     text = status.stack()
+    if way.name == "dask":  # the worker's child dumps it and the worker sends it back sealed
+        assert "in wait_for_the_network" in text, text
+        assert status.refresh().state == "running"
+        return
     frames = _current_thread(text).splitlines()
     assert frames[1].endswith("in wait_for_the_network"), text
     # Below the task's code: one line, not nbbgtask's runner nor the frames of the process it

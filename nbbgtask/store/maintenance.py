@@ -118,12 +118,14 @@ def prunable(self: Any, keep: int, cutoff: float | None) -> list[str]:
 
 
 def _ends(self: Any, table: Any) -> list[tuple[str, float]]:
-    """Each task's id and end time in one history file; a file that is not plain JSON is read
-    the checked way (which sets it aside and keeps what it can)."""
+    """Each task's id and end time in one history file; a file that is not plain JSON, or holds an
+    id that is no task id, is read the checked way (which sets it aside and keeps what it can)."""
     path = storage_of(table).path
     try:
         with os.fdopen(open_owned(path), "rb") as f:
             tasks = json.loads(f.read()).get("tasks", {})
+        if not all(_FILE_ID.match(task_id) for task_id in tasks):
+            raise ValueError("an id that is no task id: the checked read sets that record aside")
         return [(task_id, finished_key(record)) for task_id, record in tasks.items()]
     except FileNotFoundError:
         return []
