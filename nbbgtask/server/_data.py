@@ -20,10 +20,12 @@ import nbbgtask as bg
 # -- nbbgtask's private modules: every import of one by the server is here ----------------------
 from nbbgtask.backends import for_record, read_record, reconcile
 from nbbgtask.core.config import default_home, ensure_home
+from nbbgtask.core.procs import same_process
 from nbbgtask.core.trust import valid_id
 from nbbgtask.store.files import log_path
 from nbbgtask.store.store import Store, store_for
 from nbbgtask.store.tail import Tail, last_lines
+from nbbgtask.task.resources import read_tree
 
 from ._paging import HistoryIndex, Key, key_of
 
@@ -165,21 +167,31 @@ class Tasks:
         """A running task of this machine whose process is known: `resources` can read it."""
         return for_record(dict(record)).process_here(dict(record)) is not None
 
-    def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
-        """A running task of this machine: its CPU % and memory (``status.resources()``), read
-        again at most every `RESOURCES_EVERY` seconds; else ``None``."""
-        if not self.measurable(record):
-            return None
-        task_id, proc = record["id"], (record["pid"], record.get("pid_started"))
+    def fresh_resources(self, record: Mapping[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """``(True, figures)`` when this task's process was read less than `RESOURCES_EVERY`
+        seconds ago (nothing is read: cheap enough for the event loop), else ``(False, None)``."""
+        proc = (record.get("pid"), record.get("pid_started"))
         with self._readings_lock:
-            last = self._readings.get(task_id)
+            last = self._readings.get(record["id"])
         if last is not None and last[1] == proc and time.monotonic() - last[0] < RESOURCES_EVERY:
-            return last[2]
-        figures = self._status(dict(record)).resources()
+            return True, last[2]
+        return False, None
+
+    def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A running task of this machine: its CPU % and memory, as ``status.resources()`` gives
+        them, read again at most every `RESOURCES_EVERY` seconds; else ``None``.  The process is
+        the one ``record`` names (a record just read: the store is not read again)."""
+        process = for_record(dict(record)).process_here(dict(record))
+        if process is None:
+            return None
+        fresh, figures = self.fresh_resources(record)
+        if fresh:
+            return figures
+        figures = read_tree(*process, uss=True, settle=0.2) if same_process(*process) else None
         with self._readings_lock:
             if len(self._readings) > 4096:
                 self._readings.clear()
-            self._readings[task_id] = (time.monotonic(), proc, figures)
+            self._readings[record["id"]] = (time.monotonic(), process, figures)
         return figures
 
     def cancel(self, task_id: str) -> tuple[bool, dict[str, Any]]:
