@@ -54,6 +54,8 @@ LOG_MAX_LINES = 5000
 LOG_BYTES = 256 * 1024
 #: a running task's CPU and memory are read again after this many seconds
 RESOURCES_EVERY = 2.0
+#: and its USS (which costs ten times the rest: the kernel sums it page by page) after this many
+USS_EVERY = 10.0
 
 
 def _seconds(value: Any) -> float | None:
@@ -89,8 +91,8 @@ class Tasks:
         self.configured = configured
         self._index = HistoryIndex()
         self._index_lock = threading.Lock()
-        #: task id -> (time.monotonic() when read, (pid, pid_started), figures)
-        self._readings: dict[str, tuple[float, tuple[Any, Any], dict[str, Any] | None]] = {}
+        #: task id -> (time.monotonic() when read, (pid, pid_started), figures, when its USS was read)
+        self._readings: dict[str, tuple[float, tuple[Any, Any], dict[str, Any] | None, float]] = {}
         self._readings_lock = threading.Lock()
 
     # -- the home and its store -----------------------------------------------------------------
@@ -114,10 +116,11 @@ class Tasks:
             raise bg.TaskNotFound(f"no task {task_id} in the store at {home}")
         return record
 
-    def live(self) -> list[dict[str, Any]]:
-        """Every queued or running task's record, brought up to date."""
+    def live(self, check: bool = True) -> list[dict[str, Any]]:
+        """Every queued or running task's record, brought up to date (``check``: each one whose
+        process died is ended "failed"; else the records as the store has them)."""
         store = self.store()
-        return [reconcile(store, record) for record in store.live()]
+        return [reconcile(store, record) for record in store.live()] if check else store.live()
 
     def page(
         self, state: str | None, name: str | None, limit: int, before: str | None
@@ -179,19 +182,28 @@ class Tasks:
 
     def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
         """A running task of this machine: its CPU % and memory, as ``status.resources()`` gives
-        them, read again at most every `RESOURCES_EVERY` seconds; else ``None``.  The process is
-        the one ``record`` names (a record just read: the store is not read again)."""
+        them, read again at most every `RESOURCES_EVERY` seconds (its USS every `USS_EVERY`
+        seconds, the last one shown in between); else ``None``.  The process is the one
+        ``record`` names (a record just read: the store is not read again)."""
         process = for_record(dict(record)).process_here(dict(record))
         if process is None:
             return None
         fresh, figures = self.fresh_resources(record)
         if fresh:
             return figures
-        figures = read_tree(*process, uss=True, settle=0.2) if same_process(*process) else None
+        with self._readings_lock:
+            last = self._readings.get(record["id"])
+        now = time.monotonic()
+        uss = None  # (the USS last read, when) if that is recent enough to show again
+        if last is not None and last[1] == process and last[2] is not None and now - last[3] < USS_EVERY:
+            uss = (last[2].get("uss"), last[3])
+        figures = read_tree(*process, uss=uss is None, settle=0.2) if same_process(*process) else None
+        if figures is not None and uss is not None:
+            figures["uss"] = uss[0]
         with self._readings_lock:
             if len(self._readings) > 4096:
                 self._readings.clear()
-            self._readings[record["id"]] = (time.monotonic(), process, figures)
+            self._readings[record["id"]] = (time.monotonic(), process, figures, now if uss is None else uss[1])
         return figures
 
     def cancel(self, task_id: str) -> tuple[bool, dict[str, Any]]:
