@@ -183,8 +183,14 @@ def finished_records(templates: list[dict], count: int) -> list[dict]:
         record = dict(random.choice((complete, complete, complete, failed, cancelled)))
         created = now - count + i
         took = record["finished"] - record["started"]
-        record.update(id=secrets.token_hex(16), name=f"job-{i % NAMES}", created=created, started=created + 0.004,
-                      finished=created + 0.004 + took, reported=created + 0.004 + took / 2)
+        record.update(
+            id=secrets.token_hex(16),
+            name=f"job-{i % NAMES}",
+            created=created,
+            started=created + 0.004,
+            finished=created + 0.004 + took,
+            reported=created + 0.004 + took / 2,
+        )
         out.append(record)
     return out
 
@@ -207,8 +213,9 @@ def make_home(path: Path, records: list[dict]) -> float:
 def get_tasks(server: Server, limit: int = 50) -> tuple[float, int]:
     """One ``GET tasks?limit=``: its seconds, from the request until the body is read, and how many
     tasks it held."""
-    request = urllib.request.Request(f"{server.url}/nbbgtask/api/tasks?limit={limit}",
-                                     headers={"Authorization": f"token {TOKEN}"})
+    request = urllib.request.Request(
+        f"{server.url}/nbbgtask/api/tasks?limit={limit}", headers={"Authorization": f"token {TOKEN}"}
+    )
     t0 = perf()
     with urllib.request.urlopen(request, timeout=300) as answer:
         body = answer.read()
@@ -238,15 +245,22 @@ def end_script(process: subprocess.Popen, home: Path) -> None:
         process.stdout.close()
 
 
-def latency(page, server: Server, seconds: float, root: Path) -> dict:
-    """A script's task stamps its progress message; when each stamp reached the panel's row."""
+def latency(page, server: Server, seconds: float, root: Path, keep: bool = False) -> dict:
+    """A script's task stamps its progress message; when each stamp reached the panel's row.
+    (``keep``: the home's other tasks are left running.)"""
     page.evaluate(OBSERVE)
     stamps = root / "stamps.txt"
     process, task_id = start_script(STAMPER, server.home, str(seconds), str(stamps))
     try:
         process.wait(timeout=seconds + 60)
     finally:
-        end_script(process, server.home)
+        if keep:
+            process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        else:
+            end_script(process, server.home)
     page.wait_for_timeout(500)
     arrivals = sorted((at / 1000.0, float(text[2:])) for at, text in page.evaluate("window.nbbgtaskArrivals"))
     sent = [float(line) for line in stamps.read_text().split()]
@@ -261,9 +275,33 @@ def latency(page, server: Server, seconds: float, root: Path) -> dict:
     if not lat:
         raise RuntimeError(f"no progress change of task {task_id} reached the panel\n{server.log_tail()}")
     lat.sort()
-    return {"task": task_id, "sent": len(sent), "shown": len(arrivals), "measured": len(lat), "never_shown": unseen,
-            "p50_ms": pct(lat, 0.50), "p95_ms": pct(lat, 0.95), "max_ms": lat[-1], "min_ms": lat[0],
-            "samples_ms": [round(x, 2) for x in lat]}
+    return {
+        "task": task_id,
+        "sent": len(sent),
+        "shown": len(arrivals),
+        "measured": len(lat),
+        "never_shown": unseen,
+        "p50_ms": pct(lat, 0.50),
+        "p95_ms": pct(lat, 0.95),
+        "max_ms": lat[-1],
+        "min_ms": lat[0],
+        "samples_ms": [round(x, 2) for x in lat],
+    }
+
+
+def warm_rounds(servers: dict[str, Server], rounds: int) -> dict:
+    """``GET tasks?limit=50`` on each server in turn (a random order each round), after one
+    request each that is not counted: ms (median, p95, min) by server."""
+    warm: dict[str, list[float]] = {key: [] for key in servers}
+    for key in servers:
+        get_tasks(servers[key])
+    for _ in range(rounds):
+        for key in random.sample(list(warm), len(warm)):
+            warm[key].append(get_tasks(servers[key])[0])
+    return {
+        k: {"median": 1e3 * median(v), "p95": 1e3 * pct(v, 0.95), "min": 1e3 * min(v), "n": len(v)}
+        for k, v in warm.items()
+    }
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -289,8 +327,13 @@ def server_cpu(server: Server, settle: float, seconds: float) -> dict:
         slices.append(round(100 * (c - last_c) / (t - last_t), 2))
         last_c, last_t = c, t
     wall = last_t - t0
-    return {"cpu_percent": 100 * (last_c - c0) / wall, "wall_s": wall, "threads": proc.num_threads(),
-            "per_second_percent": slices, "children": len(proc.children(recursive=True))}
+    return {
+        "cpu_percent": 100 * (last_c - c0) / wall,
+        "wall_s": wall,
+        "threads": proc.num_threads(),
+        "per_second_percent": slices,
+        "children": len(proc.children(recursive=True)),
+    }
 
 
 def wait_running(home: Path, count: int, timeout: float = 60) -> None:
@@ -330,19 +373,22 @@ def run(cfg: dict, root: Path) -> dict:
             t0 = perf()
             servers[key] = _start_server(where, "jupyterlab")
             res[f"server_start_s_{key}"] = perf() - t0
+            rss0 = psutil.Process(servers[key].process.pid).memory_info().rss
             cold[key], n = get_tasks(servers[key])
             assert n == min(50, 0 if key == "empty" else cfg["finished"]), n
+            rss1 = psutil.Process(servers[key].process.pid).memory_info().rss
+            res[f"server_rss_mb_{key}"] = [rss0 / 2**20, rss1 / 2**20]
         res["cold_s"] = cold
-        print(f"  cold GET tasks?limit=50: empty {1e3 * cold['empty']:.1f} ms, "
-              f"{cfg['finished']:,} finished {1e3 * cold['big']:.1f} ms", flush=True)
-        warm: dict[str, list[float]] = {"empty": [], "big": []}
-        for _ in range(cfg["warm"]):
-            for key in random.sample(list(warm), 2):
-                warm[key].append(get_tasks(servers[key])[0])
-        res["warm_ms"] = {k: {"median": 1e3 * median(v), "p95": 1e3 * pct(v, 0.95), "min": 1e3 * min(v),
-                              "n": len(v)} for k, v in warm.items()}
-        print(f"  warm: empty {res['warm_ms']['empty']['median']:.2f} ms, big {res['warm_ms']['big']['median']:.2f} ms",
-              flush=True)
+        print(
+            f"  cold GET tasks?limit=50: empty {1e3 * cold['empty']:.1f} ms, "
+            f"{cfg['finished']:,} finished {1e3 * cold['big']:.1f} ms",
+            flush=True,
+        )
+        res["warm_ms"] = warm_rounds(servers, cfg["warm"])
+        print(
+            f"  warm: empty {res['warm_ms']['empty']['median']:.2f} ms, big {res['warm_ms']['big']['median']:.2f} ms",
+            flush=True,
+        )
 
         with sync_playwright() as playwright:
             chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -352,11 +398,22 @@ def run(cfg: dict, root: Path) -> dict:
                 page.wait_for_timeout(2000)
                 print(f"  latency ({cfg['latency_s']:.0f} s of changes) ...", flush=True)
                 res["latency"] = latency(page, servers["empty"], cfg["latency_s"], root)
-                print(f"  latency p50 {res['latency']['p50_ms']:.0f} ms, p95 {res['latency']['p95_ms']:.0f} ms, "
-                      f"max {res['latency']['max_ms']:.0f} ms, {res['latency']['measured']} changes", flush=True)
+                print(
+                    f"  latency p50 {res['latency']['p50_ms']:.0f} ms, p95 {res['latency']['p95_ms']:.0f} ms, "
+                    f"max {res['latency']['max_ms']:.0f} ms, {res['latency']['measured']} changes",
+                    flush=True,
+                )
                 print(f"  CPU, empty home, panel open ({cfg['cpu_s']:.0f} s) ...", flush=True)
                 res["cpu_base"] = server_cpu(servers["empty"], cfg["settle_s"], cfg["cpu_s"])
                 page.close()
+                # The same page of 50 from a history of 50: what the answer's size costs, apart from the history's.
+                make_home(servers["empty"].home, finished_records(templates, 50))
+                res["warm_ms_50"] = warm_rounds(servers, cfg["warm"])
+                print(
+                    f"  warm, 50 finished: {res['warm_ms_50']['empty']['median']:.2f} ms, "
+                    f"{cfg['finished']:,} finished {res['warm_ms_50']['big']['median']:.2f} ms",
+                    flush=True,
+                )
                 _stop_server(servers.pop("empty"))
 
                 # The big home: 20 running tasks, the panel open.
@@ -368,16 +425,27 @@ def run(cfg: dict, root: Path) -> dict:
                     page, _ = _open_panel(chromium, big)
                     page.wait_for_function(
                         "n => document.querySelectorAll('#nbbgtask-tasks-panel .nbbgtask-row[data-state=running]').length >= n",
-                        arg=cfg["running"])
-                    print(f"  CPU, {cfg['finished']:,} finished + {cfg['running']} running, panel open "
-                          f"({cfg['cpu_s']:.0f} s) ...", flush=True)
+                        arg=cfg["running"],
+                    )
+                    print(
+                        f"  CPU, {cfg['finished']:,} finished + {cfg['running']} running, panel open "
+                        f"({cfg['cpu_s']:.0f} s) ...",
+                        flush=True,
+                    )
                     res["cpu_big"] = server_cpu(big, cfg["settle_s"], cfg["cpu_s"])
-                    res["rows_shown"] = page.evaluate("document.querySelectorAll('#nbbgtask-tasks-panel .nbbgtask-row').length")
+                    if cfg["busy_latency_s"]:  # the same latency with the 20 running and the history
+                        print(f"  latency with {cfg['running']} other tasks running ...", flush=True)
+                        res["latency_busy"] = latency(page, big, cfg["busy_latency_s"], root, keep=True)
+                    res["rows_shown"] = page.evaluate(
+                        "document.querySelectorAll('#nbbgtask-tasks-panel .nbbgtask-row').length"
+                    )
                     page.close()
                 finally:
                     end_script(process, big.home)
-                print(f"  CPU: base {res['cpu_base']['cpu_percent']:.2f} %, big {res['cpu_big']['cpu_percent']:.2f} %",
-                      flush=True)
+                print(
+                    f"  CPU: base {res['cpu_base']['cpu_percent']:.2f} %, big {res['cpu_big']['cpu_percent']:.2f} %",
+                    flush=True,
+                )
             finally:
                 chromium.close()
     finally:
@@ -390,22 +458,83 @@ def run(cfg: dict, root: Path) -> dict:
 def build_rows(res: dict, cfg: dict) -> list[dict]:
     size, lat = cfg["finished"], res["latency"]
     rows = [
-        common.make_row("1 progress change -> panel row, p95", lat["p95_ms"], float("nan"), "ms", "p95 <= 500 ms",
-                        lat["p95_ms"] <= 500),
+        common.make_row(
+            "1 progress change -> panel row, p95",
+            lat["p95_ms"],
+            float("nan"),
+            "ms",
+            "p95 <= 500 ms",
+            lat["p95_ms"] <= 500,
+        ),
         common.make_row("1 progress change -> panel row, p50", lat["p50_ms"], float("nan"), "ms", "info"),
         common.make_row("1 progress change -> panel row, max", lat["max_ms"], float("nan"), "ms", "info"),
     ]
     big, base = res["cpu_big"]["cpu_percent"], res["cpu_base"]["cpu_percent"]
-    rows.append(common.make_row(f"2 server CPU, panel open, {cfg['running']} running + {size} finished "
-                                "(base: no task)", big, base, "% core", "<= 2 % of a core", big <= 2.0))
+    rows.append(
+        common.make_row(
+            f"2 server CPU, panel open, {cfg['running']} running + {size} finished (base: no task)",
+            big,
+            base,
+            "% core",
+            "<= 2 % of a core",
+            big <= 2.0,
+        )
+    )
     w = res["warm_ms"]
-    rows.append(common.make_row(f"3 GET tasks?limit=50 warm @{size} vs 0 (median)", w["big"]["median"],
-                                w["empty"]["median"], "ms", "ratio <= 1.5", w["big"]["median"] <= 1.5 * w["empty"]["median"]))
+    rows.append(
+        common.make_row(
+            f"3 GET tasks?limit=50 warm @{size} vs 0 (median)",
+            w["big"]["median"],
+            w["empty"]["median"],
+            "ms",
+            "ratio <= 1.5",
+            w["big"]["median"] <= 1.5 * w["empty"]["median"],
+        )
+    )
     c = res["cold_s"]
-    rows.append(common.make_row(f"3 GET tasks?limit=50 cold @{size} vs 0 (first after start)", 1e3 * c["big"],
-                                1e3 * c["empty"], "ms", "ratio <= 1.5", c["big"] <= 1.5 * c["empty"]))
-    rows.append(common.make_row(f"3 first GET tasks @{size}: the history read and indexed once", c["big"],
-                                float("nan"), "s", "info"))
+    rows.append(
+        common.make_row(
+            f"3 GET tasks?limit=50 cold @{size} vs 0 (first after start)",
+            1e3 * c["big"],
+            1e3 * c["empty"],
+            "ms",
+            "ratio <= 1.5",
+            c["big"] <= 1.5 * c["empty"],
+        )
+    )
+    rows.append(
+        common.make_row(
+            f"3 first GET tasks @{size}: the history read and indexed once", c["big"], float("nan"), "s", "info"
+        )
+    )
+    w50 = res["warm_ms_50"]
+    rows.append(
+        common.make_row(
+            f"3 GET tasks?limit=50 warm @{size} vs 50 finished (median; the same page of 50)",
+            w50["big"]["median"],
+            w50["empty"]["median"],
+            "ms",
+            "info",
+        )
+    )
+    before, after = res["server_rss_mb_big"]
+    rows.append(
+        common.make_row(
+            f"3 server RSS after the first GET tasks @{size} (base: before it)", after, before, "MB", "info"
+        )
+    )
+    busy = res.get("latency_busy")
+    if busy:
+        for q in ("p50", "p95"):
+            rows.append(
+                common.make_row(
+                    f"1 progress change -> panel row, {cfg['running']} other tasks running + {size} finished, {q}",
+                    busy[f"{q}_ms"],
+                    float("nan"),
+                    "ms",
+                    "info",
+                )
+            )
     return rows
 
 
@@ -415,8 +544,15 @@ def main() -> None:
     ap.add_argument("--json", metavar="OUT.json", help="also write all figures and machine info here")
     args = ap.parse_args()
     q = args.quick
-    cfg = dict(finished=10_000 if q else 100_000, running=20, latency_s=8.0 if q else 20.0, cpu_s=10.0 if q else 25.0,
-               settle_s=3.0 if q else 5.0, warm=30 if q else 40)
+    cfg = dict(
+        finished=10_000 if q else 100_000,
+        running=20,
+        latency_s=8.0 if q else 20.0,
+        cpu_s=10.0 if q else 25.0,
+        settle_s=3.0 if q else 5.0,
+        warm=30 if q else 40,
+        busy_latency_s=0.0 if q else 12.0,
+    )
     if not CHROMIUM.exists():
         sys.exit(f"bench_server.py needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
     t_all, load0 = perf(), os.getloadavg()[0]
@@ -428,13 +564,20 @@ def main() -> None:
     rows = build_rows(res, cfg)
     common.print_table(rows)
     total = perf() - t_all
-    print(f"\nhistory of {cfg['finished']:,} built through Store.add_finished in {res['history_built_s']:.1f} s "
-          f"({res['record_bytes']} bytes a record as JSON)")
+    print(
+        f"\nhistory of {cfg['finished']:,} built through Store.add_finished in {res['history_built_s']:.1f} s "
+        f"({res['record_bytes']} bytes a record as JSON)"
+    )
     print(common.run_line(q, total, load0))
     if args.json:
-        common.write_json(args.json, common.machine(load0, ("jupyterlab", "jupyter_server", "tornado", "playwright",
-                                                            "tinydb", "psutil")),
-                          cfg, total, res, rows)
+        common.write_json(
+            args.json,
+            common.machine(load0, ("jupyterlab", "jupyter_server", "tornado", "playwright", "tinydb", "psutil")),
+            cfg,
+            total,
+            res,
+            rows,
+        )
 
 
 if __name__ == "__main__":
