@@ -1,7 +1,7 @@
 """Every nbbgtask benchmark in one run, each figure beside the baseline measured in the same run.
 
 Runs ``bench_engine.py``, ``bench_widgets.py``, ``bench_peers.py``, ``bench_scale.py``,
-``bench_logs.py`` and ``bench_pipelines.py`` one after the other (each
+``bench_output.py``, ``bench_logs.py``, ``bench_pipelines.py`` and ``bench_server.py`` one after the other (each
 as its own process with ``--json``; ``--quick`` is passed on), then writes
 
 * ``docs/benchmarks.json``: every figure, the configuration, and the machine (CPU model, cores,
@@ -37,7 +37,7 @@ ROOT = HERE.parent
 PYTHON = Path(sys.executable)  # the venv's interpreter (not resolved: that would leave the venv)
 BENCHES = {"engine": "bench_engine.py", "widgets": "bench_widgets.py", "peers": "bench_peers.py",
            "scale": "bench_scale.py", "output": "bench_output.py", "logs": "bench_logs.py",
-           "pipelines": "bench_pipelines.py"}
+           "pipelines": "bench_pipelines.py", "server": "bench_server.py"}
 nan = common.nan
 
 
@@ -283,6 +283,17 @@ def summary(res: dict) -> list[dict]:
     for method in ("fork", "forkserver", "spawn"):
         add("output", f"a task's print, {method} (base: print to a file)", output,
             f"2 a task's print, {method} (base: print to a file)")
+    server = res.get("server", {})
+    add("server", "progress change → the Tasks panel's row, p95", server, "1 progress change -> panel row, p95")
+    add("server", "server CPU, one panel open, 20 running + 100,000 finished (base: no task)", server,
+        "2 server CPU, panel open, 20 running + 100000 finished")
+    add("server", "GET tasks?limit=50, warm, 100,000 finished (base: none)", server,
+        "3 GET tasks?limit=50 warm @100000 vs 0")
+    add("server", "… the same page of 50 (base: a history of 50)", server, "3 GET tasks?limit=50 warm @100000 vs 50")
+    add("server", "GET tasks?limit=50, cold: the first after the server starts, 100,000 finished (base: none)",
+        server, "3 GET tasks?limit=50 cold @100000")
+    add("server", "… that first request, which reads and indexes the history once: seconds", server,
+        "3 first GET tasks @100000")
     # Every goal a benchmark computed is in the summary, even one not named above.
     named = {r["source"] for r in rows}
     for key, bench in res.items():
@@ -518,6 +529,7 @@ def notes(res: dict, machine: dict) -> list[str]:
     if miss and len(out) > 2:
         out.remove(miss[0])
         out.insert(2, miss[0])
+    out += res.get("server", {}).get("results", {}).get("notes", [])  # bench_server.py writes its own
     load = machine.get("loadavg_start")
     if load:
         out.append(f"The machine is a shared {machine['logical_cpus']}-CPU virtual machine; its load average "
@@ -650,6 +662,10 @@ def render(doc: dict) -> str:
             continue
         doc_line = f"`{bench['command']}`, {bench['wall_s']:.0f} s"
         ma = bench.get("machine", {})
+        when = str(ma.get("date", ""))
+        if when[:10] and when[:10] != str(doc.get("date_iso", ""))[:10]:  # run with --only, merged in later
+            commit = (ma.get("nbbgtask_source") or {}).get("commit") or "?"
+            doc_line += f", measured on its own on {when[:16].replace('T', ' ')} UTC at commit `{commit[:12]}`"
         if "loadavg_start" in ma:
             end = ma.get("loadavg_end")
             end = end[0] if isinstance(end, list) else end

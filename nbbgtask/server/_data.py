@@ -20,10 +20,12 @@ import nbbgtask as bg
 # -- nbbgtask's private modules: every import of one by the server is here ----------------------
 from nbbgtask.backends import for_record, read_record, reconcile
 from nbbgtask.core.config import default_home, ensure_home
+from nbbgtask.core.procs import same_process
 from nbbgtask.core.trust import valid_id
 from nbbgtask.store.files import log_path
 from nbbgtask.store.store import Store, store_for
 from nbbgtask.store.tail import Tail, last_lines
+from nbbgtask.task.resources import read_tree
 
 from ._paging import HistoryIndex, Key, key_of
 
@@ -52,6 +54,8 @@ LOG_MAX_LINES = 5000
 LOG_BYTES = 256 * 1024
 #: a running task's CPU and memory are read again after this many seconds
 RESOURCES_EVERY = 2.0
+#: and its USS (which costs ten times the rest: the kernel sums it page by page) after this many
+USS_EVERY = 10.0
 
 
 def _seconds(value: Any) -> float | None:
@@ -87,8 +91,8 @@ class Tasks:
         self.configured = configured
         self._index = HistoryIndex()
         self._index_lock = threading.Lock()
-        #: task id -> (time.monotonic() when read, (pid, pid_started), figures)
-        self._readings: dict[str, tuple[float, tuple[Any, Any], dict[str, Any] | None]] = {}
+        #: task id -> (time.monotonic() when read, (pid, pid_started), figures, when its USS was read)
+        self._readings: dict[str, tuple[float, tuple[Any, Any], dict[str, Any] | None, float]] = {}
         self._readings_lock = threading.Lock()
 
     # -- the home and its store -----------------------------------------------------------------
@@ -112,10 +116,11 @@ class Tasks:
             raise bg.TaskNotFound(f"no task {task_id} in the store at {home}")
         return record
 
-    def live(self) -> list[dict[str, Any]]:
-        """Every queued or running task's record, brought up to date."""
+    def live(self, check: bool = True) -> list[dict[str, Any]]:
+        """Every queued or running task's record, brought up to date (``check``: each one whose
+        process died is ended "failed"; else the records as the store has them)."""
         store = self.store()
-        return [reconcile(store, record) for record in store.live()]
+        return [reconcile(store, record) for record in store.live()] if check else store.live()
 
     def page(
         self, state: str | None, name: str | None, limit: int, before: str | None
@@ -165,21 +170,40 @@ class Tasks:
         """A running task of this machine whose process is known: `resources` can read it."""
         return for_record(dict(record)).process_here(dict(record)) is not None
 
-    def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
-        """A running task of this machine: its CPU % and memory (``status.resources()``), read
-        again at most every `RESOURCES_EVERY` seconds; else ``None``."""
-        if not self.measurable(record):
-            return None
-        task_id, proc = record["id"], (record["pid"], record.get("pid_started"))
+    def fresh_resources(self, record: Mapping[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """``(True, figures)`` when this task's process was read less than `RESOURCES_EVERY`
+        seconds ago (nothing is read: cheap enough for the event loop), else ``(False, None)``."""
+        proc = (record.get("pid"), record.get("pid_started"))
         with self._readings_lock:
-            last = self._readings.get(task_id)
+            last = self._readings.get(record["id"])
         if last is not None and last[1] == proc and time.monotonic() - last[0] < RESOURCES_EVERY:
-            return last[2]
-        figures = self._status(dict(record)).resources()
+            return True, last[2]
+        return False, None
+
+    def resources(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A running task of this machine: its CPU % and memory, as ``status.resources()`` gives
+        them, read again at most every `RESOURCES_EVERY` seconds (its USS every `USS_EVERY`
+        seconds, the last one shown in between); else ``None``.  The process is the one
+        ``record`` names (a record just read: the store is not read again)."""
+        process = for_record(dict(record)).process_here(dict(record))
+        if process is None:
+            return None
+        fresh, figures = self.fresh_resources(record)
+        if fresh:
+            return figures
+        with self._readings_lock:
+            last = self._readings.get(record["id"])
+        now = time.monotonic()
+        uss = None  # (the USS last read, when) if that is recent enough to show again
+        if last is not None and last[1] == process and last[2] is not None and now - last[3] < USS_EVERY:
+            uss = (last[2].get("uss"), last[3])
+        figures = read_tree(*process, uss=uss is None, settle=0.2) if same_process(*process) else None
+        if figures is not None and uss is not None:
+            figures["uss"] = uss[0]
         with self._readings_lock:
             if len(self._readings) > 4096:
                 self._readings.clear()
-            self._readings[task_id] = (time.monotonic(), proc, figures)
+            self._readings[record["id"]] = (time.monotonic(), process, figures, now if uss is None else uss[1])
         return figures
 
     def cancel(self, task_id: str) -> tuple[bool, dict[str, Any]]:

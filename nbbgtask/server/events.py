@@ -1,10 +1,13 @@
 """``GET events``: what changed in the store, pushed to the browser as Server-Sent Events.
 
 One `Watcher` per server follows the store for every client at once, and only while at least one
-is connected: each round (every `INTERVAL` seconds) it asks the store whether anything was written
+is connected: every `POLL` seconds it asks the store whether anything was written
 (`Tasks.version`, two stats) and reads the live tasks only then, or every `RECHECK` seconds to
-notice a task whose process died and to read the running tasks' CPU and memory again (each at most
-every `_data.RESOURCES_EVERY` seconds).
+notice a task whose process died (a read for a change alone does not look at the processes) and
+to read the running tasks' CPU and memory again (each at most every `_data.RESOURCES_EVERY`
+seconds).  Two reads are at least `gap` apart: `READ_GAP` seconds
+for each live task read last time, from `READ_GAP_MIN` to `READ_GAP_MAX`, so that a change shows
+within about a fifth of a second when few tasks run and the reads cost no more when many do.
 It sends each client the records that changed, in one event::
 
     event: tasks
@@ -37,10 +40,14 @@ import nbbgtask as bg
 from ._data import Tasks, public
 from .handlers import ApiError, NbbgtaskHandler
 
-__all__ = ["BACKLOG", "HEARTBEAT", "INTERVAL", "EventsHandler", "Watcher"]
+__all__ = ["BACKLOG", "HEARTBEAT", "POLL", "EventsHandler", "Watcher", "gap"]
 
-#: seconds between two looks at the store
-INTERVAL = 0.5
+#: seconds between two looks at the store (two stats, in a thread)
+POLL = 0.2
+#: seconds between two reads of the live tasks, per live task read last time, and their bounds
+READ_GAP = 0.025
+READ_GAP_MIN = 0.2
+READ_GAP_MAX = 0.5
 #: seconds between two full reads of the live tasks when the store did not change: a task whose
 #: process died without a word is noticed (and ended "failed") within this
 RECHECK = 1.0
@@ -53,6 +60,12 @@ STOP_WAIT = 2.0
 #: how many of the tasks that ended last are compared each round, to see ends the live files did
 #: not show (a task that started and ended between two rounds)
 NEWEST = 64
+
+
+def gap(live: int) -> float:
+    """Seconds to leave after a read of ``live`` live tasks before the next one."""
+    return min(READ_GAP_MAX, max(READ_GAP_MIN, READ_GAP * live))
+
 
 #: the states of a task that has not ended
 LIVE = frozenset(("waiting", "queued", "running"))
@@ -104,6 +117,10 @@ class Watcher:
         #: the store's version at the last full read
         self._version: Any = None
         self._last_read = 0.0
+        #: when the live tasks' processes were last looked at (`RECHECK`)
+        self._last_check = 0.0
+        #: seconds from the last read before the next one may be made (`gap`)
+        self._gap = READ_GAP_MIN
         #: live task id -> its record as last sent (without ``elapsed``, which moves by itself)
         self._shown: dict[str, dict[str, Any]] = {}
         #: the ids of the tasks that ended last, as last seen (None: not looked yet)
@@ -169,12 +186,15 @@ class Watcher:
                         client.send("error", {"error": message})
             except Exception:  # one bad round must not end every stream; the next one retries
                 log.exception("nbbgtask: reading the task store for the event stream failed")
-            await asyncio.sleep(INTERVAL)
+            await asyncio.sleep(POLL)
 
-    def _read(self, previous: list[str], look_at_ends: bool) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]] | None]:
-        """In a thread: the live records, the records of the tasks in ``previous`` that are no longer
-        live (``None`` for one gone from the store), and the tasks that ended last."""
-        live = self.tasks.live()
+    def _read(
+        self, previous: list[str], look_at_ends: bool, check: bool
+    ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]] | None]:
+        """In a thread: the live records (``check``: a task whose process died is ended), the
+        records of the tasks in ``previous`` that are no longer live (``None`` for one gone from
+        the store), and the tasks that ended last."""
+        live = self.tasks.live(check)
         now_live = {r["id"] for r in live if r["state"] in LIVE}
         left: dict[str, Any] = {}
         for task_id in previous:
@@ -189,18 +209,26 @@ class Watcher:
     async def _resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
         if not self.tasks.measurable(record):
             return None  # no need of a thread to say so
+        fresh, figures = self.tasks.fresh_resources(record)
+        if fresh:  # read less than RESOURCES_EVERY ago: no thread either
+            return figures
         return await self._call(self.tasks.resources, record)
 
     async def _round(self) -> None:
         clock = time.monotonic()
-        version = await self._call(self.tasks.version)
         fresh = [c for c in self._clients if c.fresh]
+        if not fresh and clock - self._last_read < self._gap:
+            return  # too soon after the last read to read again: no need to look
+        version = await self._call(self.tasks.version)
         changed_store = version != self._version
-        due = clock - self._last_read >= RECHECK
+        due = clock - self._last_check >= RECHECK
         if not (changed_store or due or fresh):
             return
         self._version, self._last_read = version, clock
-        records, left, newest = await self._call(self._read, list(self._shown), changed_store)
+        check = due or bool(fresh)  # a change alone: the records as written, their processes not looked at
+        if check:
+            self._last_check = clock
+        records, left, newest = await self._call(self._read, list(self._shown), changed_store, check)
         live = [r for r in records if r["state"] in LIVE]
         ended = {r["id"]: r for r in records if r["state"] not in LIVE}  # ended just now, by reconcile
         ended.update((task_id, record) for task_id, record in left.items() if task_id not in ended)
@@ -228,6 +256,7 @@ class Watcher:
             client.send("tasks", {"tasks": list(current.values()) + finals, **base})
         self._shown = {task_id: _without_elapsed(shown) for task_id, shown in current.items()}
         self._running = running
+        self._gap = gap(len(records))
 
 
 def _without_elapsed(record: dict[str, Any]) -> dict[str, Any]:

@@ -120,6 +120,9 @@ class NbbgtaskHandler(APIHandler):
     async def resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
         if not self.tasks.measurable(record):
             return None  # no need of a thread to say so
+        fresh, figures = self.tasks.fresh_resources(record)
+        if fresh:  # read less than RESOURCES_EVERY ago: no thread either
+            return figures
         return await self.call(self.tasks.resources, record)
 
 
