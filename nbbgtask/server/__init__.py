@@ -3,8 +3,9 @@ of their changes, under ``{base_url}nbbgtask/api/`` (documented in docs/api.md, 
 
 What it holds, top to bottom: `extension` (`Nbbgtask`, the extension app: its setting
 ``c.Nbbgtask.home``, its routes, its start and stop), `events` (the event stream and its one
-watcher per server), `handlers` (the REST handlers), `_data` (what the server reads from and asks
-of nbbgtask) and `_paging` (pages of the history by an index); a module imports only those below it.
+watcher per server), `handlers` (the REST handlers), and `_data` (what the server reads from and asks
+of nbbgtask: its pages come from the store's index of each history shard); a module imports only
+those below it.
 
 What it may import: jupyter_server, tornado and traitlets; of nbbgtask, its public API
 (``import nbbgtask as bg``), and its private modules only in `_data`, the one place to re-point

@@ -27,8 +27,6 @@ from nbbgtask.store.store import Store, store_for
 from nbbgtask.store.tail import Tail, last_lines
 from nbbgtask.task.resources import read_tree
 
-from ._paging import HistoryIndex, Key, key_of
-
 __all__ = [
     "LOG_BYTES",
     "LOG_LINES",
@@ -56,6 +54,11 @@ LOG_BYTES = 256 * 1024
 RESOURCES_EVERY = 2.0
 #: and its USS (which costs ten times the rest: the kernel sums it page by page) after this many
 USS_EVERY = 10.0
+
+
+def key_of(record: Mapping[str, Any]) -> tuple[float, str]:
+    """Where a task sits in a listing: newest first by creation, then by id (as `bg.tasks`)."""
+    return (record["created"], record["id"])
 
 
 def _seconds(value: Any) -> float | None:
@@ -89,8 +92,6 @@ class Tasks:
 
     def __init__(self, configured: str | None) -> None:
         self.configured = configured
-        self._index = HistoryIndex()
-        self._index_lock = threading.Lock()
         #: task id -> (time.monotonic() when read, (pid, pid_started), figures, when its USS was read)
         self._readings: dict[str, tuple[float, tuple[Any, Any], dict[str, Any] | None, float]] = {}
         self._readings_lock = threading.Lock()
@@ -130,17 +131,28 @@ class Tasks:
         None, how many tasks run now)``.  The live tasks are read whole (they are few); the
         finished ones from the history's index."""
         store = self.store()
-        cursor: Key | None = None
+        cursor: tuple[float, str] | None = None
         if before is not None:
             found = store.get(before)
             if found is None:
                 raise bg.TaskNotFound(f"before: no task {before} in the store (pruned?); start from the first page")
             cursor = key_of(found)
         live = [reconcile(store, record) for record in store.live()]  # before the history: a task
-        with self._index_lock:  # that ends in between is then found there
-            self._index.update(store.history_files())
-            live = [r for r in live if r["state"] not in _FINAL and r["id"] not in self._index]
-            finished = [dict(r) for r in self._index.page(cursor, limit + 1, state, name)]
+        # that ends in between is then found there.  The finished ones come from the store's index
+        # of each history shard (a few small files, in a server just started too).
+        finished: list[dict[str, Any]] = []
+        if state is None or state in _FINAL:
+            finals = None if state is None else {state}
+            newest = store.newest_finished(limit + 1, finals, name, before=cursor)
+            if newest is None:  # the index cannot tell: read the history (rare: a foreign file)
+                newest = sorted(
+                    (r for r in store.history() if (finals is None or r["state"] in finals)
+                     and (name is None or r["name"] == name) and (cursor is None or key_of(r) < cursor)),
+                    key=key_of, reverse=True,
+                )[: limit + 1]
+            finished = [dict(r) for r in newest]
+        ended = {r["id"] for r in finished}
+        live = [r for r in live if r["state"] not in _FINAL and r["id"] not in ended]
         running = sum(1 for r in live if r["state"] == "running")
         shown = [
             r for r in live

@@ -268,12 +268,6 @@ class Store:
                 seen.setdefault(doc.doc_id, dict(doc))
         return list(seen.values())
 
-    def history_files(self) -> list[tuple[str, dict[str, Any]]]:
-        """Each history file's name and its records by id, as parsed: the same object for as long
-        as the file is unchanged (a stat tells), so that a reader can keep an index of its own
-        per file (the server extension's pages).  Not to be changed."""
-        return [(name, self._records(table)) for name, table in self._existing_history()]
-
     def newest_finished(
         self, limit: int, states: set[str] | None = None, name: str | None = None, by: str = "created", before: Any = None
     ) -> list[dict[str, Any]] | None:
