@@ -59,12 +59,16 @@ async def dump_stack(task_id: str, pid: int, key: str) -> dict[str, Any]:
         return reply(error=f"its worker keeps no stack files: {exc}")
     if not _descendant(pid):
         return reply(error=f"its process {pid} is not running on this worker any more")
+    deadline = time.monotonic() + STACK_TIMEOUT
+    while True:  # a task that has just started may not have made its file yet: give it a moment
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline or not _descendant(pid):
+                return reply(error="its process does not answer stack requests yet (it is starting, or has just ended)")
+            await asyncio.sleep(0.02)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return reply(error="its process does not answer stack requests yet (it is starting, or has just ended)")
-    try:
-        deadline = time.monotonic() + STACK_TIMEOUT
         while True:  # one request at a time, whoever asks
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
