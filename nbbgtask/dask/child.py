@@ -8,7 +8,6 @@ reports through its reports pipe (`nbbgtask.dask.wire`, 5 and 6), and exits.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import pickle
 import signal
@@ -23,7 +22,7 @@ from nbbgtask.core.sources import collect, restore
 from nbbgtask.dask import wire as _dask_wire
 from nbbgtask.task import outputs as _outputs
 from nbbgtask.task.reporter import Reporter
-from nbbgtask.task.runner import STACK_SIGNAL, Job, run_job
+from nbbgtask.task.runner import Job, listen_for_stack_requests, run_job
 
 __all__ = ["PipeSink", "spare_main"]
 
@@ -100,14 +99,10 @@ def _answer_stack_requests(task_id: str) -> str | None:
     default action would end the task.  It stays registered until the process exits."""
     try:
         path = _dask_wire.stack_file(task_id, os.getpid())
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        faulthandler.register(STACK_SIGNAL, file=fd, all_threads=True, chain=False)
-        os.rename(tmp, path)
-    except (OSError, ValueError, RuntimeError) as exc:  # the task runs on; stack() says it cannot answer
+    except (OSError, ValueError) as exc:  # the task runs on; stack() says it cannot answer
         print(f"nbbgtask: this task cannot show its stack: {exc}", file=sys.stderr)
         return None
-    return path
+    return listen_for_stack_requests(path)
 
 
 class _NoSink:

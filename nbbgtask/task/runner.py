@@ -245,12 +245,20 @@ def _answer_stack_requests(job: Job) -> str | None:
     """
     me = own_process()
     path = stack_path(job.home, job.task_id, me["pid"], me["pid_started"])
+    return listen_for_stack_requests(path)
+
+
+def listen_for_stack_requests(path: str) -> str | None:
+    """From now on `STACK_SIGNAL` makes faulthandler write every thread's stack into ``path`` (made
+    whole by a rename, 0600, never through a link): ``path``, or ``None`` if it cannot be, said in
+    the task's log (the task runs on; ``stack()`` then says it cannot answer).  A local task's
+    file is in the home's ``stacks/``; a Dask task's in its worker's private folder."""
     tmp = path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         faulthandler.register(STACK_SIGNAL, file=fd, all_threads=True, chain=False)
         os.rename(tmp, path)
-    except (OSError, ValueError, RuntimeError) as exc:  # the task runs on; stack() says it cannot answer
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"nbbgtask: this task cannot show its stack: {exc}", file=sys.stderr)
         return None
     return path
