@@ -33,6 +33,7 @@ from nbbgtask.store import outputs as _stored_outputs
 from nbbgtask.store.files import atomic_write, log_path, result_path
 from nbbgtask.store.store import Store, store_for
 from nbbgtask.task import notify
+from nbbgtask.task.paths import preloads
 from nbbgtask.task.results import resolved
 from nbbgtask.task.runner import pickled
 
@@ -206,6 +207,7 @@ class DaskBackend(DaskRecords):
                 config.cancel_grace,
                 config.progress_interval,
                 key,
+                tuple(preloads(job.make_status)),
                 key=f"nbbgtask-{job.task_id}",
                 pure=False,
             )

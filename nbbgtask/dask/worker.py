@@ -28,6 +28,7 @@ from nbbgtask.core.procs import describe_exit
 from nbbgtask.dask.pipes import close_pipes
 from nbbgtask.dask.spares import Child, Spares, handed_over, start_child
 from nbbgtask.dask.wire import FINAL, LOG_CHUNK, OUTPUT, PROGRESS, RESULT, TOPIC, cancel_event_name, read_report, seal
+from nbbgtask.task.paths import preload
 
 __all__ = ["TOPIC", "cancel_event_name", "run_on_worker"]
 
@@ -38,7 +39,9 @@ STAND_BACK = 0.005
 CANCEL_POLL = 0.5
 
 
-async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: float, key: bytes) -> str:
+async def run_on_worker(
+    payload: bytes, task_id: str, grace: float, interval: float, key: bytes, modules: tuple[str, ...] = ()
+) -> str:
     """Run a task's child process on this worker and report everything as worker events.
 
     A coroutine, so Dask runs it on the worker's event loop as soon as the task arrives: a ready
@@ -47,9 +50,12 @@ async def run_on_worker(payload: bytes, task_id: str, grace: float, interval: fl
     happen in a thread of the task's own (`_Supervision`).  If Dask gives the task up while it
     runs (the worker closes, and Dask will run the task again elsewhere), its child is stopped.
     ``key``: the task's own key, which seals every event it sends (`nbbgtask.dask.wire.seal`).
+    ``modules``: what every task's unpickling imports (`nbbgtask.task.paths.preloads`), imported
+    here once, before the spares are forked, rather than in each task after its fork.
     """
     from distributed import get_worker
 
+    preload(list(modules))
     worker = get_worker()
     supervision = _Supervision(worker, _spares(worker), payload, task_id, grace, interval, key)
     supervision.hand_to_spare()

@@ -45,7 +45,7 @@ from nbbgtask.local.supervisor import supervisor
 from nbbgtask.store.store import store_for
 from nbbgtask.task import notify
 from nbbgtask.task.detach import fork_detached
-from nbbgtask.task.paths import interpreter
+from nbbgtask.task.paths import interpreter, preload, preloads
 from nbbgtask.task.runner import Job, exit_child, record_exit, run_pickled
 
 __all__ = ["FORKSERVER", "IDLE", "main", "serve"]
@@ -180,6 +180,7 @@ class _ForkServerStarter:
             "task_id": job.task_id,
             "start_method": job.record["start_method"],
             "start_reason": job.record.get("start_reason"),
+            "preload": preloads(job.make_status),
         }
         if job.notify is not None and job.notify.url is not None:  # over the socket pair, never on disk
             header["notify"] = [job.notify.url, list(job.notify.on), job.notify.min_seconds]
@@ -206,6 +207,7 @@ def _child(header: dict[str, Any], environ: bytes, path: bytes, job: bytes) -> i
 
 def _start(frames: list[bytes]) -> int:
     header = json.loads(frames[0])
+    preload(header.get("preload"))  # once: every later fork has them
     record = {"start_method": header["start_method"], "start_reason": header["start_reason"]}
     log = open_log(header["home"], header["task_id"], record)
     try:

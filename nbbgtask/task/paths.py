@@ -17,13 +17,15 @@ planted there (``json.py``) before the standard library's, as the kernel's user.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
+import re
 import stat
 import sys
 from typing import Any
 
-__all__ = ["interpreter", "restore", "sender"]
+__all__ = ["interpreter", "restore", "sender", "preload", "preloads"]
 
 #: the -c code's first statements: leave the caller's folder before anything searches the path
 _FIXUP = "import os, sys; os.chdir('/'); sys.path[:] = [p for p in sys.path if p not in ('', '.')]"
@@ -79,3 +81,21 @@ def restore(sent: bytes) -> None:
             os.chdir(cwd)
         except OSError:
             pass  # the folder is gone: the task runs in "/", as a fork would not notice
+
+
+_MODULE = re.compile(r"nbbgtask(\.[a-z_][a-z0-9_]*)+\Z")
+
+
+def preloads(make_status: Any) -> list[str]:
+    """What a process that starts tasks for this caller (the fork server, a Dask worker) should
+    import once, ahead of them: the module of the job's status factory (the API's `TaskStatus`),
+    which each task's unpickling imports otherwise, after its fork, every time."""
+    return [getattr(make_status, "__module__", "")]
+
+
+def preload(names: Any) -> None:
+    """Import each of ``names`` that is one of nbbgtask's modules (a caller's data: anything
+    else is ignored), so that every process forked from this one has it."""
+    for name in names if isinstance(names, (list, tuple)) else ():
+        if isinstance(name, str) and _MODULE.match(name):
+            importlib.import_module(name)
