@@ -41,6 +41,8 @@ __all__ = ["DaskBackend", "DaskRecords", "backend", "close", "connect", "for_add
 
 #: seconds to reach the scheduler before configure() gives up
 CONNECT_TIMEOUT = 10.0
+#: seconds stack() waits for a task that has just started to be reported running
+STACK_WAIT = 5.0
 
 _backend: DaskBackend | None = None
 
@@ -58,8 +60,17 @@ class DaskRecords:
 
     def stack(self, home: Path, record: dict[str, Any], who: str) -> str:
         """Ask the task's worker, which dumps its child's stack and answers sealed (`nbbgtask.dask.wire`, 8)."""
+        # The worker's "started" event reaches this kernel a moment after the task runs: wait for it.
+        deadline = time.monotonic() + STACK_WAIT
+        while not State(record["state"]).is_final and not (record["state"] == State.RUNNING.value and record.get("pid")):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+            record = store_for(home).get(record["id"]) or record
         state = State(record["state"])
         pid, worker, key = record.get("pid"), record.get("worker"), record.get("event_key")
+        if state.is_final:
+            raise NbbgtaskError(f"{who} has ended ({state}): it has no stack any more")
         if state is not State.RUNNING:
             raise NbbgtaskError(f"{who} is {state}: it has no process yet; try again once it runs")
         if not pid or not worker or not key:
