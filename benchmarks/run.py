@@ -663,8 +663,12 @@ def render(doc: dict) -> str:
         doc_line = f"`{bench['command']}`, {bench['wall_s']:.0f} s"
         ma = bench.get("machine", {})
         when = str(ma.get("date", ""))
-        if when[:10] and when[:10] != str(doc.get("date_iso", ""))[:10]:  # run with --only, merged in later
-            commit = (ma.get("nbbgtask_source") or {}).get("commit") or "?"
+        commit = (ma.get("nbbgtask_source") or {}).get("commit") or "?"
+        page_commit = str((doc.get("machine") or {}).get("git_commit") or "")
+        # run with --only, merged in later: another day, or another commit than the page's
+        if (when[:10] and when[:10] != str(doc.get("date_iso", ""))[:10]) or (
+            commit != "?" and page_commit and not page_commit.startswith(commit[:12])
+        ):
             doc_line += f", measured on its own on {when[:16].replace('T', ' ')} UTC at commit `{commit[:12]}`"
         if "loadavg_start" in ma:
             end = ma.get("loadavg_end")
