@@ -4,11 +4,15 @@ ipykernel driven over jupyter_client."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_helpers import ATTACKER
 
 import nbbgtask as bg
 from nbbgtask.core import config as _config
@@ -82,3 +86,21 @@ def kernel(request: pytest.FixtureRequest, home: Path) -> Iterator[object]:
         yield k
     finally:
         k.shutdown()
+
+
+@pytest.fixture(scope="module")
+def attacker() -> Iterator[pwd.struct_passwd]:
+    """Another ordinary user of the machine (`fault_helpers.ATTACKER`), made with useradd."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attacks need a second user, made here with useradd")
+    if shutil.which("useradd") is None:
+        pytest.skip("no useradd on this machine to make the second user")
+    made = False
+    try:
+        pwd.getpwnam(ATTACKER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER], check=True)
+        made = True
+    yield pwd.getpwnam(ATTACKER)
+    if made:
+        subprocess.run(["userdel", ATTACKER], check=False)

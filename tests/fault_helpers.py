@@ -20,6 +20,7 @@ checks read them rather than ask the library that wrote them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -271,3 +272,23 @@ def as_nobody(fn: Callable[..., dict], *args: Any) -> dict:
     uid = 65534 if os.geteuid() == 0 else os.geteuid()
     found = in_child_as(uid, 65534 if os.geteuid() == 0 else os.getegid(), fn, *args)
     return found["value"] if "value" in found else {"child_error": found.get("error")}
+
+
+#: the second user of the machine that the security tests act as (made by the `attacker` fixture)
+ATTACKER = "nbbgtask-mallory"
+
+
+def fill_disk(disk: Path, leave: int = 0, last_write: int = 4096) -> Path:
+    """Fill ``disk`` until ENOSPC (in 64 KiB writes, then ``last_write`` bytes at a time), then free
+    ``leave`` bytes; returns the filler file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for size in (65536, last_write):
+        try:
+            while True:
+                os.write(fd, b"\0" * size)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    os.close(fd)
+    return filler

@@ -12,7 +12,6 @@ turns red (XPASS) once the bug is fixed, so the marker can go.  None is open now
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from fault_helpers import (
     as_nobody,
     assert_store_intact,
     death_said,
+    fill_disk,
     fill_history,
     fill_recent,
     history_file,
@@ -419,25 +419,6 @@ def small_disk(tmp_path):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def _fill(disk: Path, leave: int = 0) -> Path:
-    """Fill ``disk`` until ENOSPC, then free ``leave`` bytes; returns the filler file."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    os.close(fd)
-    return filler
-
-
 def _big_result():
     limit_file_size(200_000)
     bg.progress(50, "half way")
@@ -508,7 +489,7 @@ def test_a_full_disk_at_finalize_never_damages_the_history(mode, home, request):
             status = bg.run(_finish_on_a_full_disk, mode)
             assert until(lambda: status.refresh().pid is not None)  # reported once: the handle knows its pid
             if mode == "tmpfs":
-                filler = _fill(disk, leave=4096)
+                filler = fill_disk(disk, leave=4096)
             (home / "go").touch()
             try:
                 waited = status.wait(15)
@@ -578,7 +559,7 @@ def test_starting_a_task_when_the_homes_disk_is_full_raises_store_error(mode, ro
     before = live_records(home)
     assert len(before) == 10
     leave = 0 if room == "none" else 4096
-    filler = _fill(disk, leave) if mode == "tmpfs" else None
+    filler = fill_disk(disk, leave) if mode == "tmpfs" else None
     limit = -1 if mode == "tmpfs" else leave
     try:
         with warnings.catch_warnings(record=True), thread_crashes() as crashes:
@@ -630,7 +611,7 @@ def test_a_store_error_while_reaping_does_not_stall_queued_tasks(mode, home, req
     try:
         with thread_crashes() as crashes:
             if mode == "tmpfs":
-                filler = _fill(disk)
+                filler = fill_disk(disk)
             else:
                 failing = _store.Store.finalize
 

@@ -8,10 +8,8 @@ stands in for a full disk, tasks run in real processes and the command line is r
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -26,32 +24,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fault_helpers import in_child_as, sleeper, use_home
+from fault_helpers import fill_disk, in_child_as, sleeper, use_home
 from waiting import until
 
 import nbbgtask as bg
 from nbbgtask.store import store as _store
 from nbbgtask.store.files import log_path
 
-ATTACKER = "nbbgtask-mallory"
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def attacker() -> Iterator[pwd.struct_passwd]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the attack needs a second user, made here with useradd")
-    if shutil.which("useradd") is None:
-        pytest.skip("no useradd on this machine to make the second user")
-    made = False
-    try:
-        pwd.getpwnam(ATTACKER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER], check=True)
-        made = True
-    yield pwd.getpwnam(ATTACKER)
-    if made:
-        subprocess.run(["userdel", ATTACKER], check=False)
 
 
 def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -167,23 +147,6 @@ def _big_result() -> bytes:
     return os.urandom(300_000)
 
 
-def _fill(where: Path) -> Path:
-    filler = where / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    try:
-        while True:
-            os.write(fd, b"\0" * 512)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    os.close(fd)
-    return filler
-
-
 def test_row2_a_full_disk_loses_nothing_and_stops_nothing_that_can_go_on(disk, home):
     original = home
     home = use_home(disk / "home")
@@ -204,7 +167,7 @@ def test_row2_a_full_disk_loses_nothing_and_stops_nothing_that_can_go_on(disk, h
         # The disk fills up from elsewhere while a task runs; the task is then killed.
         running = bg.run(sleeper, 60)
         assert until(lambda: running.refresh().pid is not None)
-        filler = _fill(disk)
+        filler = fill_disk(disk, last_write=512)
         with pytest.raises(bg.StoreError) as refused:
             bg.run(print, "no room")
         assert "disk is full" in str(refused.value) and str(disk) in str(refused.value), refused.value

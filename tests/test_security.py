@@ -28,15 +28,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fault_helpers import in_child_as
+from fault_helpers import ATTACKER, in_child_as
 from waiting import until
 
 import nbbgtask as bg
 from nbbgtask.commands import cli as _cli
 from nbbgtask.core import config as _config
 from nbbgtask.store import store as _store
-
-ATTACKER = "nbbgtask-mallory"
 
 
 class Payload:
@@ -51,24 +49,6 @@ class Payload:
 
 def payload(marker: Path) -> bytes:
     return pickle.dumps(Payload(str(marker)))
-
-
-@pytest.fixture(scope="module")
-def attacker() -> Iterator[pwd.struct_passwd]:
-    """Another ordinary user of the machine."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the attacks need a second user, made here with useradd")
-    if shutil.which("useradd") is None:
-        pytest.skip("no useradd on this machine to make the second user")
-    made = False
-    try:
-        pwd.getpwnam(ATTACKER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER], check=True)
-        made = True
-    yield pwd.getpwnam(ATTACKER)
-    if made:
-        subprocess.run(["userdel", ATTACKER], check=False)
 
 
 class Scene:
