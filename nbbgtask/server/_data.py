@@ -182,6 +182,17 @@ class Tasks:
         """A running task of this machine whose process is known: `resources` can read it."""
         return for_record(dict(record)).process_here(dict(record)) is not None
 
+    async def resources_in(self, record: Mapping[str, Any], call: Any) -> dict[str, Any] | None:
+        """`resources`, read in a thread only when the processes must be read: ``call(fn, arg)``
+        runs ``fn(arg)`` in one (the caller's executor)."""
+        if not self.measurable(record):
+            return None  # no need of a thread to say so
+        fresh, figures = self.fresh_resources(record)
+        if fresh:  # read less than RESOURCES_EVERY ago: no thread either
+            return figures
+        result: dict[str, Any] | None = await call(self.resources, record)
+        return result
+
     def fresh_resources(self, record: Mapping[str, Any]) -> tuple[bool, dict[str, Any] | None]:
         """``(True, figures)`` when this task's process was read less than `RESOURCES_EVERY`
         seconds ago (nothing is read: cheap enough for the event loop), else ``(False, None)``."""

@@ -207,12 +207,7 @@ class Watcher:
         return live, left, newest
 
     async def _resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if not self.tasks.measurable(record):
-            return None  # no need of a thread to say so
-        fresh, figures = self.tasks.fresh_resources(record)
-        if fresh:  # read less than RESOURCES_EVERY ago: no thread either
-            return figures
-        return await self._call(self.tasks.resources, record)
+        return await self.tasks.resources_in(record, self._call)
 
     async def _round(self) -> None:
         clock = time.monotonic()

@@ -118,12 +118,7 @@ class NbbgtaskHandler(APIHandler):
         return [public(r, f) for r, f in zip(records, figures, strict=True)]
 
     async def resources(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        if not self.tasks.measurable(record):
-            return None  # no need of a thread to say so
-        fresh, figures = self.tasks.fresh_resources(record)
-        if fresh:  # read less than RESOURCES_EVERY ago: no thread either
-            return figures
-        return await self.call(self.tasks.resources, record)
+        return await self.tasks.resources_in(record, self.call)
 
 
 class TasksHandler(NbbgtaskHandler):
